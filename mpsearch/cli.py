@@ -1,0 +1,155 @@
+"""Command line: ``mpsearch search`` and ``mpsearch evaluate``.
+
+Bad input prints one line ``mpsearch: error: <what>; <fix>`` to stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mpsearch.core import DEFAULT_OPTIONS, MpsearchError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, no usage dump
+        raise MpsearchError(message, f"see `{self.prog} --help`")
+
+
+def _status(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+def _options(text: str) -> list[str]:
+    from mpsearch.core import parse_options
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    parse_options(names)
+    return names
+
+
+def _load(name: str):
+    from mpsearch.models import ZOO, load
+
+    if name in ZOO:  # unknown names fail in load() before any status line
+        _status(f"loading {name} ...")
+    return load(name)
+
+
+def _budget(args):
+    from mpsearch.core import Budget
+
+    return Budget(avg_bits=args.avg_bits, size_bytes=args.size_bytes, bops=args.bops)
+
+
+def cmd_search(args) -> int:
+    from mpsearch import api
+
+    options = _options(args.options)
+    budget = _budget(args)  # validate before the slow part
+    zoo = _load(args.model)
+    api.check_budget(zoo.model, budget, options, example=zoo.calibration[0] if args.bops else None)
+    _status(f"estimating sensitivities ({args.estimator}) on {len(zoo.calibration)} calibration batches ...")
+    table = api.estimate(zoo.model, zoo.calibration, args.estimator, options, zoo.loss)
+    table.meta["model"] = args.model
+    result = api.solve(table, budget, args.solver)
+    frame = result.plan.to_frame(table)[["layer", "option", "bits", "n_params", "damage"]]
+    with __import__("pandas").option_context("display.max_rows", None, "display.width", 200):
+        print(frame.to_string(index=False))
+    print(json.dumps({"model": args.model, **result.summary()}))
+    if args.out:
+        result.plan.save(args.out)
+        _status(f"plan written to {args.out}")
+    if args.table:
+        table.to_parquet(args.table)
+        _status(f"cost table written to {args.table}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from mpsearch import api
+    from mpsearch.core import BitPlan, InvalidPlanError
+    from mpsearch.layers import discover
+
+    plan = BitPlan.load(args.plan)
+    made_for = plan.provenance.get("model")
+    if made_for and made_for != args.model:
+        raise InvalidPlanError(
+            f"plan {args.plan} was made for model {made_for!r}, not {args.model!r}",
+            f"use --model {made_for} or search a plan for {args.model}",
+        )
+    zoo = _load(args.model)
+    plan.check_layers([info.name for info in discover(zoo.model)[0]], f"model {args.model!r}")
+    _status("measuring the planned model ...")
+    measured = api.evaluate(zoo.model, plan, zoo.evaluation, zoo.loss)
+    uniform_option, uniform = None, None
+    for option in plan.provenance.get("options") or list(DEFAULT_OPTIONS):
+        candidate = api.uniform_plan(zoo.model, option)
+        if api.plan_size(zoo.model, candidate)["avg_bits"] <= measured["avg_bits"] + 1e-12:
+            _status(f"measuring uniform {option} ...")
+            result = api.evaluate(zoo.model, candidate, zoo.evaluation, zoo.loss)
+            if uniform is None or result["metric"] > uniform["metric"]:
+                uniform_option, uniform = option, result
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "avg_bits": measured["avg_bits"],
+                "size_bytes": measured["size_bytes"],
+                "metric_name": measured["metric_name"],
+                "metric": measured["metric"],
+                "uniform_option": uniform_option,
+                "uniform_avg_bits": uniform["avg_bits"] if uniform else None,
+                "uniform_metric": uniform["metric"] if uniform else None,
+            }
+        )
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import sensitivity.base  # noqa: F401  (only to fail early if torch is missing)
+    from sensitivity import REGISTRY as ESTIMATORS
+    from solvers import REGISTRY as SOLVERS
+
+    parser = _Parser(prog="mpsearch", description="Mixed-precision bit-allocation search.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("search", help="estimate sensitivities and solve for a bit plan")
+    s.add_argument("--model", required=True, help="zoo model: digits-cnn, minilm-l6, efficientnet-lite0")
+    s.add_argument("--avg-bits", type=float, help="budget: mean effective bits per weight")
+    s.add_argument("--size-bytes", type=float, help="budget: bytes of the quantized weights")
+    s.add_argument("--bops", type=float, help="budget: bit operations per sample")
+    s.add_argument("--estimator", default="sqnr", help=f"one of {sorted(ESTIMATORS)}")
+    s.add_argument("--solver", default="dp", help=f"one of {sorted(SOLVERS)}")
+    s.add_argument("--options", default=",".join(DEFAULT_OPTIONS), help="comma-separated options")
+    s.add_argument("--out", help="write the plan JSON here")
+    s.add_argument("--table", help="write the cost table (Parquet) here")
+    s.set_defaults(func=cmd_search)
+
+    e = sub.add_parser("evaluate", help="measure a plan against full precision and the uniform baseline")
+    e.add_argument("--model", required=True)
+    e.add_argument("--plan", required=True, help="plan JSON from `mpsearch search --out`")
+    e.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "search" and args.avg_bits is None and args.size_bytes is None and args.bops is None:
+            args.avg_bits = 4.0
+        return args.func(args)
+    except MpsearchError as exc:
+        print(f"mpsearch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mpsearch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

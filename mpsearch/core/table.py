@@ -1,0 +1,162 @@
+"""CostTable: the long-format (layer x option) cost/benefit table every estimator produces."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mpsearch.core.errors import InvalidTableError
+from mpsearch.core.options import Option, parse_option
+
+SCHEMA_VERSION = 1
+REQUIRED_COLUMNS = ("layer", "option", "bits", "n_params", "size_bytes", "bops", "damage")
+COST_COLUMNS = ("bits", "n_params", "size_bytes", "bops")
+ACTIVATION_BITS = 16  # activations stay in half precision: BOPs = MACs * weight bits * 16
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A quantizable layer: fully-qualified name, weight shape, kind, MACs per sample (None if unknown)."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+    macs: int | None = None
+
+    @property
+    def n_params(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def cost_rows(layers: list[LayerInfo], options: list[Option]) -> pd.DataFrame:
+    """The estimator-independent columns of a table: one row per (layer, option) with its costs."""
+    rows = []
+    for layer in layers:
+        for opt in options:
+            storage = opt.storage_bits(layer.shape)
+            rows.append(
+                {
+                    "layer": layer.name,
+                    "option": opt.name,
+                    "bits": storage / layer.n_params,
+                    "n_params": layer.n_params,
+                    "size_bytes": float(np.ceil(storage / 8)),
+                    "bops": float(layer.macs * opt.bits * ACTIVATION_BITS) if layer.macs else np.nan,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+class CostTable:
+    """Validated wrapper around a long DataFrame with one row per (layer, option).
+
+    Columns: ``layer`` (FQN), ``option``, ``bits`` (effective bits per weight incl. scales), ``n_params``,
+    ``size_bytes``, ``bops`` (NaN where MACs are unknown), ``damage`` (estimated loss increase, lower is
+    better), optionally ``damage_std`` and the estimator's raw columns. ``meta`` holds provenance:
+    estimator name and parameters, seed, model and data fingerprints, versions, schema version, and
+    ``ties`` (groups of layers that must share one option).
+    """
+
+    def __init__(self, frame: pd.DataFrame, meta: dict | None = None) -> None:
+        self.frame = frame.reset_index(drop=True)
+        self.meta = {"schema_version": SCHEMA_VERSION, "ties": [], **(meta or {})}
+        self._validate()
+
+    # ---------------------------------------------------------------- validation
+    def _validate(self) -> None:
+        df = self.frame
+        missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+        if missing:
+            raise InvalidTableError(f"cost table lacks columns {missing}", f"provide {list(REQUIRED_COLUMNS)}")
+        if df.empty:
+            raise InvalidTableError("cost table has no rows", "estimate at least one layer and option")
+        dup = df.duplicated(["layer", "option"])
+        if dup.any():
+            row = df.loc[dup.idxmax()]
+            raise InvalidTableError(
+                f"duplicate row for layer {row['layer']!r} option {row['option']!r}",
+                "keep one row per (layer, option)",
+            )
+        for opt in df["option"].unique():
+            parse_option(opt)
+        if df["damage"].isna().any():
+            layer = df.loc[df["damage"].isna().idxmax(), "layer"]
+            raise InvalidTableError(f"damage is NaN for layer {layer!r}", "fix the estimator output")
+        for col in COST_COLUMNS:
+            values = df[col].to_numpy(dtype=float)
+            bad = values < 0
+            if col != "bops" and np.isnan(values).any():
+                raise InvalidTableError(f"column {col!r} has NaN", "every cost except bops must be known")
+            if np.any(bad):
+                layer = df.loc[int(np.argmax(bad)), "layer"]
+                raise InvalidTableError(f"negative {col} for layer {layer!r}", "costs must be >= 0")
+        known = set(df["layer"])
+        for group in self.meta["ties"]:
+            unknown = [name for name in group if name not in known]
+            if unknown:
+                raise InvalidTableError(f"tie group names unknown layers {unknown}", "tie only table layers")
+
+    # ---------------------------------------------------------------- accessors
+    @property
+    def layers(self) -> list[str]:
+        """Layer FQNs in first-appearance order."""
+        return list(dict.fromkeys(self.frame["layer"]))
+
+    @property
+    def options(self) -> list[str]:
+        return list(dict.fromkeys(self.frame["option"]))
+
+    def options_for(self, layer: str) -> list[str]:
+        return self.frame.loc[self.frame["layer"] == layer, "option"].tolist()
+
+    def total_params(self) -> int:
+        return int(self.frame.drop_duplicates("layer")["n_params"].sum())
+
+    def uniform_cost(self, option: str, column: str = "bits") -> float:
+        """Cost of giving every layer ``option``: parameter-weighted mean for ``bits``, else the sum."""
+        rows = self.frame[self.frame["option"] == option]
+        if len(rows) != len(self.layers):
+            raise InvalidTableError(f"option {option!r} is not available for every layer", "pick another option")
+        if column == "bits":
+            return float((rows["bits"] * rows["n_params"]).sum() / rows["n_params"].sum())
+        return float(rows[column].sum())
+
+    def fingerprint(self) -> str:
+        """Content hash of the table (rows and estimator metadata)."""
+        h = hashlib.sha256(pd.util.hash_pandas_object(self.frame, index=False).values.tobytes())
+        h.update(json.dumps(self.meta, sort_keys=True, default=str).encode())
+        return h.hexdigest()[:16]
+
+    # ---------------------------------------------------------------- I/O
+    def to_parquet(self, path: str | Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        arrow = pa.Table.from_pandas(self.frame, preserve_index=False)
+        meta = {**(arrow.schema.metadata or {}), b"mpsearch": json.dumps(self.meta, sort_keys=True).encode()}
+        pq.write_table(arrow.replace_schema_metadata(meta), str(path))
+
+    @classmethod
+    def from_parquet(cls, path: str | Path) -> CostTable:
+        import pyarrow.parquet as pq
+
+        try:
+            arrow = pq.read_table(str(path))
+        except Exception as exc:  # pyarrow raises several types for corrupt files
+            raise InvalidTableError(f"cannot read cost table {path}: {exc}", "re-run the estimator") from exc
+        raw = (arrow.schema.metadata or {}).get(b"mpsearch")
+        if raw is None:
+            raise InvalidTableError(f"{path} is not an mpsearch cost table", "write it with CostTable.to_parquet")
+        return cls(arrow.to_pandas(), json.loads(raw))
+
+    def to_csv(self, path: str | Path) -> None:
+        self.frame.to_csv(path, index=False)
+
+    def __repr__(self) -> str:
+        est = self.meta.get("estimator", "?")
+        return f"CostTable(estimator={est!r}, layers={len(self.layers)}, options={self.options})"

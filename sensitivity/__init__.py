@@ -1,0 +1,18 @@
+"""Sensitivity estimators: per-(layer, option) damage tables. Depends on torch and mpsearch.core only."""
+
+from sensitivity.base import Estimator
+from sensitivity.measured import Measured
+from sensitivity.sqnr import SQNR
+
+REGISTRY = {"sqnr": SQNR, "measured": Measured}
+
+
+def get_estimator(name: str, **params) -> Estimator:
+    from mpsearch.core import MpsearchError
+
+    if name not in REGISTRY:
+        raise MpsearchError(f"unknown estimator {name!r}", f"use one of {sorted(REGISTRY)}")
+    return REGISTRY[name](**params)
+
+
+__all__ = ["Estimator", "Measured", "REGISTRY", "SQNR", "get_estimator"]

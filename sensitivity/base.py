@@ -1,0 +1,96 @@
+"""Estimator base class: shared plumbing for every sensitivity estimator."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import platform
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from mpsearch.core import DEFAULT_OPTIONS, CostTable, LayerInfo, MpsearchError, Option, cost_rows, parse_options
+from mpsearch.data import LOSSES, as_batches, data_fingerprint
+from mpsearch.layers import discover, model_fingerprint
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def resolve_loss(loss_fn: str | LossFn | None) -> LossFn:
+    """None -> KL of logits; a name from mpsearch.data.LOSSES; or a callable(output, reference)."""
+    if loss_fn is None:
+        return LOSSES["kl"]
+    if isinstance(loss_fn, str):
+        if loss_fn not in LOSSES:
+            raise MpsearchError(f"unknown loss {loss_fn!r}", f"use one of {sorted(LOSSES)} or a callable")
+        return LOSSES[loss_fn]
+    if not callable(loss_fn):
+        raise MpsearchError(f"loss_fn {loss_fn!r} is not callable", "pass f(output, reference) -> scalar tensor")
+    return loss_fn
+
+
+class Estimator(ABC):
+    """Estimate per-(layer, option) damage. Subclasses implement ``_estimate``.
+
+    Constructor arguments are stored verbatim (scikit-learn style) and recorded in the table's metadata.
+    ``estimate`` works on a private deep copy of the model, so the caller's weights, ``training`` flag,
+    ``requires_grad`` flags and hooks are never touched.
+    """
+
+    name: str = "estimator"
+
+    def get_params(self) -> dict:
+        sig = inspect.signature(type(self).__init__)
+        return {p: getattr(self, p) for p in sig.parameters if p != "self"}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    def estimate(
+        self,
+        model: nn.Module,
+        data: Iterable,
+        options: Iterable[str] = DEFAULT_OPTIONS,
+        loss_fn: str | LossFn | None = None,
+    ) -> CostTable:
+        """Return a CostTable with one row per (quantizable layer, option)."""
+        if not isinstance(model, nn.Module):
+            raise MpsearchError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass an nn.Module")
+        batches = as_batches(data)
+        opts = parse_options(options)
+        work = copy.deepcopy(model).eval()
+        layers, ties = discover(work, example=batches[0])
+        if not layers:
+            raise MpsearchError("the model has no quantizable layers", "use a model with Linear or Conv layers")
+        if isinstance(loss_fn, str):
+            loss_name = loss_fn
+        else:
+            loss_name = "kl" if loss_fn is None else getattr(loss_fn, "__name__", "custom")
+        extra = self._estimate(work, batches, layers, opts, resolve_loss(loss_fn))
+        frame = cost_rows(layers, opts).merge(extra, on=["layer", "option"], how="left", validate="one_to_one")
+        meta = {
+            "estimator": self.name,
+            "params": {k: v for k, v in self.get_params().items() if _jsonable(v)},
+            "seed": getattr(self, "seed", None),
+            "loss": loss_name,
+            "model_fingerprint": model_fingerprint(model),
+            "data_fingerprint": data_fingerprint(batches),
+            "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
+            "ties": ties,
+        }
+        return CostTable(frame, meta)
+
+    @abstractmethod
+    def _estimate(
+        self, model: nn.Module, batches: list, layers: list[LayerInfo], options: list[Option], loss_fn: LossFn
+    ) -> pd.DataFrame:
+        """Return a frame with columns layer, option, damage (and raw columns). ``model`` is a private copy."""
+
+
+def _jsonable(value) -> bool:
+    return value is None or isinstance(value, bool | int | float | str | list | tuple | dict)

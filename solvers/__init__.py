@@ -1,0 +1,20 @@
+"""Solvers: turn a cost table + budget into a bit plan. numpy and core types only; never torch."""
+
+from solvers.base import Solver
+from solvers.bruteforce import BruteForce
+from solvers.dp import DP
+from solvers.ilp import ILP
+from solvers.problem import Problem
+
+REGISTRY = {"dp": DP, "ilp": ILP, "bruteforce": BruteForce}
+
+
+def get_solver(name: str, **params) -> Solver:
+    from mpsearch.core import MpsearchError
+
+    if name not in REGISTRY:
+        raise MpsearchError(f"unknown solver {name!r}", f"use one of {sorted(REGISTRY)}")
+    return REGISTRY[name](**params)
+
+
+__all__ = ["BruteForce", "DP", "ILP", "Problem", "REGISTRY", "Solver", "get_solver"]

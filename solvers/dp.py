@@ -1,0 +1,99 @@
+"""Exact dynamic programming for the multiple-choice knapsack with one budget constraint.
+
+The constraint costs are integerized. When every cost is an integer (bit counts are) and the budget in units
+of the costs' greatest common divisor fits in ``max_buckets``, the DP is exact. Otherwise costs are scaled to
+``min(max_buckets, max_cells / units)`` buckets: rounding them up gives a plan that is guaranteed feasible,
+rounding them down gives a relaxation whose optimum is a lower bound; the reported ``gap`` is (upper - lower) / |upper|.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import reduce
+
+import numpy as np
+
+from mpsearch.core import InfeasibleBudgetError, MpsearchError
+from solvers.base import Solver
+from solvers.problem import Problem
+
+
+def _knapsack(damage: np.ndarray, weight: np.ndarray, capacity: int) -> tuple[np.ndarray | None, float]:
+    """min sum damage[u, k_u] s.t. sum weight[u, k_u] <= capacity. weight: int >= 0, or -1 where unavailable."""
+    n_units, n_opts = damage.shape
+    best = np.zeros(capacity + 1)  # best[b]: min damage of the units so far with total weight <= b
+    choice = np.zeros((n_units, capacity + 1), dtype=np.int8 if n_opts < 128 else np.int16)
+    for u in range(n_units):
+        new = np.full(capacity + 1, np.inf)
+        for k in range(n_opts):
+            w = int(weight[u, k])
+            if w < 0 or w > capacity:
+                continue
+            cand = best[: capacity + 1 - w] + damage[u, k]
+            better = cand < new[w:]
+            new[w:][better] = cand[better]
+            choice[u, w:][better] = k
+        best = new
+    if not np.isfinite(best[capacity]):
+        return None, np.inf
+    picks = np.zeros(n_units, dtype=int)
+    b = capacity
+    for u in range(n_units - 1, -1, -1):
+        picks[u] = choice[u, b]
+        b -= int(weight[u, picks[u]])
+    return picks, float(best[capacity])
+
+
+def _as_integers(values: np.ndarray) -> np.ndarray | None:
+    rounded = np.round(values)
+    if np.all(np.abs(values - rounded) <= 1e-6 * np.maximum(1.0, np.abs(values))):
+        return rounded.astype(np.int64)
+    return None
+
+
+class DP(Solver):
+    """Exact DP on one constraint (any of avg_bits, size_bytes, bops, latency). Ties are honoured."""
+
+    name = "dp"
+
+    def __init__(self, max_buckets: int = 1 << 20, max_cells: int = 1 << 28) -> None:
+        self.max_buckets = max_buckets
+        self.max_cells = max_cells  # bounds the back-pointer table (units x buckets bytes)
+
+    def _solve(self, problem: Problem):
+        if len(problem.constraints) != 1:
+            names = [c.name for c in problem.constraints]
+            raise MpsearchError(f"DP solves one constraint, the budget has {names}", "use solver 'ilp'")
+        cost, limit = problem.costs[0], problem.constraints[0].limit
+        valid = problem.valid
+        base = np.where(valid, cost, np.inf).min(axis=1)
+        residual = np.where(valid, cost - base[:, None], 0.0)
+        slack = limit * (1 + 1e-12) - base.sum()
+        damage = np.where(valid, problem.damage, np.inf)
+
+        buckets = max(1, min(self.max_buckets, self.max_cells // problem.n_units))
+        ints = _as_integers(residual)
+        if ints is not None:
+            g = reduce(math.gcd, (int(v) for v in np.unique(ints[valid]) if v > 0), 0) or 1
+            capacity = int(math.floor(slack / g + 1e-9))
+            if capacity <= buckets:
+                weight = np.where(valid, ints // g, -1)
+                picks, _ = _knapsack(damage, weight, capacity)
+                if picks is None:
+                    raise InfeasibleBudgetError("no plan meets the budget", "raise the budget")
+                return picks, "optimal", 0.0
+
+        scale = slack / buckets
+        capacity = buckets
+        up = np.where(valid, np.ceil(residual / scale - 1e-9), -1).astype(np.int64)
+        down = np.where(valid, np.floor(residual / scale + 1e-9), -1).astype(np.int64)
+        picks, upper = _knapsack(damage, up, capacity)
+        _, lower = _knapsack(damage, down, capacity)
+        if picks is None:
+            # rounding up made a barely-feasible budget look infeasible: say so rather than guess
+            raise InfeasibleBudgetError(
+                f"budget is within the DP resolution ({buckets} buckets) of the smallest plan",
+                "raise the budget slightly, raise max_buckets, or use solver 'ilp'",
+            )
+        gap = 0.0 if upper == lower else (upper - lower) / max(abs(upper), 1e-300)
+        return picks, ("optimal" if gap <= 1e-12 else "feasible"), float(gap)

@@ -1,0 +1,102 @@
+"""CLI end to end on digits-cnn (fast), and every bad-input path: one line, exit code 2, no traceback."""
+
+import json
+
+import pytest
+
+from mpsearch.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def digits_plan(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plans") / "plan.json"
+    assert main(["search", "--model", "digits-cnn", "--avg-bits", "4.0", "--out", str(path)]) == 0
+    return path
+
+
+def test_search_prints_plan_table_and_writes_json(digits_plan, capsys, tmp_path):
+    code, out, _ = run(
+        capsys,
+        "search",
+        "--model",
+        "digits-cnn",
+        "--avg-bits",
+        "4.5",
+        "--out",
+        str(tmp_path / "p.json"),
+        "--table",
+        str(tmp_path / "t.parquet"),
+    )
+    assert code == 0
+    assert "features.0" in out and "classifier.2" in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["avg_bits"] <= 4.5 and summary["status"] == "optimal"
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert set(plan["plan"]) == {"features.0", "features.2", "features.5", "classifier.0", "classifier.2"}
+    assert plan["provenance"]["model"] == "digits-cnn"
+    assert (tmp_path / "t.parquet").stat().st_size > 0
+
+
+def test_evaluate_beats_uniform_baseline_of_no_larger_size(digits_plan, capsys):
+    code, out, _ = run(capsys, "evaluate", "--model", "digits-cnn", "--plan", str(digits_plan))
+    assert code == 0
+    line = json.loads(out.strip().splitlines()[-1])
+    assert set(line) == {
+        "model",
+        "avg_bits",
+        "size_bytes",
+        "metric_name",
+        "metric",
+        "uniform_option",
+        "uniform_avg_bits",
+        "uniform_metric",
+    }
+    assert line["avg_bits"] <= 4.0
+    assert line["uniform_avg_bits"] <= line["avg_bits"]
+    assert line["metric_name"] == "neg_kl"
+    assert line["metric"] >= line["uniform_metric"]
+
+
+def _error(capsys, *argv):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()  # progress lines may come first; the error is the one last line
+    assert lines[-1].startswith("mpsearch: error: ") and "Traceback" not in err
+    assert sum("error" in line for line in lines) == 1
+    return lines[-1]
+
+
+def test_bad_inputs_give_one_line_errors(digits_plan, capsys, tmp_path):
+    assert "unknown model 'resnet9'" in _error(capsys, "search", "--model", "resnet9")
+    assert "unknown option 'int4x'" in _error(capsys, "search", "--model", "digits-cnn", "--options", "int4x,int8")
+    msg = _error(capsys, "search", "--model", "digits-cnn", "--avg-bits", "1.5")
+    assert "budget 1.5 avg bits is infeasible: the smallest plan with these options needs 3.107" in msg
+    assert "raise avg_bits to at least 3.107" in msg
+    assert "unknown estimator" in _error(capsys, "search", "--model", "digits-cnn", "--estimator", "magic")
+    assert "not a positive number" in _error(capsys, "search", "--model", "digits-cnn", "--avg-bits", "-2")
+    # a plan made for another model
+    msg = _error(capsys, "evaluate", "--model", "minilm-l6", "--plan", str(digits_plan))
+    assert "was made for model 'digits-cnn', not 'minilm-l6'" in msg
+    # a plan naming a layer the model does not have
+    data = json.loads(digits_plan.read_text())
+    data["provenance"] = {}
+    data["plan"]["features.9"] = "int4"
+    (tmp_path / "extra.json").write_text(json.dumps(data))
+    assert "plan layer 'features.9' is not a quantizable layer" in _error(
+        capsys, "evaluate", "--model", "digits-cnn", "--plan", str(tmp_path / "extra.json")
+    )
+    # truncated / corrupt plan file
+    (tmp_path / "cut.json").write_text(digits_plan.read_text()[:40])
+    assert "is not valid JSON" in _error(
+        capsys, "evaluate", "--model", "digits-cnn", "--plan", str(tmp_path / "cut.json")
+    )
+    assert "does not exist" in _error(
+        capsys, "evaluate", "--model", "digits-cnn", "--plan", str(tmp_path / "none.json")
+    )
+    assert "required" in _error(capsys, "search")
