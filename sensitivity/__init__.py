@@ -1,10 +1,12 @@
-"""Sensitivity estimators: per-(layer, option) damage tables. Depends on torch and mpsearch.core only."""
+"""Sensitivity estimators: per-(layer, option) damage tables. Depends on torch and mpsearch's torch-level
+modules (core types, quantizer, layer discovery); never on solvers."""
 
 from sensitivity.base import Estimator
+from sensitivity.hessian import HessianTrace
 from sensitivity.measured import Measured
 from sensitivity.sqnr import SQNR
 
-REGISTRY = {"sqnr": SQNR, "measured": Measured}
+REGISTRY = {"sqnr": SQNR, "measured": Measured, "hessian": HessianTrace}
 
 
 def get_estimator(name: str, **params) -> Estimator:
@@ -15,4 +17,4 @@ def get_estimator(name: str, **params) -> Estimator:
     return REGISTRY[name](**params)
 
 
-__all__ = ["Estimator", "Measured", "REGISTRY", "SQNR", "get_estimator"]
+__all__ = ["Estimator", "HessianTrace", "Measured", "REGISTRY", "SQNR", "get_estimator"]
