@@ -8,11 +8,18 @@ full-precision model's output on the same batch: every quality measure here is l
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
 from mpsearch.core import MpsearchError
+
+
+def cache_root() -> Path:
+    """Where trained zoo weights and cost tables are cached: $MPSEARCH_CACHE or ~/.cache/mpsearch."""
+    return Path(os.environ.get("MPSEARCH_CACHE", Path.home() / ".cache" / "mpsearch"))
 
 
 def call_model(model: torch.nn.Module, batch):

@@ -2,11 +2,21 @@
 modules (core types, quantizer, layer discovery); never on solvers."""
 
 from sensitivity.base import Estimator
+from sensitivity.entropy import Entropy
+from sensitivity.fisher import Fisher
 from sensitivity.hessian import HessianTrace
 from sensitivity.measured import Measured
+from sensitivity.relevance import Relevance
 from sensitivity.sqnr import SQNR
 
-REGISTRY = {"sqnr": SQNR, "measured": Measured, "hessian": HessianTrace}
+REGISTRY = {
+    "sqnr": SQNR,
+    "hessian": HessianTrace,
+    "fisher": Fisher,
+    "entropy": Entropy,
+    "relevance": Relevance,
+    "measured": Measured,
+}
 
 
 def get_estimator(name: str, **params) -> Estimator:
@@ -17,4 +27,14 @@ def get_estimator(name: str, **params) -> Estimator:
     return REGISTRY[name](**params)
 
 
-__all__ = ["Estimator", "HessianTrace", "Measured", "REGISTRY", "SQNR", "get_estimator"]
+__all__ = [
+    "Entropy",
+    "Estimator",
+    "Fisher",
+    "HessianTrace",
+    "Measured",
+    "REGISTRY",
+    "Relevance",
+    "SQNR",
+    "get_estimator",
+]

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import inspect
+import json
+import os
 import platform
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,7 +19,7 @@ import torch
 from torch import nn
 
 from mpsearch.core import DEFAULT_OPTIONS, CostTable, LayerInfo, MpsearchError, Option, cost_rows, parse_options
-from mpsearch.data import LOSSES, as_batches, data_fingerprint
+from mpsearch.data import LOSSES, as_batches, cache_root, data_fingerprint
 from mpsearch.layers import discover, model_fingerprint
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -57,8 +62,14 @@ class Estimator(ABC):
         data: Iterable,
         options: Iterable[str] = DEFAULT_OPTIONS,
         loss_fn: str | LossFn | None = None,
+        cache: bool = True,
     ) -> CostTable:
-        """Return a CostTable with one row per (quantizable layer, option)."""
+        """Return a CostTable with one row per (quantizable layer, option).
+
+        With ``cache`` (and a named loss), the table is stored under ``$MPSEARCH_CACHE/tables`` keyed by the
+        model and data fingerprints, the estimator and its parameters, the options, the loss and a hash of
+        the estimator code; an identical second call loads it instead of recomputing.
+        """
         if not isinstance(model, nn.Module):
             raise MpsearchError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass an nn.Module")
         batches = as_batches(data)
@@ -71,25 +82,53 @@ class Estimator(ABC):
             loss_name = loss_fn
         else:
             loss_name = "kl" if loss_fn is None else getattr(loss_fn, "__name__", "custom")
-        extra = self._estimate(work, batches, layers, opts, resolve_loss(loss_fn))
-        frame = cost_rows(layers, opts).merge(extra, on=["layer", "option"], how="left", validate="one_to_one")
         meta = {
             "estimator": self.name,
-            "params": {k: v for k, v in self.get_params().items() if _jsonable(v)},
+            "params": {k: v for k, v in self.get_params().items() if _jsonable(v) and k != "progress"},
             "seed": getattr(self, "seed", None),
             "loss": loss_name,
+            "options": [o.name for o in opts],
             "model_fingerprint": model_fingerprint(model),
             "data_fingerprint": data_fingerprint(batches),
             "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
             "ties": ties,
         }
-        return CostTable(frame, meta)
+        path = table_cache_path(meta) if cache and (loss_fn is None or isinstance(loss_fn, str)) else None
+        if path is not None and path.exists():
+            return CostTable.from_parquet(path)
+        extra = self._estimate(work, batches, layers, opts, resolve_loss(loss_fn))
+        frame = cost_rows(layers, opts).merge(extra, on=["layer", "option"], how="left", validate="one_to_one")
+        table = CostTable(frame, meta)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            table.to_parquet(tmp)
+            tmp.replace(path)  # atomic: a crash never leaves a half-written table
+        return table
 
     @abstractmethod
     def _estimate(
         self, model: nn.Module, batches: list, layers: list[LayerInfo], options: list[Option], loss_fn: LossFn
     ) -> pd.DataFrame:
         """Return a frame with columns layer, option, damage (and raw columns). ``model`` is a private copy."""
+
+
+@functools.lru_cache(maxsize=1)
+def _code_hash() -> str:
+    """Hash of the code that shapes a table: the estimators and the quantizer."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("sensitivity", "mpsearch/quant", "mpsearch/core"):
+        for path in sorted((root / folder).rglob("*.py")):
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def table_cache_path(meta: dict) -> Path:
+    key = {k: meta[k] for k in ("estimator", "params", "loss", "options", "model_fingerprint", "data_fingerprint")}
+    key["code"] = _code_hash()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return cache_root() / "tables" / f"{meta['estimator']}-{digest}.parquet"
 
 
 def _jsonable(value) -> bool:

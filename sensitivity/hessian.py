@@ -109,13 +109,20 @@ class HessianTrace(Estimator):
         gen = torch.Generator().manual_seed(self.seed)
         shapes = [p.shape for p in params]
         total = self.max_probes if self.method == "hutchinson" else 3 * self.sketch + self.max_probes
+        trace_start = time.perf_counter()
         with tqdm(total=total, desc="hessian probes", disable=not self.progress, leave=False) as bar:
             if self.method == "hutchinson":
                 est = hutchinson(hvp, shapes, gen, self.min_probes, self.max_probes, self.rtol, bar.update)
             else:
                 est = hutchpp(hvp, shapes, gen, self.sketch, self.max_probes, bar.update)
+        trace_s = time.perf_counter() - trace_start
         perturb = weight_perturbations(model, layers, options)
-        self.stats_ = {"hvps": hvp.count, "hvp_s": hvp.seconds, "wall_s": time.perf_counter() - start}
+        self.stats_ = {
+            "hvps": hvp.count,
+            "hvp_s": hvp.seconds,
+            "trace_s": trace_s,
+            "wall_s": time.perf_counter() - start,
+        }
         rows = []
         for i, info in enumerate(layers):
             trace, std = float(est.trace[i]), float(est.stderr[i])

@@ -1,9 +1,12 @@
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# a private cache per test session: cached tables and the trained digits model never leak between runs
+os.environ["MPSEARCH_CACHE"] = tempfile.mkdtemp(prefix="mpsearch-test-cache-")
 
 
 @pytest.fixture(scope="session")

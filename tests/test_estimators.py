@@ -8,7 +8,7 @@ from torch import nn
 from mpsearch.core import MpsearchError
 from mpsearch.data import kl_div
 from mpsearch.quant import quantize_weight
-from sensitivity import SQNR, Measured, get_estimator
+from sensitivity import SQNR, Entropy, Fisher, HessianTrace, Measured, Relevance, get_estimator
 
 
 class Small(nn.Module):
@@ -40,20 +40,33 @@ def _snapshot(model):
     )
 
 
-@pytest.mark.parametrize("estimator", [SQNR(progress=False), Measured(progress=False)])
+ALL = [
+    SQNR(progress=False),
+    Measured(progress=False),
+    HessianTrace(min_probes=2, max_probes=4, progress=False),
+    HessianTrace(method="hutchpp", sketch=2, max_probes=2, progress=False),
+    Fisher(max_samples=16, progress=False),
+    Entropy(progress=False),
+    Relevance(progress=False),
+]
+
+
+@pytest.mark.parametrize("estimator", ALL, ids=lambda e: repr(e))
 def test_estimators_do_not_mutate_the_model(small, estimator):
     model, data = small
     model.train()
     model.fc1.weight.requires_grad_(False)
     model.fc2.register_forward_hook(lambda *a: None)
     before = _snapshot(model)
-    table = estimator.estimate(model, data, ["int2", "int4", "int8"])
+    table = estimator.estimate(model, data, ["int2", "int4", "int8"], cache=False)
     after = _snapshot(model)
     for k in before[0]:
         assert torch.equal(before[0][k], after[0][k])
     assert before[1:] == after[1:]
     assert table.meta["estimator"] == estimator.name
-    assert table.meta["params"] == {"progress": False}
+    assert table.meta["params"] == {k: v for k, v in estimator.get_params().items() if k != "progress"}
+    wide = table.frame.pivot(index="layer", columns="option", values="damage")
+    assert (wide["int2"] > wide["int8"]).all()  # every estimator ranks 2 bits as worse than 8
 
 
 def test_sqnr_matches_direct_computation(small):

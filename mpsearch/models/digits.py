@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch import nn
+
+from mpsearch.data import cache_root
 
 VERSION = 1
 N_TRAIN = 1400  # the remaining 397 digits are held out for evaluation
@@ -41,12 +40,6 @@ def digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor(d.target)
 
 
-def cache_dir() -> Path:
-    path = Path(os.environ.get("MPSEARCH_CACHE", Path.home() / ".cache" / "mpsearch"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def train_digits(epochs: int = 40, seed: int = 0) -> DigitsCNN:
     x, y = digits_arrays()
     gen = torch.Generator().manual_seed(seed)
@@ -67,12 +60,13 @@ def train_digits(epochs: int = 40, seed: int = 0) -> DigitsCNN:
 
 def load_digits_cnn() -> DigitsCNN:
     """Train once (a few seconds), then load from the cache."""
-    path = cache_dir() / f"digits-cnn-v{VERSION}.pt"
+    path = cache_root() / f"digits-cnn-v{VERSION}.pt"
     model = DigitsCNN()
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
     model = train_digits()
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(model.state_dict(), tmp)
     tmp.replace(path)  # atomic: a crash never leaves a half-written cache
