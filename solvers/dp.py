@@ -20,6 +20,14 @@ from solvers.problem import Problem
 
 def _knapsack(damage: np.ndarray, weight: np.ndarray, capacity: int) -> tuple[np.ndarray | None, float]:
     """min sum damage[u, k_u] s.t. sum weight[u, k_u] <= capacity. weight: int >= 0, or -1 where unavailable."""
+    best, choice = knapsack_table(damage, weight, capacity)
+    if not np.isfinite(best[capacity]):
+        return None, np.inf
+    return backtrack(choice, weight, capacity), float(best[capacity])
+
+
+def knapsack_table(damage: np.ndarray, weight: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """best[b] = min damage with total weight <= b, for every b; choice[u, b] = back-pointers."""
     n_units, n_opts = damage.shape
     best = np.zeros(capacity + 1)  # best[b]: min damage of the units so far with total weight <= b
     choice = np.zeros((n_units, capacity + 1), dtype=np.int8 if n_opts < 128 else np.int16)
@@ -34,14 +42,16 @@ def _knapsack(damage: np.ndarray, weight: np.ndarray, capacity: int) -> tuple[np
             new[w:][better] = cand[better]
             choice[u, w:][better] = k
         best = new
-    if not np.isfinite(best[capacity]):
-        return None, np.inf
-    picks = np.zeros(n_units, dtype=int)
-    b = capacity
-    for u in range(n_units - 1, -1, -1):
+    return best, choice
+
+
+def backtrack(choice: np.ndarray, weight: np.ndarray, b: int) -> np.ndarray:
+    """The plan behind best[b]."""
+    picks = np.zeros(choice.shape[0], dtype=int)
+    for u in range(choice.shape[0] - 1, -1, -1):
         picks[u] = choice[u, b]
         b -= int(weight[u, picks[u]])
-    return picks, float(best[capacity])
+    return picks
 
 
 def _as_integers(values: np.ndarray) -> np.ndarray | None:
@@ -49,6 +59,18 @@ def _as_integers(values: np.ndarray) -> np.ndarray | None:
     if np.all(np.abs(values - rounded) <= 1e-6 * np.maximum(1.0, np.abs(values))):
         return rounded.astype(np.int64)
     return None
+
+
+def exact_weights(residual: np.ndarray, valid: np.ndarray, slack: float, buckets: int):
+    """Integer weights in units of the costs' GCD, or None when costs are not integers or need > buckets."""
+    ints = _as_integers(residual)
+    if ints is None:
+        return None
+    g = reduce(math.gcd, (int(v) for v in np.unique(ints[valid]) if v > 0), 0) or 1
+    capacity = int(math.floor(slack / g + 1e-9))
+    if capacity > buckets:
+        return None
+    return np.where(valid, ints // g, -1), capacity, g
 
 
 class DP(Solver):
@@ -72,16 +94,13 @@ class DP(Solver):
         damage = np.where(valid, problem.damage, np.inf)
 
         buckets = max(1, min(self.max_buckets, self.max_cells // problem.n_units))
-        ints = _as_integers(residual)
-        if ints is not None:
-            g = reduce(math.gcd, (int(v) for v in np.unique(ints[valid]) if v > 0), 0) or 1
-            capacity = int(math.floor(slack / g + 1e-9))
-            if capacity <= buckets:
-                weight = np.where(valid, ints // g, -1)
-                picks, _ = _knapsack(damage, weight, capacity)
-                if picks is None:
-                    raise InfeasibleBudgetError("no plan meets the budget", "raise the budget")
-                return picks, "optimal", 0.0
+        exact = exact_weights(residual, valid, slack, buckets)
+        if exact is not None:
+            weight, capacity, _ = exact
+            picks, _ = _knapsack(damage, weight, capacity)
+            if picks is None:
+                raise InfeasibleBudgetError("no plan meets the budget", "raise the budget")
+            return picks, "optimal", 0.0
 
         scale = slack / buckets
         capacity = buckets

@@ -1,7 +1,23 @@
-"""Integer programming: multiple-choice knapsack with any number of constraints, solved by PuLP + CBC."""
+"""Integer programming: the multiple-choice knapsack with any number of budget constraints.
+
+Binary x[u, k] = 1 when unit u takes option k; one option per unit; every budget constraint is linear in x;
+minimize total damage. Three backends:
+
+- ``cbc``   PuLP + its bundled CBC
+- ``highs`` HiGHS through highspy (sparse arrays, solved in a spawned child process: see highs_worker)
+- ``cpsat`` OR-Tools CP-SAT (integer coefficients: damage is scaled to 1e9 steps, float constraint costs
+  are rounded up and limits down, so every plan it returns is feasible for the real costs)
+
+``time_limit`` (seconds) returns the best plan found with status ``time_limit`` and the optimality gap where
+the backend reports a bound (HiGHS, CP-SAT; NaN for CBC).
+
+OR-Tools and highspy cannot share a process (HiGHS symbol clash). PuLP tries highspy on import, so
+``_import`` loads OR-Tools first (PuLP then goes without highspy) and HiGHS runs in its own process.
+"""
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import numpy as np
@@ -10,14 +26,21 @@ from mpsearch.core import InfeasibleBudgetError, MpsearchError
 from solvers.base import Solver
 from solvers.problem import Problem
 
-BACKENDS = ("cbc",)
+BACKENDS = ("cbc", "highs", "cpsat")
+_OBJ_STEPS = 1e9
+
+
+def _import(name: str):
+    importlib.import_module("ortools.sat.python.cp_model")  # first, always: see module docstring
+    return importlib.import_module(name)
+
+
+def _infeasible():
+    return InfeasibleBudgetError("no plan meets all constraints at once", "relax one of the constraints")
 
 
 class ILP(Solver):
-    """Binary x[u,k]: one option per unit; every budget constraint linear in x; minimize total damage.
-
-    ``time_limit`` (seconds) makes CBC return the best plan found so far with status ``time_limit``.
-    """
+    """Exact integer program; see the module docstring for the backends."""
 
     name = "ilp"
 
@@ -29,24 +52,33 @@ class ILP(Solver):
     def _solve(self, problem: Problem):
         if self.backend not in BACKENDS:
             raise MpsearchError(f"unknown ILP backend {self.backend!r}", f"use one of {BACKENDS}")
-        import pulp  # lazy: keeps `import solvers` light
+        cols = np.argwhere(problem.valid)  # (n_vars, 2): unit, option
+        return getattr(self, f"_solve_{self.backend}")(problem, cols)
 
-        damage = problem.damage
-        finite = damage[problem.valid]
-        norm = max(float(np.abs(finite).max()), 1e-300)  # scale the objective to O(1) for solver tolerances
+    @staticmethod
+    def _choice(problem: Problem, cols: np.ndarray, values) -> np.ndarray:
+        choice = np.zeros(problem.n_units, dtype=int)
+        on = np.asarray(values) > 0.5
+        choice[cols[on, 0]] = cols[on, 1]
+        return choice
+
+    # ------------------------------------------------------------------ CBC
+    def _solve_cbc(self, problem: Problem, cols: np.ndarray):
+        pulp = _import("pulp")
+        damage = problem.damage[cols[:, 0], cols[:, 1]]
+        norm = max(float(np.abs(damage).max()), 1e-300)  # scale the objective to O(1) for solver tolerances
         model = pulp.LpProblem("mpsearch", pulp.LpMinimize)
-        x = {
-            (u, k): model.add_variable(f"x_{u}_{k}", 0, 1, cat="Binary")
-            for u in range(problem.n_units)
-            for k in range(damage.shape[1])
-            if problem.valid[u, k]
-        }
-        model += pulp.lpSum((damage[u, k] / norm) * var for (u, k), var in x.items())
-        for u in range(problem.n_units):
-            model += pulp.lpSum(x[u, k] for k in range(damage.shape[1]) if (u, k) in x) == 1
+        x = [model.add_variable(f"x_{u}_{k}", 0, 1, cat="Binary") for u, k in cols]
+        model += pulp.lpSum((d / norm) * var for d, var in zip(damage, x))
+        by_unit: list[list] = [[] for _ in range(problem.n_units)]
+        for (u, _), var in zip(cols, x):
+            by_unit[u].append(var)
+        for vars_u in by_unit:
+            model += pulp.lpSum(vars_u) == 1
         for con, cost in zip(problem.constraints, problem.costs):
-            cscale = max(float(np.abs(cost[problem.valid]).max()), 1e-300)
-            model += pulp.lpSum((cost[u, k] / cscale) * var for (u, k), var in x.items()) <= con.limit / cscale
+            c = cost[cols[:, 0], cols[:, 1]]
+            cscale = max(float(np.abs(c).max()), 1e-300)
+            model += pulp.lpSum((ci / cscale) * var for ci, var in zip(c, x)) <= con.limit / cscale
         with warnings.catch_warnings():
             # PuLP 3.x deprecates its bundled CBC in favour of the cbcbox package; the bundled one is what
             # installs everywhere here, so keep it (pyproject pins pulp < 4)
@@ -55,13 +87,89 @@ class ILP(Solver):
         model.solve(solver)
         status = pulp.LpStatus[model.status]
         if status == "Infeasible":
-            raise InfeasibleBudgetError("no plan meets all constraints at once", "relax one of the constraints")
+            raise _infeasible()
         if status not in ("Optimal", "Not Solved") or model.sol_status not in (1, 2):
             raise MpsearchError(f"CBC ended with status {status!r} and no plan", "raise time_limit")
-        choice = np.zeros(problem.n_units, dtype=int)
-        for (u, k), var in x.items():
-            if var.value() is not None and var.value() > 0.5:
-                choice[u] = k
-        if model.sol_status == 1:
+        choice = self._choice(problem, cols, [v.value() or 0 for v in x])
+        return (choice, "optimal", 0.0) if model.sol_status == 1 else (choice, "time_limit", float("nan"))
+
+    # ------------------------------------------------------------------ HiGHS
+    def _solve_highs(self, problem: Problem, cols: np.ndarray):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        from solvers.highs_worker import solve_lp
+
+        n_vars, n_units = len(cols), problem.n_units
+        damage = problem.damage[cols[:, 0], cols[:, 1]]
+        norm = max(float(np.abs(damage).max()), 1e-300)
+        rows, vals = [cols[:, 0]], [np.ones(n_vars)]
+        lower, upper = [np.ones(n_units)], [np.ones(n_units)]
+        for j, (con, cost) in enumerate(zip(problem.constraints, problem.costs)):
+            c = cost[cols[:, 0], cols[:, 1]]
+            cscale = max(float(np.abs(c).max()), 1e-300)
+            rows.append(np.full(n_vars, n_units + j))
+            vals.append(c / cscale)
+            lower.append([-np.inf])
+            upper.append([con.limit / cscale])
+        row_idx, values = np.concatenate(rows), np.concatenate(vals)
+        col_idx = np.tile(np.arange(n_vars), len(rows))
+        order = np.lexsort((row_idx, col_idx))
+        arrays = {
+            "cost": damage / norm,
+            "row_lower": np.concatenate(lower).astype(float),
+            "row_upper": np.concatenate(upper).astype(float),
+            "start": np.searchsorted(col_idx[order], np.arange(n_vars + 1)).astype(np.int32),
+            "index": row_idx[order].astype(np.int32),
+            "value": values[order],
+        }
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            out = pool.submit(solve_lp, arrays, self.time_limit, self.msg).result()
+        if out["status"] == "infeasible":
+            raise _infeasible()
+        if out["x"] is None:
+            raise MpsearchError(f"HiGHS ended with {out['status']!r} and no plan", "raise time_limit")
+        choice = self._choice(problem, cols, out["x"])
+        if out["status"] == "optimal":
             return choice, "optimal", 0.0
-        return choice, "time_limit", float("nan")
+        return choice, "time_limit", out["gap"]
+
+    # ------------------------------------------------------------------ CP-SAT
+    def _solve_cpsat(self, problem: Problem, cols: np.ndarray):
+        cp_model = _import("ortools.sat.python.cp_model")
+        damage = problem.damage[cols[:, 0], cols[:, 1]]
+        shift = damage.min()
+        span = max(float(damage.max() - shift), 1e-300)
+        obj = np.round((damage - shift) / span * _OBJ_STEPS).astype(np.int64)
+        model = cp_model.CpModel()
+        x = [model.new_bool_var(f"x_{u}_{k}") for u, k in cols]
+        by_unit: list[list] = [[] for _ in range(problem.n_units)]
+        for (u, _), var in zip(cols, x):
+            by_unit[u].append(var)
+        for vars_u in by_unit:
+            model.add_exactly_one(vars_u)
+        for con, cost in zip(problem.constraints, problem.costs):
+            c = cost[cols[:, 0], cols[:, 1]]
+            ints = np.round(c)
+            if np.all(np.abs(c - ints) <= 1e-9 * np.maximum(1, np.abs(c))) and c.max() < 2**52:
+                coef, limit = ints.astype(np.int64), int(np.floor(con.limit * (1 + 1e-12)))
+            else:  # float costs: integer steps of max/1e9, costs up, limit down (stays feasible)
+                step = float(np.abs(c).max()) / _OBJ_STEPS
+                coef, limit = np.ceil(c / step).astype(np.int64), int(np.floor(con.limit / step))
+            model.add(cp_model.LinearExpr.weighted_sum(x, coef.tolist()) <= limit)
+        model.minimize(cp_model.LinearExpr.weighted_sum(x, obj.tolist()))
+        solver = cp_model.CpSolver()
+        solver.parameters.num_workers = 2
+        solver.parameters.random_seed = 0
+        if self.time_limit is not None:
+            solver.parameters.max_time_in_seconds = float(self.time_limit)
+        status = solver.solve(model)
+        if status == cp_model.INFEASIBLE:
+            raise _infeasible()
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            raise MpsearchError(f"CP-SAT ended with {solver.status_name(status)} and no plan", "raise time_limit")
+        choice = self._choice(problem, cols, [solver.value(v) for v in x])
+        if status == cp_model.OPTIMAL:
+            return choice, "optimal", 0.0
+        best, bound = solver.objective_value, solver.best_objective_bound
+        return choice, "time_limit", float((best - bound) / max(abs(best), 1e-300))

@@ -10,6 +10,7 @@ from mpsearch.core.errors import (
     UnknownModelError,
 )
 from mpsearch.core.options import DEFAULT_OPTIONS, Option, parse_option, parse_options
+from mpsearch.core.pareto import ParetoFront
 from mpsearch.core.plan import BitPlan
 from mpsearch.core.result import ConstraintValue, SearchResult
 from mpsearch.core.table import CostTable, LayerInfo, cost_rows
@@ -27,6 +28,7 @@ __all__ = [
     "InvalidTableError",
     "LayerInfo",
     "MpsearchError",
+    "ParetoFront",
     "Option",
     "SearchResult",
     "UnknownModelError",

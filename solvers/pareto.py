@@ -1,0 +1,120 @@
+"""Exact damage-vs-cost Pareto fronts, with the plan for every point."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from mpsearch.core import MpsearchError
+from mpsearch.core.pareto import ParetoFront
+from solvers.dp import exact_weights, knapsack_table
+from solvers.problem import Problem
+
+
+class Pareto:
+    """Front over the problem's budget axes (one or two), for costs up to the budget's limits.
+
+    One axis: one DP pass over integerized costs (exact when costs are integers and the range fits
+    ``max_buckets`` units of their GCD; otherwise costs are rounded up to ``max_buckets`` buckets and
+    ``meta['exact']`` is False). Two axes: Nemhauser-Ullmann merging of per-unit options with dominance
+    pruning (exact; the front size is capped at ``max_points``).
+    """
+
+    name = "pareto"
+
+    def __init__(self, max_buckets: int = 1 << 20, max_cells: int = 1 << 28, max_points: int = 200_000) -> None:
+        self.max_buckets = max_buckets
+        self.max_cells = max_cells
+        self.max_points = max_points
+
+    def solve(self, problem: Problem) -> ParetoFront:
+        if len(problem.constraints) == 1:
+            choices, exact = self._one_axis(problem)
+        elif len(problem.constraints) == 2:
+            choices, exact = self._two_axes(problem), True
+        else:
+            raise MpsearchError("Pareto fronts have one or two cost axes", "give one or two budget constraints")
+        return self._front(problem, choices, exact)
+
+    def _one_axis(self, problem: Problem):
+        valid, cost = problem.valid, problem.costs[0]
+        base = np.where(valid, cost, np.inf).min(axis=1)
+        residual = np.where(valid, cost - base[:, None], 0.0)
+        slack = problem.constraints[0].limit * (1 + 1e-12) - base.sum()
+        buckets = max(1, min(self.max_buckets, self.max_cells // problem.n_units))
+        found = exact_weights(residual, valid, slack, buckets)
+        if found is not None:
+            weight, capacity, _ = found
+        else:
+            capacity = buckets
+            weight = np.where(valid, np.ceil(residual / (slack / buckets) - 1e-9), -1).astype(np.int64)
+        damage = np.where(valid, problem.damage, np.inf)
+        best, choice = knapsack_table(damage, weight, capacity)
+        finite = np.isfinite(best)
+        steps = np.flatnonzero(finite & np.concatenate([[True], best[1:] < best[:-1]]))
+        b = steps.copy()
+        picks = np.zeros((len(steps), problem.n_units), dtype=int)
+        for u in range(problem.n_units - 1, -1, -1):  # backtrack every point at once
+            picks[:, u] = choice[u, b]
+            b = b - weight[u, picks[:, u]]
+        return picks, found is not None
+
+    def _two_axes(self, problem: Problem) -> np.ndarray:
+        c1, c2, dmg = problem.costs[0], problem.costs[1], problem.damage
+        pts = np.zeros((1, 3))  # c1, c2, damage of partial plans
+        plans = np.zeros((1, 0), dtype=int)
+        for u in range(problem.n_units):
+            ks = np.flatnonzero(problem.valid[u])
+            cand = (pts[:, None, :] + np.stack([c1[u, ks], c2[u, ks], dmg[u, ks]], 1)[None]).reshape(-1, 3)
+            cand_plans = np.concatenate([np.repeat(plans, len(ks), 0), np.tile(ks, len(pts))[:, None]], axis=1)
+            keep = _nondominated(cand)
+            pts, plans = cand[keep], cand_plans[keep]
+            if len(pts) > self.max_points:
+                raise MpsearchError(
+                    f"the two-axis front exceeds {self.max_points} points", "raise max_points or use one axis"
+                )
+        limits = problem.limits()
+        ok = (pts[:, 0] <= limits[0] * (1 + 1e-12)) & (pts[:, 1] <= limits[1] * (1 + 1e-12))
+        return plans[ok]
+
+    def _front(self, problem: Problem, choices: np.ndarray, exact: bool) -> ParetoFront:
+        names = [c.name for c in problem.constraints]
+        rows, plans = [], []
+        for choice in choices:
+            damage, totals = problem.evaluate(choice)
+            rows.append({**{n: c.report(t) for n, c, t in zip(names, problem.constraints, totals)}, "damage": damage})
+            plans.append(choice)
+        frame = pd.DataFrame(rows)
+        cost_vals = frame[names].to_numpy()
+        keep = _nondominated(np.column_stack([cost_vals, frame["damage"].to_numpy()]))
+        frame, plans = frame[keep], [plans[i] for i in np.flatnonzero(keep)]
+        order = np.lexsort((frame["damage"].to_numpy(), frame[names[0]].to_numpy()))
+        frame = frame.iloc[order].reset_index(drop=True)
+        plans = [plans[i] for i in order]
+        frame.insert(0, "plan_id", np.arange(len(frame)))
+        bitplans = [problem.result(c, "optimal" if exact else "feasible", self.name, {}, 0.0).plan for c in plans]
+        meta = {
+            "exact": exact,
+            "table_fingerprint": problem.table.fingerprint(),
+            "estimator": problem.table.meta.get("estimator"),
+        }
+        return ParetoFront(frame, bitplans, names, meta)
+
+
+def _nondominated(points: np.ndarray) -> np.ndarray:
+    """Mask of points not weakly dominated by another (all columns minimized; of duplicates the first stays)."""
+    order = np.lexsort(points.T[::-1])  # by column 0, then 1, ...
+    keep = np.zeros(len(points), dtype=bool)
+    if points.shape[1] == 2:  # sorted by cost: keep each point that lowers the best damage so far
+        tail = points[order, 1]
+        previous_best = np.concatenate([[np.inf], np.minimum.accumulate(tail)[:-1]])
+        keep[order] = tail < previous_best
+        return keep
+    kept = np.empty((0, points.shape[1] - 1))
+    for i in order:  # earlier points have smaller column 0: p is dominated if one is <= on the rest
+        rest = points[i, 1:]
+        if len(kept) and np.any(np.all(kept <= rest, axis=1)):
+            continue
+        keep[i] = True
+        kept = np.vstack([kept, rest])
+    return keep
