@@ -64,7 +64,10 @@ def check_budget(model: nn.Module, budget: Budget, options: Iterable[str] = DEFA
 
 
 def solve(table: CostTable, budget: Budget, solver="dp", **solver_params) -> SearchResult:
-    """Solve a cost table under a budget (a name from solvers.REGISTRY or a Solver)."""
+    """Solve a cost table under a budget (a name from solvers.REGISTRY or a Solver).
+
+    "evolutionary" also needs ``fitness=`` (e.g. ``mpsearch.fitness.PlanFitness(model, data, loss)``).
+    """
     import solvers
 
     slv = solvers.get_solver(solver, **solver_params) if isinstance(solver, str) else solver
@@ -91,7 +94,12 @@ def search(
     table = estimate(module, data, estimator, options, loss_fn)
     if name:
         table.meta["model"] = name
-    result = solve(table, budget, solver)
+    params = {}
+    if solver == "evolutionary":
+        from mpsearch.fitness import PlanFitness
+
+        params["fitness"] = PlanFitness(module, data, loss_fn if isinstance(loss_fn, str) else "kl")
+    result = solve(table, budget, solver, **params)
     result.extra["table"] = table
     return result
 

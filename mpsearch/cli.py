@@ -55,7 +55,12 @@ def cmd_search(args) -> int:
     _status(f"estimating sensitivities ({args.estimator}) on {len(zoo.calibration)} calibration batches ...")
     table = api.estimate(zoo.model, zoo.calibration, args.estimator, options, zoo.loss)
     table.meta["model"] = args.model
-    result = api.solve(table, budget, args.solver)
+    params = {}
+    if args.solver == "evolutionary":
+        from mpsearch.fitness import PlanFitness
+
+        params = {"fitness": PlanFitness(zoo.model, zoo.calibration, zoo.loss), "n_trials": args.trials}
+    result = api.solve(table, budget, args.solver, **params)
     frame = result.plan.to_frame(table)[["layer", "option", "bits", "n_params", "damage"]]
     with __import__("pandas").option_context("display.max_rows", None, "display.width", 200):
         print(frame.to_string(index=False))
@@ -125,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bops", type=float, help="budget: bit operations per sample")
     s.add_argument("--estimator", default="sqnr", help=f"one of {sorted(ESTIMATORS)}")
     s.add_argument("--solver", default="dp", help=f"one of {sorted(SOLVERS)}")
+    s.add_argument("--trials", type=int, default=100, help="evolutionary: trials on the real model")
     s.add_argument("--options", default=",".join(DEFAULT_OPTIONS), help="comma-separated options")
     s.add_argument("--out", help="write the plan JSON here")
     s.add_argument("--table", help="write the cost table (Parquet) here")

@@ -3,12 +3,13 @@
 from solvers.base import Solver
 from solvers.bruteforce import BruteForce
 from solvers.dp import DP
+from solvers.evolutionary import Evolutionary
 from solvers.greedy import Greedy
 from solvers.ilp import ILP
 from solvers.pareto import Pareto
 from solvers.problem import Problem
 
-REGISTRY = {"dp": DP, "ilp": ILP, "greedy": Greedy, "bruteforce": BruteForce}
+REGISTRY = {"dp": DP, "ilp": ILP, "greedy": Greedy, "evolutionary": Evolutionary, "bruteforce": BruteForce}
 
 
 def get_solver(name: str, **params) -> Solver:
@@ -19,4 +20,4 @@ def get_solver(name: str, **params) -> Solver:
     return REGISTRY[name](**params)
 
 
-__all__ = ["BruteForce", "DP", "Greedy", "ILP", "Pareto", "Problem", "REGISTRY", "Solver", "get_solver"]
+__all__ = ["BruteForce", "DP", "Evolutionary", "Greedy", "ILP", "Pareto", "Problem", "REGISTRY", "Solver", "get_solver"]

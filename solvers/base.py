@@ -17,13 +17,16 @@ class Solver(ABC):
     name: str = "solver"
 
     def get_params(self) -> dict:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and not k.endswith("_")}
 
     def solve(self, problem: Problem) -> SearchResult:
         start = time.perf_counter()
+        self.extra_: dict = {}
         choice, status, gap = self._solve(problem)
         wall = time.perf_counter() - start
-        return problem.result(choice, status, self.name, self.get_params(), wall, gap)
+        result = problem.result(choice, status, self.name, self.get_params(), wall, gap)
+        result.extra.update(self.extra_)  # solver-specific facts (e.g. measured fitness)
+        return result
 
     @abstractmethod
     def _solve(self, problem: Problem) -> tuple[np.ndarray, str, float]:

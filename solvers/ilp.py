@@ -83,7 +83,7 @@ class ILP(Solver):
             # PuLP 3.x deprecates its bundled CBC in favour of the cbcbox package; the bundled one is what
             # installs everywhere here, so keep it (pyproject pins pulp < 4)
             warnings.simplefilter("ignore", DeprecationWarning)
-            solver = pulp.PULP_CBC_CMD(msg=self.msg, timeLimit=self.time_limit)
+            solver = pulp.PULP_CBC_CMD(msg=self.msg, timeLimit=self.time_limit, gapRel=1e-9)
         model.solve(solver)
         status = pulp.LpStatus[model.status]
         if status == "Infeasible":

@@ -100,3 +100,20 @@ def test_bad_inputs_give_one_line_errors(digits_plan, capsys, tmp_path):
         capsys, "evaluate", "--model", "digits-cnn", "--plan", str(tmp_path / "none.json")
     )
     assert "required" in _error(capsys, "search")
+
+
+@pytest.mark.parametrize("estimator", ["sqnr", "hessian", "fisher", "entropy", "relevance", "measured"])
+def test_every_estimator_works_from_the_cli(estimator, capsys, tmp_path):
+    code, out, _ = run(capsys, "search", "--model", "digits-cnn", "--estimator", estimator, "--avg-bits", "4")
+    assert code == 0
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["avg_bits"] <= 4.0 and summary["status"] == "optimal"
+
+
+def test_evolutionary_from_the_cli(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, "search", "--model", "digits-cnn", "--solver", "evolutionary", "--trials", "4")
+    assert code == 0
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["gap"] is None and summary["avg_bits"] <= 4.0
+    assert (tmp_path / "runs" / "evolutionary" / "evolutionary.db").exists()

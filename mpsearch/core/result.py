@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from mpsearch.core.plan import BitPlan
@@ -37,7 +38,9 @@ class SearchResult:
             raise ValueError(f"status {self.status!r} not in {STATUSES}")
 
     def summary(self) -> dict:
-        out = {"status": self.status, "objective": self.objective, "gap": self.gap, "wall_time_s": self.wall_time_s}
+        """JSON-ready facts (an unknown gap is None, not NaN)."""
+        gap = None if math.isnan(self.gap) else self.gap
+        out = {"status": self.status, "objective": self.objective, "gap": gap, "wall_time_s": self.wall_time_s}
         for c in self.constraints.values():
             out[c.name] = c.value
             out[f"{c.name}_slack"] = c.slack

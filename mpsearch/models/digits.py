@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from torch import nn
@@ -67,7 +69,7 @@ def load_digits_cnn() -> DigitsCNN:
         return model.eval()
     model = train_digits()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save(model.state_dict(), tmp)
     tmp.replace(path)  # atomic: a crash never leaves a half-written cache
     return model

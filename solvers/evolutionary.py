@@ -1,0 +1,186 @@
+"""Evolutionary search on the real model (EvoPress-style), built on Optuna.
+
+The fitness of a plan is a caller-supplied function (for mpsearch: the quantized model's loss on calibration
+data, see ``mpsearch.fitness``), so damage need not be additive. The search starts from a warm-start plan
+(the DP/ILP optimum on the table), which is always the first trial: the result is never worse than its start.
+Each new candidate is a mutation of a good earlier trial: a few units move one option up or down, then the
+plan is repaired to meet the budget by the cheapest (table-damage) downgrades.
+
+The study lives in an Optuna storage: SQLite in the run directory by default (an interrupted search resumes
+where it stopped), or any Optuna RDB URL (PostgreSQL...) so that several worker processes share one search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from mpsearch.core import BitPlan, MpsearchError
+from solvers.base import Solver
+from solvers.problem import Problem
+
+Fitness = Callable[[BitPlan], float]
+
+
+def _make_sampler(problem: Problem, start: np.ndarray, seed: int, n_mutations: int, tournament: int):
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    # options of each unit ordered by the first constraint's cost, so "one step" means one size step
+    order = [np.argsort(problem.costs[0][u, : len(o)]) for u, o in enumerate(problem.unit_options)]
+    rank = [np.argsort(o) for o in order]
+
+    class EvoSampler(optuna.samplers.BaseSampler):
+        """Relative sampler: mutation of a tournament-selected completed trial, repaired to the budget."""
+
+        def infer_relative_search_space(self, study, trial):
+            return {f"u{u}": CategoricalDistribution(list(range(len(o)))) for u, o in enumerate(problem.unit_options)}
+
+        def sample_relative(self, study, trial, search_space):
+            done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if not done:
+                return {f"u{u}": int(k) for u, k in enumerate(start)}
+            rng = np.random.default_rng([seed, trial.number])
+            pool = sorted(done, key=lambda t: t.value)[: max(1, tournament)]
+            parent = pool[rng.integers(len(pool))]
+            choice = np.array([parent.params[f"u{u}"] for u in range(problem.n_units)])
+            for u in rng.choice(problem.n_units, size=min(n_mutations, problem.n_units), replace=False):
+                pos = int(rank[u][choice[u]]) + int(rng.choice([-1, 1]))
+                choice[u] = order[u][int(np.clip(pos, 0, len(order[u]) - 1))]
+            return {f"u{u}": int(k) for u, k in enumerate(_repair(problem, choice, order, rank))}
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            raise RuntimeError(f"EvoSampler samples every parameter jointly; unexpected {param_name}")
+
+    return EvoSampler()
+
+
+def _repair(problem: Problem, choice: np.ndarray, order, rank) -> np.ndarray:
+    """Step units down (least table damage increase per saved cost first) until every constraint holds."""
+    choice = choice.copy()
+    limits = problem.limits()
+    while True:
+        _, totals = problem.evaluate(choice)
+        over = totals > limits * (1 + 1e-12)
+        if not over.any():
+            return choice
+        best, best_ratio = None, np.inf
+        for u in range(problem.n_units):
+            pos = int(rank[u][choice[u]])
+            if pos == 0:
+                continue
+            k = order[u][pos - 1]
+            saved = sum((c[u, choice[u]] - c[u, k]) / limits[j] for j, c in enumerate(problem.costs) if over[j])
+            if saved <= 0:
+                continue
+            ratio = max(problem.damage[u, k] - problem.damage[u, choice[u]], 0) / saved
+            if ratio < best_ratio:
+                best, best_ratio = (u, k), ratio
+        if best is None:
+            raise MpsearchError("a mutated plan cannot be repaired to the budget", "check the budget")
+        choice[best[0]] = best[1]
+
+
+def _open_study(name: str, storage: str, sampler):
+    """Create or load the study. Workers starting together race to create the schema and the study in an
+    empty database; the loser of that race simply tries again (the winner's schema is then there)."""
+    import optuna
+    import sqlalchemy.exc
+
+    for attempt in range(5):
+        try:
+            return optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True)
+        except (sqlalchemy.exc.IntegrityError, optuna.exceptions.DuplicatedStudyError):
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+class Evolutionary(Solver):
+    """Evolutionary search whose fitness is measured on the real model.
+
+    ``fitness(plan) -> float`` (lower is better); ``n_trials`` trials in this call (the study may hold more
+    from earlier runs or other workers); ``timeout`` seconds at most; ``warm_start`` a solver name ("dp",
+    "ilp") whose optimum seeds the search; ``storage`` an Optuna storage URL (default: SQLite file
+    ``run_dir/evolutionary.db``); ``study_name`` (default: derived from the table and budget, so a re-run
+    resumes the same study).
+    """
+
+    name = "evolutionary"
+
+    def __init__(
+        self,
+        fitness: Fitness,
+        n_trials: int = 100,
+        timeout: float | None = None,
+        warm_start: str = "dp",
+        storage: str | None = None,
+        run_dir: str = "runs/evolutionary",
+        study_name: str | None = None,
+        n_mutations: int = 2,
+        tournament: int = 4,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
+        self.fitness = fitness
+        self.n_trials = n_trials
+        self.timeout = timeout
+        self.warm_start = warm_start
+        self.storage = storage
+        self.run_dir = run_dir
+        self.study_name = study_name
+        self.n_mutations = n_mutations
+        self.tournament = tournament
+        self.seed = seed
+        self.progress = progress
+
+    def get_params(self) -> dict:
+        return {k: v for k, v in super().get_params().items() if k != "fitness"}
+
+    def study_name_for(self, problem: Problem) -> str:
+        if self.study_name:
+            return self.study_name
+        key = json.dumps([problem.table.fingerprint(), problem.budget.to_dict(), self.seed], sort_keys=True)
+        return "mpsearch-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def _solve(self, problem: Problem):
+        import optuna
+
+        from solvers import get_solver
+
+        start = get_solver(self.warm_start).solve(problem)
+        start_choice = np.array(
+            [opts.index(start.plan[unit[0]]) for unit, opts in zip(problem.units, problem.unit_options)]
+        )
+        storage = self.storage
+        if storage is None:
+            Path(self.run_dir).mkdir(parents=True, exist_ok=True)
+            storage = f"sqlite:///{Path(self.run_dir) / 'evolutionary.db'}"
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        sampler = _make_sampler(problem, start_choice, self.seed, self.n_mutations, self.tournament)
+        study = _open_study(self.study_name_for(problem), storage, sampler)
+
+        def objective(trial):
+            choice = np.array(
+                [trial.suggest_categorical(f"u{u}", list(range(len(o)))) for u, o in enumerate(problem.unit_options)]
+            )
+            plan = problem.result(choice, "feasible", self.name, {}, 0.0).plan
+            return float(self.fitness(plan))
+
+        study.optimize(objective, n_trials=self.n_trials, timeout=self.timeout, show_progress_bar=self.progress)
+        best = study.best_trial
+        first = min(study.trials, key=lambda t: t.number)
+        self.extra_ = {
+            "fitness": best.value,
+            "start_fitness": first.value,
+            "n_trials_total": len(study.trials),
+            "study_name": study.study_name,
+            "storage": storage,
+        }
+        return np.array([best.params[f"u{u}"] for u in range(problem.n_units)]), "feasible", float("nan")

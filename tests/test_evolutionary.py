@@ -1,0 +1,128 @@
+"""Evolutionary search on the real digits-cnn: warm start, never worse, resumable SQLite study, and two worker
+processes sharing one PostgreSQL study."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import optuna
+import pytest
+
+from mpsearch import Budget, estimate
+from mpsearch.fitness import PlanFitness
+from solvers import DP, Evolutionary, Problem
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def setup(digits):
+    table = estimate(digits.model, digits.calibration, "sqnr", loss_fn="kl", progress=False)
+    fitness = PlanFitness(digits.model, digits.calibration, "kl")
+    return table, fitness
+
+
+def test_fitness_is_the_real_loss_of_the_quantized_model(digits, setup):
+    import mpsearch
+
+    table, fitness = setup
+    plan = DP().solve(Problem(table, Budget(avg_bits=4.0))).plan
+    measured = mpsearch.evaluate(digits.model, plan, digits.calibration, "kl")
+    assert fitness(plan) == pytest.approx(measured["loss"], rel=1e-5)
+
+
+def test_warm_started_never_worse_and_resumes(tmp_path, setup):
+    table, fitness = setup
+    problem = Problem(table, Budget(avg_bits=4.0))
+    start = DP().solve(problem).plan
+    evo = Evolutionary(fitness, n_trials=12, run_dir=str(tmp_path), seed=1)
+    result = evo.solve(problem)
+    assert result.extra["start_fitness"] == pytest.approx(fitness(start))
+    assert result.extra["fitness"] <= result.extra["start_fitness"]
+    assert result.constraints["avg_bits"].slack >= 0
+    assert (tmp_path / "evolutionary.db").exists()
+    again = Evolutionary(fitness, n_trials=5, run_dir=str(tmp_path), seed=1).solve(problem)
+    assert again.extra["n_trials_total"] == 17  # resumed the same study
+    assert again.extra["fitness"] <= result.extra["fitness"]
+    # every trial's plan meets the budget
+    study = optuna.load_study(study_name=result.extra["study_name"], storage=result.extra["storage"])
+    for trial in study.trials:
+        choice = [trial.params[f"u{u}"] for u in range(problem.n_units)]
+        assert problem.is_feasible(__import__("numpy").array(choice))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres():
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not (initdb and pg_ctl):
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL binaries missing: .ci/run installs the postgresql package")
+        pytest.skip("PostgreSQL is not installed")
+    # a directory the server's user can reach (pytest's tmp_path parent is private to root)
+    tmp_path = Path(tempfile.mkdtemp(prefix="mpsearch-pg-"))
+    data, port = tmp_path / "pg", _free_port()
+    env = {**os.environ}
+    run_as = [] if os.geteuid() != 0 else ["runuser", "-u", "postgres", "--"]  # initdb refuses root
+    if run_as:
+        shutil.chown(tmp_path, "postgres")
+    subprocess.run(
+        [*run_as, initdb, "-D", str(data), "-U", "mpsearch", "--auth=trust"], check=True, capture_output=True, env=env
+    )
+    subprocess.run(
+        [
+            *run_as,
+            pg_ctl,
+            "-D",
+            str(data),
+            "-o",
+            f"-p {port} -k {tmp_path} -c listen_addresses=127.0.0.1",
+            "-l",
+            str(tmp_path / "pg.log"),
+            "-w",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    try:
+        subprocess.run(["createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "mpsearch", "optuna"], check=True)
+        yield f"postgresql://mpsearch@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_two_workers_share_one_postgres_study(postgres):
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "helpers" / "evo_worker.py"), postgres, str(w), "8"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for w in (1, 2)
+    ]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    assert all(o["calls"] >= 8 for o in outs)  # both workers contributed trials
+    study = optuna.load_study(study_name="shared", storage=postgres)
+    assert len([t for t in study.trials if t.state.is_finished()]) == 16
+    best = min(t.value for t in study.trials if t.value is not None)
+    assert study.best_value == best
+    # the worker that finished last saw every trial; its result is the best over both
+    assert min(o["fitness"] for o in outs) == pytest.approx(best)
