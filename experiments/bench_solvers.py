@@ -59,8 +59,10 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", nargs="+", type=int, default=[50, 500, 5000])
     p.add_argument("--time-limit", type=float, default=600)
     p.add_argument("--front-layers", type=int, default=1000)
+    p.add_argument("--front-buckets", type=int, default=8192, help="DP resolution of the front (cost axis)")
+    p.add_argument("--front-only", action="store_true")
     args = p.parse_args(argv)
-    for two in (False, True):
+    for two in () if args.front_only else (False, True):
         for n in args.sizes:
             problem = Problem(make_table(n), budget_for(make_table(n), two))
             base, base_s = timed(ILP("cbc", time_limit=args.time_limit), problem)
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
     table = make_table(args.front_layers, seed=1)
     problem = Problem(table, Budget(avg_bits=table.uniform_cost("fp16")))
     start = time.perf_counter()
-    front = Pareto().solve(problem)
+    front = Pareto(max_buckets=args.front_buckets).solve(problem)
     print(
         json.dumps(
             {
@@ -103,6 +105,7 @@ def main(argv=None) -> int:
                 "front_points": len(front),
                 "wall_s": time.perf_counter() - start,
                 "exact": front.meta["exact"],
+                "buckets": args.front_buckets,
             }
         ),
         flush=True,

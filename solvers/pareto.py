@@ -79,26 +79,39 @@ class Pareto:
 
     def _front(self, problem: Problem, choices: np.ndarray, exact: bool) -> ParetoFront:
         names = [c.name for c in problem.constraints]
-        rows, plans = [], []
-        for choice in choices:
-            damage, totals = problem.evaluate(choice)
-            rows.append({**{n: c.report(t) for n, c, t in zip(names, problem.constraints, totals)}, "damage": damage})
-            plans.append(choice)
-        frame = pd.DataFrame(rows)
-        cost_vals = frame[names].to_numpy()
-        keep = _nondominated(np.column_stack([cost_vals, frame["damage"].to_numpy()]))
-        frame, plans = frame[keep], [plans[i] for i in np.flatnonzero(keep)]
+        units = np.arange(problem.n_units)
+        damage = problem.damage[units, choices].sum(axis=1)
+        totals = [c[units, choices].sum(axis=1) for c in problem.costs]
+        frame = pd.DataFrame({n: con.report(t) for n, con, t in zip(names, problem.constraints, totals)})
+        frame["damage"] = damage
+        keep = _nondominated(frame[[*names, "damage"]].to_numpy())
+        frame, choices = frame[keep], choices[keep]
         order = np.lexsort((frame["damage"].to_numpy(), frame[names[0]].to_numpy()))
-        frame = frame.iloc[order].reset_index(drop=True)
-        plans = [plans[i] for i in order]
+        frame, choices = frame.iloc[order].reset_index(drop=True), choices[order]
         frame.insert(0, "plan_id", np.arange(len(frame)))
-        bitplans = [problem.result(c, "optimal" if exact else "feasible", self.name, {}, 0.0).plan for c in plans]
+        plans = _LazyPlans(problem, choices, "optimal" if exact else "feasible", self.name)
         meta = {
             "exact": exact,
-            "table_fingerprint": problem.table.fingerprint(),
+            "table_fingerprint": problem.table_fingerprint,
             "estimator": problem.table.meta.get("estimator"),
         }
-        return ParetoFront(frame, bitplans, names, meta)
+        return ParetoFront(frame, plans, names, meta)
+
+
+class _LazyPlans:
+    """The BitPlan of each front point, built when first asked for (fronts can have many points)."""
+
+    def __init__(self, problem: Problem, choices: np.ndarray, status: str, solver: str) -> None:
+        self.problem, self.choices, self.status, self.solver = problem, choices, status, solver
+        self._cache: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.choices)
+
+    def __getitem__(self, i: int):
+        if i not in self._cache:
+            self._cache[i] = self.problem.result(self.choices[i], self.status, self.solver, {}, 0.0).plan
+        return self._cache[i]
 
 
 def _nondominated(points: np.ndarray) -> np.ndarray:

@@ -76,6 +76,7 @@ class Problem:
                 for j, con in enumerate(self.constraints):
                     self.costs[j][u, k] = con.row_cost[rows].sum()
         self.valid = np.isfinite(self.damage)
+        self.table_fingerprint = table.fingerprint()
         self.check_feasible()
 
     @property
@@ -121,7 +122,7 @@ class Problem:
             "solver_params": params,
             "budget": self.budget.to_dict(),
             "objective_column": self.objective_column,
-            "table_fingerprint": self.table.fingerprint(),
+            "table_fingerprint": self.table_fingerprint,
             "estimator": self.table.meta.get("estimator"),
             "estimator_params": self.table.meta.get("params"),
             "seed": self.table.meta.get("seed"),
