@@ -50,7 +50,7 @@ def layer_relevance(model: nn.Module, batches: list, layer_names: list[str], sco
             score_total += float(score.detach())
             for n in layer_names:
                 for a in acts[n]:
-                    contrib = (a * a.grad).double()
+                    contrib = (a.detach() * a.grad).double()
                     totals[n] += float(contrib.abs().sum())
                     signed[n] += float(contrib.sum())
     finally:
