@@ -33,6 +33,7 @@ _LAZY = {
     "solve": "mpsearch.api",
     "evaluate": "mpsearch.api",
     "plan_size": "mpsearch.api",
+    "pareto": "mpsearch.api",
     "uniform_plan": "mpsearch.api",
     "apply_plan": "mpsearch.quant",
     "quantize_weight": "mpsearch.quant",

@@ -104,6 +104,33 @@ def search(
     return result
 
 
+def pareto(
+    model: nn.Module | str,
+    data: Iterable | None = None,
+    estimator="hessian",
+    options: Iterable[str] = DEFAULT_OPTIONS,
+    axis: str = "size_bytes",
+    loss_fn=None,
+    table: CostTable | None = None,
+    **estimator_params,
+):
+    """The exact predicted-damage vs ``axis`` ("size_bytes" or "avg_bits") front of a model's table, from the
+    smallest plan up to the largest option everywhere. Returns a ParetoFront (``to_frame``, ``plot``,
+    ``plan_at``); ``front.meta["uniform"]`` holds each uniform option's (cost, predicted damage)."""
+    import solvers
+
+    if axis not in ("size_bytes", "avg_bits"):
+        raise MpsearchError(f"unknown front axis {axis!r}", "use 'size_bytes' or 'avg_bits'")
+    if table is None:
+        table = estimate(model, data, estimator, options, loss_fn, **estimator_params)
+    costs = {o: table.uniform_cost(o, "bits" if axis == "avg_bits" else axis) for o in table.options}
+    budget = Budget(**{axis: max(costs.values())})
+    front = solvers.Pareto().solve(solvers.Problem(table, budget))
+    front.meta["uniform"] = {o: (costs[o], table.uniform_cost(o, "damage")) for o in table.options}
+    front.meta["label"] = table.meta.get("estimator", "front")
+    return front
+
+
 def plan_size(model: nn.Module, plan: BitPlan | dict) -> dict:
     """avg effective bits and bytes of the planned layers' weights (scales and zero points included)."""
     plan = plan if isinstance(plan, BitPlan) else BitPlan(plan)

@@ -9,6 +9,9 @@ import argparse
 import json
 import sys
 
+import numpy as np
+from tqdm.auto import tqdm
+
 from mpsearch.core import DEFAULT_OPTIONS, MpsearchError
 
 
@@ -115,6 +118,53 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_pareto(args) -> int:
+    from mpsearch import api
+
+    options = _options(args.options)
+    if not args.out and not args.plot:
+        raise MpsearchError(
+            "pareto writes nothing without --out or --plot", "pass --out front.csv and/or --plot front.png"
+        )
+    zoo = _load(args.model)
+    _status(f"estimating sensitivities ({args.estimator}) ...")
+    table = api.estimate(zoo.model, zoo.calibration, args.estimator, options, zoo.loss)
+    table.meta["model"] = args.model
+    front = api.pareto(zoo.model, table=table, axis=args.axis)
+    frame = front.to_frame()
+    if args.measure:
+        picks = sorted({int(round(i)) for i in np.linspace(0, len(frame) - 1, min(args.measure, len(frame)))})
+        frame["metric"] = np.nan
+        for i in tqdm(picks, desc="measuring front points", file=sys.stderr):
+            frame.loc[i, "metric"] = api.evaluate(zoo.model, front.plans[i], zoo.evaluation, zoo.loss)["metric"]
+        frame["metric_name"] = "neg_kl" if zoo.loss == "kl" else "cosine"
+    if args.out:
+        frame.to_csv(args.out, index=False)
+        _status(f"front ({len(frame)} points) written to {args.out}")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2 if args.measure else 1, figsize=(12 if args.measure else 7, 4.5), squeeze=False)
+        front.plot(ax=axes[0][0], axis=args.axis)
+        axes[0][0].set_title(f"{args.model}: predicted damage ({args.estimator})")
+        if args.measure:
+            measured = frame.dropna(subset=["metric"])
+            ax = axes[0][1]
+            ax.plot(measured[args.axis], measured["metric"], "o-", label="searched plans (measured)")
+            ax.set_xlabel(args.axis)
+            ax.set_ylabel(f"{frame['metric_name'].iloc[0]} (held-out, higher is better)")
+            ax.set_title("measured quality at selected points")
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        _status(f"plot written to {args.plot}")
+    print(json.dumps({"model": args.model, "estimator": args.estimator, "points": len(frame), "axis": args.axis}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     import sensitivity.base  # noqa: F401  (only to fail early if torch is missing)
     from sensitivity import REGISTRY as ESTIMATORS
@@ -135,6 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="write the plan JSON here")
     s.add_argument("--table", help="write the cost table (Parquet) here")
     s.set_defaults(func=cmd_search)
+
+    f = sub.add_parser("pareto", help="the predicted damage vs size front, as CSV and a plot")
+    f.add_argument("--model", required=True)
+    f.add_argument("--estimator", default="hessian")
+    f.add_argument("--options", default=",".join(DEFAULT_OPTIONS))
+    f.add_argument("--axis", default="size_bytes", help="size_bytes or avg_bits")
+    f.add_argument("--out", help="front CSV: plan_id, cost, predicted damage (and measured metric)")
+    f.add_argument("--plot", help="PNG of the front with the uniform options marked")
+    f.add_argument(
+        "--measure",
+        type=int,
+        nargs="?",
+        const=6,
+        default=0,
+        help="also measure the real metric at N evenly spaced points (default 6)",
+    )
+    f.set_defaults(func=cmd_pareto)
 
     e = sub.add_parser("evaluate", help="measure a plan against full precision and the uniform baseline")
     e.add_argument("--model", required=True)

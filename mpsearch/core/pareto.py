@@ -46,6 +46,8 @@ class ParetoFront:
         import matplotlib.pyplot as plt
 
         axis = axis or self.axes[0]
+        if uniform is None and "uniform" in self.meta:
+            uniform = {name: tuple(v) for name, v in self.meta["uniform"].items()}
         if ax is None:
             _, ax = plt.subplots(figsize=(6, 4))
         ax.step(
