@@ -165,6 +165,18 @@ def cmd_pareto(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from mpsearch.batch import BatchConfig, run_batch
+
+    config = BatchConfig.load(args.config)
+    if args.run_dir:
+        config.run_dir = __import__("pathlib").Path(args.run_dir)
+    results = run_batch(config)
+    _status(f"{len(results)} cells in {config.run_dir} (results.csv, results.parquet, summary.png)")
+    print(json.dumps({"run_dir": str(config.run_dir), "cells": len(results)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     import sensitivity.base  # noqa: F401  (only to fail early if torch is missing)
     from sensitivity import REGISTRY as ESTIMATORS
@@ -202,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also measure the real metric at N evenly spaced points (default 6)",
     )
     f.set_defaults(func=cmd_pareto)
+
+    b = sub.add_parser("batch", help="run (or resume) a grid of searches from a TOML config")
+    b.add_argument("config", help="e.g. experiments/configs/memory_grid.toml")
+    b.add_argument("--run-dir", help="override the config's run_dir")
+    b.set_defaults(func=cmd_batch)
 
     e = sub.add_parser("evaluate", help="measure a plan against full precision and the uniform baseline")
     e.add_argument("--model", required=True)

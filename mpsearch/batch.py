@@ -1,0 +1,182 @@
+"""Offline batch searches: a grid of models x estimators x solvers x budgets into a run directory.
+
+Layout of ``run_dir``:
+  tables/<model>__<estimator>.parquet   one cost table per (model, estimator), reused by every budget
+  cells/<cell>/plan.json, metrics.json   one folder per finished cell (metrics.json is written last)
+  results.parquet, results.csv           every finished cell's metrics, rebuilt at the end
+  summary.png                            measured metric vs size per model
+
+Every file is written to a temporary name and renamed, so a crash (even kill -9) leaves only whole files;
+re-running the same config skips finished cells and finishes the grid.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import tomllib
+
+from mpsearch.core import DEFAULT_OPTIONS, Budget, CostTable, MpsearchError
+
+BUDGET_KEYS = ("avg_bits", "size_bytes", "size_fraction")
+
+
+@dataclass
+class BatchConfig:
+    run_dir: Path
+    models: list[str]
+    estimators: list[str]
+    solvers: list[str]
+    budgets: list[dict]
+    options: list[str]
+
+    @classmethod
+    def load(cls, path: str | Path) -> BatchConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise MpsearchError(
+                f"config {path} does not exist", "pass a TOML file such as experiments/configs/memory_grid.toml"
+            )
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise MpsearchError(f"config {path} is not valid TOML ({exc})", "fix the file") from None
+        missing = [k for k in ("models", "estimators", "solvers", "budgets") if k not in raw]
+        if missing:
+            raise MpsearchError(f"config {path} lacks {missing}", "give models, estimators, solvers and budgets")
+        for b in raw["budgets"]:
+            if not isinstance(b, dict) or len(b) != 1 or next(iter(b)) not in BUDGET_KEYS:
+                raise MpsearchError(
+                    f"budget {b!r} in {path} is not one of {BUDGET_KEYS}", "write e.g. {avg_bits = 4.0}"
+                )
+        run_dir = Path(raw.get("run_dir", Path("runs") / path.stem))
+        return cls(
+            run_dir,
+            raw["models"],
+            raw["estimators"],
+            raw["solvers"],
+            raw["budgets"],
+            raw.get("options", list(DEFAULT_OPTIONS)),
+        )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _budget(spec: dict, table: CostTable) -> Budget:
+    ((key, value),) = spec.items()
+    if key == "size_fraction":  # of the all-int8 size (or the largest option's)
+        largest = "int8" if "int8" in table.options else table.options[-1]
+        return Budget(size_bytes=value * table.uniform_cost(largest, "size_bytes"))
+    return Budget(**{key: float(value)})
+
+
+def cell_id(model: str, estimator: str, solver: str, budget: dict) -> str:
+    ((key, value),) = budget.items()
+    return f"{model}__{estimator}__{solver}__{key}={value}"
+
+
+def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
+    """Run (or resume) the grid; returns the results table."""
+    from tqdm.auto import tqdm
+
+    from mpsearch import api
+    from mpsearch.models import load
+
+    tables_dir, cells_dir = config.run_dir / "tables", config.run_dir / "cells"
+    tables_dir.mkdir(parents=True, exist_ok=True)
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    grid = list(itertools.product(config.models, config.estimators, config.solvers, config.budgets))
+    todo = [g for g in grid if not (cells_dir / cell_id(*g) / "metrics.json").exists()]
+    delay = float(os.environ.get("MPSEARCH_BATCH_CELL_DELAY", "0"))  # test hook: widen the kill window
+    zoo_cache: dict = {}
+    bar = tqdm(
+        total=len(grid), initial=len(grid) - len(todo), desc="batch cells", disable=not progress, file=sys.stderr
+    )
+    for model, estimator, solver, budget_spec in todo:
+        if model not in zoo_cache:
+            zoo_cache.clear()  # one model in memory at a time
+            zoo_cache[model] = load(model)
+        zoo = zoo_cache[model]
+        table_path = tables_dir / f"{model}__{estimator}.parquet"
+        if table_path.exists():
+            table = CostTable.from_parquet(table_path)
+        else:
+            table = api.estimate(zoo.model, zoo.calibration, estimator, config.options, zoo.loss)
+            table.meta["model"] = model
+            tmp = table_path.with_name(f".{table_path.name}.{os.getpid()}.tmp")
+            table.to_parquet(tmp)
+            tmp.replace(table_path)
+        start = time.perf_counter()
+        result = api.solve(table, _budget(budget_spec, table), solver)
+        measured = api.evaluate(zoo.model, result.plan, zoo.evaluation, zoo.loss)
+        cell = cells_dir / cell_id(model, estimator, solver, budget_spec)
+        cell.mkdir(exist_ok=True)
+        _write_atomic(cell / "plan.json", result.plan.to_json())
+        ((key, value),) = budget_spec.items()
+        metrics = {
+            "cell": cell.name,
+            "model": model,
+            "estimator": estimator,
+            "solver": solver,
+            "budget_kind": key,
+            "budget_value": value,
+            "status": result.status,
+            "predicted_damage": result.objective,
+            "avg_bits": measured["avg_bits"],
+            "size_bytes": measured["size_bytes"],
+            "metric_name": measured["metric_name"],
+            "metric": measured["metric"],
+            "wall_s": time.perf_counter() - start,
+        }
+        time.sleep(delay)
+        _write_atomic(cell / "metrics.json", json.dumps(metrics))  # last: marks the cell finished
+        bar.update()
+    bar.close()
+    results = collect(config.run_dir)
+    _summary_plot(results, config.run_dir / "summary.png")
+    return results
+
+
+def collect(run_dir: Path) -> pd.DataFrame:
+    rows = [json.loads(p.read_text()) for p in sorted((run_dir / "cells").glob("*/metrics.json"))]
+    results = pd.DataFrame(rows)
+    tmp = run_dir / f".results.{os.getpid()}.parquet"
+    results.to_parquet(tmp, index=False)
+    tmp.replace(run_dir / "results.parquet")
+    _write_atomic(run_dir / "results.csv", results.to_csv(index=False))
+    return results
+
+
+def _summary_plot(results: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted(results["model"].unique())
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        sub = results[results["model"] == model]
+        for (est, slv), g in sub.groupby(["estimator", "solver"]):
+            g = g.sort_values("size_bytes")
+            ax.plot(g["size_bytes"], g["metric"], "o-", label=f"{est}/{slv}")
+        ax.set_title(model)
+        ax.set_xlabel("size_bytes")
+        ax.set_ylabel(sub["metric_name"].iloc[0])
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,83 @@
+"""Batch grid: tables reused, kill -9 at any point and a re-run finishes without redoing or losing cells."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mpsearch.batch import BatchConfig
+from mpsearch.cli import main
+
+CONFIG = """
+models = ["digits-cnn"]
+estimators = ["sqnr", "hessian"]
+solvers = ["dp", "greedy"]
+budgets = [{avg_bits = 3.5}, {avg_bits = 4.0}, {avg_bits = 5.0}, {size_fraction = 0.6}]
+"""
+
+
+def test_kill_9_then_resume_finishes_the_grid(tmp_path):
+    cfg = tmp_path / "grid.toml"
+    run_dir = tmp_path / "run"
+    cfg.write_text(f'run_dir = "{run_dir}"\n' + CONFIG)
+    env = {**os.environ, "MPSEARCH_BATCH_CELL_DELAY": "0.4", "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mpsearch.cli", "batch", str(cfg)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    cells = run_dir / "cells"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(cells.glob("*/metrics.json"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = {p.parent.name: p.stat().st_mtime_ns for p in cells.glob("*/metrics.json")}
+    assert 3 <= len(done_before) < 16, "the kill must land mid-grid"
+    for p in cells.glob("*/metrics.json"):
+        json.loads(p.read_text())  # every finished cell's file is whole
+    tables_before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "tables").glob("*.parquet")}
+
+    assert main(["batch", str(cfg)]) == 0
+    after = {p.parent.name: p.stat().st_mtime_ns for p in cells.glob("*/metrics.json")}
+    assert len(after) == 16
+    assert all(after[name] == mtime for name, mtime in done_before.items()), "finished cells were redone"
+    for name, mtime in tables_before.items():  # tables are computed once per (model, estimator) and reused
+        assert (run_dir / "tables" / name).stat().st_mtime_ns == mtime
+    assert len(list((run_dir / "tables").glob("*.parquet"))) == 2
+    results = pd.read_parquet(run_dir / "results.parquet")
+    assert len(results) == 16 and set(results["estimator"]) == {"sqnr", "hessian"}
+    assert (
+        results.loc[results.budget_kind == "avg_bits", "avg_bits"]
+        <= results.loc[results.budget_kind == "avg_bits", "budget_value"] + 1e-9
+    ).all()
+    assert pd.read_csv(run_dir / "results.csv").shape[0] == 16
+    assert (run_dir / "summary.png").stat().st_size > 10_000
+    for cell in cells.iterdir():
+        assert (cell / "plan.json").exists()
+
+
+def test_bad_configs_are_rejected(tmp_path):
+    from mpsearch.core import MpsearchError
+
+    with pytest.raises(MpsearchError, match="does not exist"):
+        BatchConfig.load(tmp_path / "nope.toml")
+    (tmp_path / "a.toml").write_text('models = ["digits-cnn"]\n')
+    with pytest.raises(MpsearchError, match="lacks"):
+        BatchConfig.load(tmp_path / "a.toml")
+    (tmp_path / "b.toml").write_text(CONFIG.replace("{avg_bits = 3.5}", "{bits = 3}"))
+    with pytest.raises(MpsearchError, match="is not one of"):
+        BatchConfig.load(tmp_path / "b.toml")
+
+
+def test_shipped_config_parses():
+    cfg = BatchConfig.load(Path(__file__).resolve().parents[1] / "experiments" / "configs" / "memory_grid.toml")
+    assert set(cfg.models) == {"digits-cnn", "minilm-l6", "efficientnet-lite0"}
+    assert any("size_fraction" in b for b in cfg.budgets)
