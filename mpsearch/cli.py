@@ -177,6 +177,19 @@ def cmd_batch(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from mpsearch.core import BitPlan
+    from mpsearch.export import export
+
+    text = export(BitPlan.load(args.plan), args.format)
+    if args.out:
+        __import__("pathlib").Path(args.out).write_text(text)
+        _status(f"{args.format} export written to {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     import sensitivity.base  # noqa: F401  (only to fail early if torch is missing)
     from sensitivity import REGISTRY as ESTIMATORS
@@ -219,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("config", help="e.g. experiments/configs/memory_grid.toml")
     b.add_argument("--run-dir", help="override the config's run_dir")
     b.set_defaults(func=cmd_batch)
+
+    x = sub.add_parser("export", help="write a plan for a runtime: torchao, llama.cpp, gptqmodel, hqq, json")
+    x.add_argument("plan")
+    x.add_argument("--format", required=True, help="torchao, llama.cpp, gptqmodel, hqq or json")
+    x.add_argument("--out", help="file to write (default: stdout)")
+    x.set_defaults(func=cmd_export)
 
     e = sub.add_parser("evaluate", help="measure a plan against full precision and the uniform baseline")
     e.add_argument("--model", required=True)
