@@ -1,0 +1,154 @@
+"""Headline benchmark: mixed precision vs uniform quantization on held-out data, at matched sizes.
+
+For each model: uniform baselines (int8, int6, int4, int3 per-channel; int4_g128; fp8_e4m3) and searched plans
+(every estimator x DP, plus Evolutionary at uniform int4's size) at budgets of 0.875x and 1.0x uniform int4's
+size (and uniform int3's and int6's sizes), measured on the model's held-out evaluation data. Prints one JSON
+object per (model, method, budget): model, method, budget, avg_bits, size_bytes, metric_name, metric, loss
+(KL or cosine distance to full precision; lower is better); then one "targets" object per model. Writes
+<out>/quality_<model>.png.
+
+    python experiments/bench_quality.py                 # all zoo models, every estimator (~20 min)
+    python experiments/bench_quality.py --quick         # fewer estimators and trials (CI)
+    python experiments/bench_quality.py --model my_pkg.my_module:build   # a user model (see --help)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import solvers.ilp  # noqa: F401  (OR-Tools first)
+from mpsearch import Budget, estimate, evaluate, solve, uniform_plan
+from mpsearch.fitness import PlanFitness
+from mpsearch.models import ZOO, ZooModel, load
+from solvers import Evolutionary, Problem
+
+UNIFORM = ["int8", "int6", "int4", "int3", "int4_g128", "fp8_e4m3"]
+SEARCH_OPTIONS = ["int3", "int4", "int5", "int6", "int8", "int3_g128", "int4_g128"]
+ESTIMATORS = ["sqnr", "hessian", "fisher", "entropy", "relevance"]
+
+
+def load_model(spec: str) -> ZooModel:
+    """A zoo name, or ``module:function`` returning a ZooModel (model, calibration, evaluation, loss)."""
+    if spec in ZOO:
+        return load(spec)
+    module, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(module), fn)()
+
+
+def emit(row: dict) -> dict:
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def run(zoo: ZooModel, estimators: list[str], trials: int, out: Path) -> list[dict]:
+    rows = []
+    name = zoo.name
+    for option in UNIFORM:
+        m = evaluate(zoo.model, uniform_plan(zoo.model, option), zoo.evaluation, zoo.loss)
+        rows.append(emit({"model": name, "method": f"uniform-{option}", "budget": None, **_keep(m)}))
+    size = {r["method"][8:]: r["size_bytes"] for r in rows}
+    budgets = {
+        "0.875x int4": 0.875 * size["int4"],
+        "1.0x int4": size["int4"],
+        "int3": size["int3"],
+        "int6": size["int6"],
+    }
+    tables = {}
+    for est in estimators:
+        tables[est] = estimate(zoo.model, zoo.calibration, est, SEARCH_OPTIONS, zoo.loss, progress=False)
+        for label, limit in budgets.items():
+            result = solve(tables[est], Budget(size_bytes=limit), "dp")
+            m = evaluate(zoo.model, result.plan, zoo.evaluation, zoo.loss)
+            rows.append(emit({"model": name, "method": f"{est}+dp", "budget": label, **_keep(m)}))
+    if trials:
+        best_est = max(tables, key=lambda e: _metric_at(rows, f"{e}+dp", "1.0x int4"))
+        problem = Problem(tables[best_est], Budget(size_bytes=budgets["1.0x int4"]))
+        with tempfile.TemporaryDirectory() as run_dir:
+            fitness = PlanFitness(zoo.model, zoo.calibration, zoo.loss)
+            result = Evolutionary(fitness, n_trials=trials, run_dir=run_dir).solve(problem)
+        m = evaluate(zoo.model, result.plan, zoo.evaluation, zoo.loss)
+        rows.append(emit({"model": name, "method": f"{best_est}+evolutionary", "budget": "1.0x int4", **_keep(m)}))
+    rows.append(emit(targets(name, rows)))
+    plot(name, rows, out / f"quality_{name}.png")
+    return rows
+
+
+def _keep(m: dict) -> dict:
+    return {k: m[k] for k in ("avg_bits", "size_bytes", "metric_name", "metric", "loss")}
+
+
+def _metric_at(rows, method, budget) -> float:
+    return next(r["metric"] for r in rows if r.get("method") == method and r.get("budget") == budget)
+
+
+def targets(name: str, rows: list[dict]) -> dict:
+    int4 = next(r for r in rows if r.get("method") == "uniform-int4")
+    searched = [r for r in rows if r.get("budget") in ("0.875x int4", "1.0x int4")]
+    small = max((r for r in searched if r["budget"] == "0.875x int4"), key=lambda r: r["metric"])
+    same = max((r for r in searched if r["budget"] == "1.0x int4"), key=lambda r: r["metric"])
+    return {
+        "model": name,
+        "method": "targets",
+        "int4_size_bytes": int4["size_bytes"],
+        "int4_loss": int4["loss"],
+        "best_at_0875": small["method"],
+        "best_at_0875_size_ratio": small["size_bytes"] / int4["size_bytes"],
+        "best_at_0875_loss": small["loss"],
+        "smaller_at_equal_quality": small["metric"] >= int4["metric"],
+        "best_at_int4": same["method"],
+        "best_at_int4_loss": same["loss"],
+        "loss_reduction_at_int4_size": 1 - same["loss"] / int4["loss"],
+    }
+
+
+def plot(name: str, rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    uni = [r for r in rows if r.get("method", "").startswith("uniform-")]
+    ax.scatter([r["size_bytes"] for r in uni], [r["loss"] for r in uni], marker="x", color="black", label="uniform")
+    for r in uni:
+        ax.annotate(
+            r["method"][8:], (r["size_bytes"], r["loss"]), textcoords="offset points", xytext=(3, 3), fontsize=8
+        )
+    methods = sorted({r["method"] for r in rows if r.get("budget")})
+    for method in methods:
+        pts = sorted((r["size_bytes"], r["loss"]) for r in rows if r.get("method") == method)
+        ax.plot(*zip(*pts), "o-" if len(pts) > 1 else "*", label=method, markersize=5 if len(pts) > 1 else 12)
+    ax.set_xlabel("weight bytes (scales included)")
+    ax.set_ylabel(f"{'KL' if rows[0]['metric_name'] == 'neg_kl' else 'cosine distance'} to full precision (held-out)")
+    ax.set_yscale("log")
+    ax.set_title(f"{name}: quality vs size")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(ZOO), help="zoo names or module:function")
+    p.add_argument("--estimators", nargs="+", default=None)
+    p.add_argument("--trials", type=int, default=None, help="Evolutionary trials (0: skip)")
+    p.add_argument("--quick", action="store_true", help="fisher only, 8 evolutionary trials")
+    p.add_argument("--out", default="experiments/results")
+    args = p.parse_args(argv)
+    estimators = args.estimators or (["fisher"] if args.quick else ESTIMATORS)
+    trials = args.trials if args.trials is not None else (8 if args.quick else 100)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for spec in args.models:
+        run(load_model(spec), estimators, trials, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
