@@ -30,7 +30,8 @@ def test_fisher_matches_closed_form_for_softmax_regression():
     assert row.fisher == pytest.approx(float(fisher.sum()), rel=1e-5)
     from mpsearch.quant import quantize_weight
 
-    d = (quantize_weight(model[0].weight, "int3") - model[0].weight).double().pow(2)
+    w = model[0].weight.detach()
+    d = (quantize_weight(w, "int3") - w).double().pow(2)
     assert row.damage == pytest.approx(0.5 * float((fisher * d).sum()), rel=1e-5)
     # sampled classes (exact_classes=0) are an unbiased Monte Carlo estimate of the same quantity
     sampled = [
