@@ -9,6 +9,7 @@ rounding them down gives a relaxation whose optimum is a lower bound; the report
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import reduce
 
 import numpy as np
@@ -23,7 +24,7 @@ def _knapsack(damage: np.ndarray, weight: np.ndarray, capacity: int) -> tuple[np
     best, choice = knapsack_table(damage, weight, capacity)
     if not np.isfinite(best[capacity]):
         return None, np.inf
-    return backtrack(choice, weight, capacity), float(best[capacity])
+    return backtrack(choice, weight, np.array([capacity]))[0], float(best[capacity])
 
 
 def knapsack_table(damage: np.ndarray, weight: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,12 +46,13 @@ def knapsack_table(damage: np.ndarray, weight: np.ndarray, capacity: int) -> tup
     return best, choice
 
 
-def backtrack(choice: np.ndarray, weight: np.ndarray, b: int) -> np.ndarray:
-    """The plan behind best[b]."""
-    picks = np.zeros(choice.shape[0], dtype=int)
+def backtrack(choice: np.ndarray, weight: np.ndarray, budgets: np.ndarray) -> np.ndarray:
+    """The plans behind best[b] for every b in ``budgets`` (one row per budget), all traced at once."""
+    b = np.asarray(budgets, dtype=np.int64).copy()
+    picks = np.zeros((len(b), choice.shape[0]), dtype=int)
     for u in range(choice.shape[0] - 1, -1, -1):
-        picks[u] = choice[u, b]
-        b -= int(weight[u, picks[u]])
+        picks[:, u] = choice[u, b]
+        b = b - weight[u, picks[:, u]]
     return picks
 
 
@@ -61,16 +63,38 @@ def _as_integers(values: np.ndarray) -> np.ndarray | None:
     return None
 
 
-def exact_weights(residual: np.ndarray, valid: np.ndarray, slack: float, buckets: int):
-    """Integer weights in units of the costs' GCD, or None when costs are not integers or need > buckets."""
+@dataclass
+class Integerized:
+    """One constraint's costs as integer knapsack weights (relative to each unit's cheapest option).
+
+    ``exact``: weights are the costs in units of their GCD. Otherwise ``up`` rounds scaled costs up (its plans
+    are feasible) and ``down`` rounds them down (its optimum is a lower bound). -1 marks unavailable options.
+    """
+
+    up: np.ndarray
+    down: np.ndarray
+    capacity: int
+    buckets: int
+    exact: bool
+
+
+def integerize(problem: Problem, max_buckets: int, max_cells: int) -> Integerized:
+    valid, cost = problem.valid, problem.costs[0]
+    base = np.where(valid, cost, np.inf).min(axis=1)
+    residual = np.where(valid, cost - base[:, None], 0.0)
+    slack = problem.constraints[0].limit * (1 + 1e-12) - base.sum()
+    buckets = max(1, min(max_buckets, max_cells // problem.n_units))
     ints = _as_integers(residual)
-    if ints is None:
-        return None
-    g = reduce(math.gcd, (int(v) for v in np.unique(ints[valid]) if v > 0), 0) or 1
-    capacity = int(math.floor(slack / g + 1e-9))
-    if capacity > buckets:
-        return None
-    return np.where(valid, ints // g, -1), capacity, g
+    if ints is not None:
+        g = reduce(math.gcd, (int(v) for v in np.unique(ints[valid]) if v > 0), 0) or 1
+        capacity = int(math.floor(slack / g + 1e-9))
+        if capacity <= buckets:
+            weight = np.where(valid, ints // g, -1)
+            return Integerized(weight, weight, capacity, buckets, exact=True)
+    scale = slack / buckets
+    up = np.where(valid, np.ceil(residual / scale - 1e-9), -1).astype(np.int64)
+    down = np.where(valid, np.floor(residual / scale + 1e-9), -1).astype(np.int64)
+    return Integerized(up, down, buckets, buckets, exact=False)
 
 
 class DP(Solver):
@@ -86,33 +110,19 @@ class DP(Solver):
         if len(problem.constraints) != 1:
             names = [c.name for c in problem.constraints]
             raise MpsearchError(f"DP solves one constraint, the budget has {names}", "use solver 'ilp'")
-        cost, limit = problem.costs[0], problem.constraints[0].limit
-        valid = problem.valid
-        base = np.where(valid, cost, np.inf).min(axis=1)
-        residual = np.where(valid, cost - base[:, None], 0.0)
-        slack = limit * (1 + 1e-12) - base.sum()
-        damage = np.where(valid, problem.damage, np.inf)
-
-        buckets = max(1, min(self.max_buckets, self.max_cells // problem.n_units))
-        exact = exact_weights(residual, valid, slack, buckets)
-        if exact is not None:
-            weight, capacity, _ = exact
-            picks, _ = _knapsack(damage, weight, capacity)
+        damage = np.where(problem.valid, problem.damage, np.inf)
+        w = integerize(problem, self.max_buckets, self.max_cells)
+        picks, upper = _knapsack(damage, w.up, w.capacity)
+        if w.exact:
             if picks is None:
                 raise InfeasibleBudgetError("no plan meets the budget", "raise the budget")
             return picks, "optimal", 0.0
-
-        scale = slack / buckets
-        capacity = buckets
-        up = np.where(valid, np.ceil(residual / scale - 1e-9), -1).astype(np.int64)
-        down = np.where(valid, np.floor(residual / scale + 1e-9), -1).astype(np.int64)
-        picks, upper = _knapsack(damage, up, capacity)
-        _, lower = _knapsack(damage, down, capacity)
         if picks is None:
             # rounding up made a barely-feasible budget look infeasible: say so rather than guess
             raise InfeasibleBudgetError(
-                f"budget is within the DP resolution ({buckets} buckets) of the smallest plan",
+                f"budget is within the DP resolution ({w.buckets} buckets) of the smallest plan",
                 "raise the budget slightly, raise max_buckets, or use solver 'ilp'",
             )
+        _, lower = _knapsack(damage, w.down, w.capacity)
         gap = 0.0 if upper == lower else (upper - lower) / max(abs(upper), 1e-300)
         return picks, ("optimal" if gap <= 1e-12 else "feasible"), float(gap)

@@ -7,7 +7,7 @@ import pandas as pd
 
 from mpsearch.core import MpsearchError
 from mpsearch.core.pareto import ParetoFront
-from solvers.dp import exact_weights, knapsack_table
+from solvers.dp import backtrack, integerize, knapsack_table
 from solvers.problem import Problem
 
 
@@ -37,27 +37,10 @@ class Pareto:
         return self._front(problem, choices, exact)
 
     def _one_axis(self, problem: Problem):
-        valid, cost = problem.valid, problem.costs[0]
-        base = np.where(valid, cost, np.inf).min(axis=1)
-        residual = np.where(valid, cost - base[:, None], 0.0)
-        slack = problem.constraints[0].limit * (1 + 1e-12) - base.sum()
-        buckets = max(1, min(self.max_buckets, self.max_cells // problem.n_units))
-        found = exact_weights(residual, valid, slack, buckets)
-        if found is not None:
-            weight, capacity, _ = found
-        else:
-            capacity = buckets
-            weight = np.where(valid, np.ceil(residual / (slack / buckets) - 1e-9), -1).astype(np.int64)
-        damage = np.where(valid, problem.damage, np.inf)
-        best, choice = knapsack_table(damage, weight, capacity)
-        finite = np.isfinite(best)
-        steps = np.flatnonzero(finite & np.concatenate([[True], best[1:] < best[:-1]]))
-        b = steps.copy()
-        picks = np.zeros((len(steps), problem.n_units), dtype=int)
-        for u in range(problem.n_units - 1, -1, -1):  # backtrack every point at once
-            picks[:, u] = choice[u, b]
-            b = b - weight[u, picks[:, u]]
-        return picks, found is not None
+        w = integerize(problem, self.max_buckets, self.max_cells)
+        best, choice = knapsack_table(np.where(problem.valid, problem.damage, np.inf), w.up, w.capacity)
+        steps = np.flatnonzero(np.isfinite(best) & np.concatenate([[True], best[1:] < best[:-1]]))
+        return backtrack(choice, w.up, steps), w.exact
 
     def _two_axes(self, problem: Problem) -> np.ndarray:
         c1, c2, dmg = problem.costs[0], problem.costs[1], problem.damage
