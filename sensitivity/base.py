@@ -21,6 +21,7 @@ from torch import nn
 from mpsearch.core import DEFAULT_OPTIONS, CostTable, LayerInfo, MpsearchError, Option, cost_rows, parse_options
 from mpsearch.data import LOSSES, as_batches, cache_root, data_fingerprint
 from mpsearch.layers import discover, model_fingerprint
+from mpsearch.quant import quantize_weight
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -133,3 +134,15 @@ def table_cache_path(meta: dict) -> Path:
 
 def _jsonable(value) -> bool:
     return value is None or isinstance(value, bool | int | float | str | list | tuple | dict)
+
+
+def weight_perturbations(model: nn.Module, layers: list[LayerInfo], options: list[Option]) -> dict:
+    """||Q(W) - W||^2 per (layer, option)."""
+    modules = dict(model.named_modules())
+    out = {}
+    with torch.no_grad():
+        for info in layers:
+            w = modules[info.name].weight
+            for opt in options:
+                out[info.name, opt.name] = float((quantize_weight(w, opt) - w).double().pow(2).sum())
+    return out

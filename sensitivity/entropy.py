@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 from mpsearch.core import LayerInfo, Option
 from mpsearch.data import call_model
-from sensitivity.base import Estimator, LossFn
-from sensitivity.sqnr import noise_ratios
+from sensitivity.base import Estimator, LossFn, weight_perturbations
 
 
 def histogram_entropy(values: torch.Tensor, bins: int) -> float:
@@ -72,7 +72,14 @@ class Entropy(Estimator):
         h_act = {name: histogram_entropy(torch.cat(xs), self.bins) for name, xs in collected.items()}
         h_w = {i.name: histogram_entropy(modules[i.name].weight, self.bins) for i in layers}
         mean_h = float(np.mean(list(h_act.values())))
-        frame = noise_ratios(model, batches[:1], layers, options)[["layer", "option", "weight_nsr"]]
+        perturb = weight_perturbations(model, layers, options)
+        energy = {i.name: float(modules[i.name].weight.double().pow(2).sum()) for i in layers}
+        frame = pd.DataFrame(
+            [
+                {"layer": layer, "option": option, "weight_nsr": d / energy[layer]}
+                for (layer, option), d in perturb.items()
+            ]
+        )
         frame["entropy"] = frame["layer"].map(h_act)
         frame["weight_entropy"] = frame["layer"].map(h_w)
         frame["damage"] = frame["weight_nsr"] * frame["entropy"].map(lambda h: math.pow(2.0, h - mean_h))

@@ -94,7 +94,6 @@ class Fisher(Estimator):
             return (out * target).sum()
 
         per_sample = vmap(grad(score), in_dims=(None, 0, 0), chunk_size=self.chunk_size)
-        weight: torch.Tensor
         bar = tqdm(total=self.max_samples, desc="fisher samples", disable=not self.progress, leave=False)
         for batch, ref in zip(batches, reference):
             n = min(_n_samples(batch), self.max_samples - seen)

@@ -9,10 +9,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mpsearch.core import LayerInfo, MpsearchError, Option
+from mpsearch.core import LayerInfo, MpsearchError
 from mpsearch.data import call_model, outputs
-from mpsearch.quant import quantize_weight
-from sensitivity.base import Estimator, LossFn
+from sensitivity.base import Estimator, LossFn, weight_perturbations
 from sensitivity.hutchinson import hutchinson, hutchpp
 
 
@@ -55,18 +54,6 @@ def trainable_weights(model: nn.Module, layers: list[LayerInfo]) -> list[nn.Para
         weight.requires_grad_(True)
         params.append(weight)
     return params
-
-
-def weight_perturbations(model: nn.Module, layers: list[LayerInfo], options: list[Option]) -> dict:
-    """||Q(W) - W||^2 per (layer, option)."""
-    modules = dict(model.named_modules())
-    out = {}
-    with torch.no_grad():
-        for info in layers:
-            w = modules[info.name].weight
-            for opt in options:
-                out[info.name, opt.name] = float((quantize_weight(w, opt) - w).double().pow(2).sum())
-    return out
 
 
 class HessianTrace(Estimator):

@@ -21,7 +21,7 @@ def layer_relevance(model: nn.Module, batches: list, layer_names: list[str], sco
     This is LRP's z-rule (LRP-0) written as gradient x activation: for networks built from ReLU and
     bias-free linear maps the signed sum at every layer equals the output score (relevance conservation,
     tested). captum's LRP is not used because it has no rules for the zoo's attention, LayerNorm, GELU and
-    swish blocks; this form runs on any model, and ``conservation`` reports how far a model is from it.
+    swish blocks; this form runs on any model, and the signed totals show how far a model is from conservation.
     """
     modules = dict(model.named_modules())
     for name in layer_names:
@@ -70,7 +70,7 @@ class Relevance(Estimator):
 
     The score explained is the logit of the full-precision prediction (classifiers) or the projection of the
     embedding on the full-precision embedding (loss "cosine"). Columns: ``relevance`` (share, sums to 1 over
-    layers), ``output_nsr``; ``meta['conservation']`` lists signed relevance / score per layer (1 = conserved).
+    layers), ``output_nsr``. After a run, ``conservation_`` holds signed relevance / score per layer (1 = conserved).
     """
 
     name = "relevance"
