@@ -82,24 +82,26 @@ def search(
     solver="dp",
     options: Iterable[str] = DEFAULT_OPTIONS,
     loss_fn=None,
+    **solver_params,
 ) -> SearchResult:
     """Estimate sensitivities and solve for the best plan under ``budget`` (default: avg 4 bits).
 
     ``model``: an nn.Module (then ``data`` is required) or a zoo name such as ``"minilm-l6"``.
-    The cost table is kept in ``result.extra["table"]``.
+    ``solver_params`` go to the solver; "evolutionary" gets a PlanFitness on ``data`` unless ``fitness=`` is
+    given. The cost table is kept in ``result.extra["table"]``.
     """
     budget = budget or Budget(avg_bits=4.0)
     module, data, loss_fn, name = _resolve_model(model, data, loss_fn)
-    check_budget(module, budget, options)
+    data = as_batches(data)  # iterated several times below
+    check_budget(module, budget, options, example=data[0] if budget.bops is not None else None)
     table = estimate(module, data, estimator, options, loss_fn)
     if name:
         table.meta["model"] = name
-    params = {}
-    if solver == "evolutionary":
+    if solver == "evolutionary" and "fitness" not in solver_params:
         from mpsearch.fitness import PlanFitness
 
-        params["fitness"] = PlanFitness(module, data, loss_fn if isinstance(loss_fn, str) else "kl")
-    result = solve(table, budget, solver, **params)
+        solver_params["fitness"] = PlanFitness(module, data, loss_fn if isinstance(loss_fn, str) else "kl")
+    result = solve(table, budget, solver, **solver_params)
     result.extra["table"] = table
     return result
 

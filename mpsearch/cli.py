@@ -53,17 +53,12 @@ def cmd_search(args) -> int:
 
     options = _options(args.options)
     budget = _budget(args)  # validate before the slow part
-    zoo = _load(args.model)
-    api.check_budget(zoo.model, budget, options, example=zoo.calibration[0] if args.bops else None)
-    _status(f"estimating sensitivities ({args.estimator}) on {len(zoo.calibration)} calibration batches ...")
-    table = api.estimate(zoo.model, zoo.calibration, args.estimator, options, zoo.loss)
-    table.meta["model"] = args.model
-    params = {}
-    if args.solver == "evolutionary":
-        from mpsearch.fitness import PlanFitness
-
-        params = {"fitness": PlanFitness(zoo.model, zoo.calibration, zoo.loss), "n_trials": args.trials}
-    result = api.solve(table, budget, args.solver, **params)
+    params = {"n_trials": args.trials} if args.solver == "evolutionary" else {}
+    _status(f"searching {args.model} with {args.estimator} + {args.solver} ...")
+    result = api.search(
+        args.model, budget=budget, estimator=args.estimator, solver=args.solver, options=options, **params
+    )
+    table = result.extra["table"]
     frame = result.plan.to_frame(table)[["layer", "option", "bits", "n_params", "damage"]]
     with __import__("pandas").option_context("display.max_rows", None, "display.width", 200):
         print(frame.to_string(index=False))

@@ -40,3 +40,11 @@ def test_apply_plan_on_zoo_model_keeps_the_original(digits):
     q = mpsearch.apply_plan(digits.model, mpsearch.uniform_plan(digits.model, "int2"))
     assert not torch.equal(q.features[0].weight, digits.model.features[0].weight)
     assert all(torch.equal(v, before[k]) for k, v in digits.model.state_dict().items())
+
+
+def test_search_under_a_bops_budget_uses_the_measured_macs(digits):
+    table = mpsearch.estimate(digits.model, digits.calibration, "sqnr", loss_fn="kl", progress=False)
+    int4_bops = table.uniform_cost("int4", "bops")
+    result = mpsearch.search(digits.model, iter(digits.calibration), mpsearch.Budget(bops=int4_bops), loss_fn="kl")
+    assert result.constraints["bops"].value <= int4_bops
+    assert result.constraints["bops"].value > table.uniform_cost("int3", "bops")  # the budget was used
