@@ -114,11 +114,14 @@ def pareto(
     axis: str = "size_bytes",
     loss_fn=None,
     table: CostTable | None = None,
+    budgets: int | None = None,
     **estimator_params,
 ):
     """The exact predicted-damage vs ``axis`` ("size_bytes" or "avg_bits") front of a model's table, from the
     smallest plan up to the largest option everywhere. Returns a ParetoFront (``to_frame``, ``plot``,
-    ``plan_at``); ``front.meta["uniform"]`` holds each uniform option's (cost, predicted damage)."""
+    ``plan_at``); ``front.meta["uniform"]`` holds each uniform option's (cost, predicted damage).
+    ``budgets=N`` lists only the optima at N evenly spaced budgets plus the hull vertices (for tables with
+    thousands of layers, whose complete front is huge; see ``solvers.Pareto``)."""
     import solvers
 
     if axis not in ("size_bytes", "avg_bits"):
@@ -127,7 +130,7 @@ def pareto(
         table = estimate(model, data, estimator, options, loss_fn, **estimator_params)
     costs = {o: table.uniform_cost(o, "bits" if axis == "avg_bits" else axis) for o in table.options}
     budget = Budget(**{axis: max(costs.values())})
-    front = solvers.Pareto().solve(solvers.Problem(table, budget))
+    front = solvers.Pareto(budgets=budgets).solve(solvers.Problem(table, budget))
     front.meta["uniform"] = {o: (costs[o], table.uniform_cost(o, "damage")) for o in table.options}
     front.meta["label"] = table.meta.get("estimator", "front")
     return front

@@ -125,7 +125,7 @@ def cmd_pareto(args) -> int:
     _status(f"estimating sensitivities ({args.estimator}) ...")
     table = api.estimate(zoo.model, zoo.calibration, args.estimator, options, zoo.loss)
     table.meta["model"] = args.model
-    front = api.pareto(zoo.model, table=table, axis=args.axis)
+    front = api.pareto(zoo.model, table=table, axis=args.axis, budgets=args.budgets)
     frame = front.to_frame()
     if args.measure:
         picks = sorted({int(round(i)) for i in np.linspace(0, len(frame) - 1, min(args.measure, len(frame)))})
@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--axis", default="size_bytes", help="size_bytes or avg_bits")
     f.add_argument("--out", help="front CSV: plan_id, cost, predicted damage (and measured metric)")
     f.add_argument("--plot", help="PNG of the front with the uniform options marked")
+    f.add_argument(
+        "--budgets", type=int, help="only the optima at N evenly spaced budgets plus the hull vertices (large models)"
+    )
     f.add_argument(
         "--measure",
         type=int,

@@ -2,6 +2,7 @@
 
 from solvers.base import Solver
 from solvers.bruteforce import BruteForce
+from solvers.core import CoreDP
 from solvers.dp import DP
 from solvers.evolutionary import Evolutionary
 from solvers.greedy import Greedy
@@ -9,7 +10,14 @@ from solvers.ilp import ILP
 from solvers.pareto import Pareto
 from solvers.problem import Problem
 
-REGISTRY = {"dp": DP, "ilp": ILP, "greedy": Greedy, "evolutionary": Evolutionary, "bruteforce": BruteForce}
+REGISTRY = {
+    "dp": DP,
+    "core": CoreDP,
+    "ilp": ILP,
+    "greedy": Greedy,
+    "evolutionary": Evolutionary,
+    "bruteforce": BruteForce,
+}
 
 
 def get_solver(name: str, **params) -> Solver:
@@ -20,4 +28,16 @@ def get_solver(name: str, **params) -> Solver:
     return REGISTRY[name](**params)
 
 
-__all__ = ["BruteForce", "DP", "Evolutionary", "Greedy", "ILP", "Pareto", "Problem", "REGISTRY", "Solver", "get_solver"]
+__all__ = [
+    "BruteForce",
+    "CoreDP",
+    "DP",
+    "Evolutionary",
+    "Greedy",
+    "ILP",
+    "Pareto",
+    "Problem",
+    "REGISTRY",
+    "Solver",
+    "get_solver",
+]

@@ -4,30 +4,51 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from mpsearch.core import MpsearchError
 from mpsearch.core.pareto import ParetoFront
+from solvers.core import Arrays, search_core
 from solvers.dp import backtrack, integerize, knapsack_table
+from solvers.lagrange import Hull
 from solvers.problem import Problem
 
 
 class Pareto:
     """Front over the problem's budget axes (one or two), for costs up to the budget's limits.
 
-    One axis: one DP pass over integerized costs (exact when costs are integers and the range fits
-    ``max_buckets`` units of their GCD; otherwise costs are rounded up to ``max_buckets`` buckets and
-    ``meta['exact']`` is False). Two axes: Nemhauser-Ullmann merging of per-unit options with dominance
-    pruning (exact; the front size is capped at ``max_points``).
+    ``budgets=None`` (default): the complete front, every non-dominated point. One axis: one DP pass over
+    integerized costs (exact when costs are integers and the range fits ``max_buckets`` units of their GCD;
+    otherwise costs are rounded up to ``max_buckets`` buckets and ``meta['exact']`` is False). Two axes:
+    Nemhauser-Ullmann merging of per-unit options with dominance pruning (exact; at most ``max_points``).
+
+    ``budgets=N`` (one axis; for large problems, whose complete front can hold 1e5+ points): the optimum at
+    N evenly spaced budgets, each solved exactly by :class:`~solvers.core.CoreDP`, plus every vertex of the
+    front's convex hull (optimal for its own budget by the LP relaxation). Every point is on the exact front
+    (``meta['exact']``); points between them are not listed (``meta['complete']`` is False).
     """
 
     name = "pareto"
 
-    def __init__(self, max_buckets: int = 1 << 20, max_cells: int = 1 << 28, max_points: int = 200_000) -> None:
+    def __init__(
+        self,
+        budgets: int | None = None,
+        max_buckets: int = 1 << 20,
+        max_cells: int = 1 << 28,
+        max_points: int = 200_000,
+    ) -> None:
+        self.budgets = budgets
         self.max_buckets = max_buckets
         self.max_cells = max_cells
         self.max_points = max_points
 
     def solve(self, problem: Problem) -> ParetoFront:
+        if self.budgets is not None:
+            if not isinstance(self.budgets, int) or self.budgets < 2:
+                raise MpsearchError(f"budgets={self.budgets!r} is not a whole number >= 2", "pass e.g. budgets=200")
+            if len(problem.constraints) != 1:
+                raise MpsearchError("Pareto(budgets=N) samples one cost axis", "give one budget constraint")
+            return self._front(problem, sampled_front(problem, self.budgets), True, complete=False)
         if len(problem.constraints) == 1:
             choices, exact = self._one_axis(problem)
         elif len(problem.constraints) == 2:
@@ -60,7 +81,7 @@ class Pareto:
         ok = (pts[:, 0] <= limits[0] * (1 + 1e-12)) & (pts[:, 1] <= limits[1] * (1 + 1e-12))
         return plans[ok]
 
-    def _front(self, problem: Problem, choices: np.ndarray, exact: bool) -> ParetoFront:
+    def _front(self, problem: Problem, choices: np.ndarray, exact: bool, complete: bool = True) -> ParetoFront:
         names = [c.name for c in problem.constraints]
         units = np.arange(problem.n_units)
         damage = problem.damage[units, choices].sum(axis=1)
@@ -75,10 +96,33 @@ class Pareto:
         plans = _LazyPlans(problem, choices, "optimal" if exact else "feasible", self.name)
         meta = {
             "exact": exact,
+            "complete": complete,
             "table_fingerprint": problem.table_fingerprint,
             "estimator": problem.table.meta.get("estimator"),
         }
         return ParetoFront(frame, plans, names, meta)
+
+
+def sampled_front(problem: Problem, budgets: int) -> np.ndarray:
+    """Plans (one row each): every convex-hull vertex, then the exact optimum at ``budgets`` evenly spaced
+    budgets from the lightest plan to the problem's limit."""
+    a = Arrays.of(problem)
+    hull = Hull.of(a.d, a.w[0])
+    top = min(float(a.cap[0]), float(hull.dw.sum()))
+    # vertex t applies segments < t: last[t, u] = 1 + the last segment of unit u among them (0: none)
+    n_vertices = hull.split(top)[0] + 1
+    events = np.zeros((n_vertices, problem.n_units), dtype=np.int16 if n_vertices < 1 << 15 else np.int32)
+    events[np.arange(1, n_vertices), hull.unit[: n_vertices - 1]] = np.arange(1, n_vertices)
+    last = np.maximum.accumulate(events, axis=0)
+    options = np.concatenate([[0], hull.to]).astype(np.int8 if problem.damage.shape[1] < 128 else np.int16)
+    vertices = np.where(last > 0, options[last], hull.start.astype(options.dtype)[None])
+    plans = []
+    for cap in tqdm(np.linspace(0.0, top, budgets), desc="front budgets", leave=False, disable=budgets < 64):
+        lam = hull.split(cap)[1]
+        lb = float((a.d + lam * a.w[0]).min(axis=1).sum() - lam * cap)
+        part = Arrays(a.d, a.w, np.array([cap]), a.tol)
+        plans.append(search_core(part, np.array([lam]), lb, hull.filled_plan(a.w, part.cap + a.tol), 1 << 20)[0])
+    return np.concatenate([vertices, np.array(plans, dtype=vertices.dtype).reshape(-1, problem.n_units)])
 
 
 class _LazyPlans:

@@ -7,9 +7,9 @@ from hypothesis import strategies as st
 from test_solvers import random_table
 
 from mpsearch.core import Budget, InfeasibleBudgetError
-from solvers import DP, ILP, BruteForce, Greedy, Pareto, Problem
+from solvers import DP, ILP, BruteForce, CoreDP, Greedy, Pareto, Problem
 
-EXACT = [DP(), ILP("cbc"), ILP("highs"), ILP("cpsat")]
+EXACT = [DP(), CoreDP(), ILP("cbc"), ILP("highs"), ILP("cpsat")]
 ALL = [*EXACT, Greedy()]
 ids = lambda s: f"{s.name}-{getattr(s, 'backend', '')}"  # noqa: E731
 
@@ -92,10 +92,10 @@ def test_greedy_is_never_better_than_the_optimum():
         assert Greedy().solve(problem).objective >= DP().solve(problem).objective - 1e-15
 
 
-@pytest.mark.parametrize("two", [False, True])
-def test_pareto_points_are_nondominated_and_reproduce_their_costs(two):
+@pytest.mark.parametrize("two,budgets", [(False, None), (True, None), (False, 9)])
+def test_pareto_points_are_nondominated_and_reproduce_their_costs(two, budgets):
     problem = problem_for(3, 6, two=two)
-    front = Pareto().solve(problem)
+    front = Pareto(budgets=budgets).solve(problem)
     frame = front.to_frame()
     axes = front.axes
     assert len(frame) >= 3 and front.meta["exact"]
