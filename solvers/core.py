@@ -5,8 +5,9 @@
 2. Reduce: option k of unit u can be in a plan better than ``ub`` only if its reduced cost is at most
    ``ub - lb``. Units left with one such option are fixed; the others form the core (usually a handful).
 3. Search: a DP over the core's units whose states are exact (damage, weights) sums of partial plans —
-   no integerized budget — pruned by feasibility, by the Lagrangian bound of the rest, and (one constraint)
-   by dominance. This is the idea behind Pisinger's core algorithms for knapsack problems.
+   no integerized budget — pruned by feasibility, by the Lagrangian bound of the rest, and by dominance
+   (exact for up to two constraints that can still bind). This is the idea behind Pisinger's core
+   algorithms for knapsack problems. A first pass capped at ``BEAMS`` states per stage usually settles it.
 
 If the states exceed ``max_states`` the search keeps the most promising ones; the plan is then feasible but
 not proven optimal (status ``feasible``, gap from ``lb``).
