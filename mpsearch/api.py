@@ -63,7 +63,7 @@ def check_budget(model: nn.Module, budget: Budget, options: Iterable[str] = DEFA
     solvers.Problem(CostTable(frame, {"ties": ties}), budget)
 
 
-def solve(table: CostTable, budget: Budget, solver="dp", **solver_params) -> SearchResult:
+def solve(table: CostTable, budget: Budget, solver="core", **solver_params) -> SearchResult:
     """Solve a cost table under a budget (a name from solvers.REGISTRY or a Solver).
 
     "evolutionary" also needs ``fitness=`` (e.g. ``mpsearch.fitness.PlanFitness(model, data, loss)``).
@@ -79,7 +79,7 @@ def search(
     data: Iterable | None = None,
     budget: Budget | None = None,
     estimator="sqnr",
-    solver="dp",
+    solver="core",
     options: Iterable[str] = DEFAULT_OPTIONS,
     loss_fn=None,
     **solver_params,

@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size-bytes", type=float, help="budget: bytes of the quantized weights")
     s.add_argument("--bops", type=float, help="budget: bit operations per sample")
     s.add_argument("--estimator", default="sqnr", help=f"one of {sorted(ESTIMATORS)}")
-    s.add_argument("--solver", default="dp", help=f"one of {sorted(SOLVERS)}")
+    s.add_argument("--solver", default="core", help=f"one of {sorted(SOLVERS)} (core: the fastest exact one)")
     s.add_argument("--trials", type=int, default=100, help="evolutionary: trials on the real model")
     s.add_argument("--options", default=",".join(DEFAULT_OPTIONS), help="comma-separated options")
     s.add_argument("--out", help="write the plan JSON here")

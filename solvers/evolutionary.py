@@ -2,7 +2,8 @@
 
 The fitness of a plan is a caller-supplied function (for mpsearch: the quantized model's loss on calibration
 data, see ``mpsearch.fitness``), so damage need not be additive. The search starts from a warm-start plan
-(the DP/ILP optimum on the table), which is always the first trial: the result is never worse than its start.
+(the exact optimum on the table, by CoreDP unless told otherwise), which is always the first trial: the
+result is never worse than its start.
 Each new candidate is a mutation of a good earlier trial: a few units move one option up or down, then the
 plan is repaired to meet the budget by the cheapest (table-damage) downgrades.
 
@@ -106,7 +107,7 @@ class Evolutionary(Solver):
     """Evolutionary search whose fitness is measured on the real model.
 
     ``fitness(plan) -> float`` (lower is better); ``n_trials`` trials in this call (the study may hold more
-    from earlier runs or other workers); ``timeout`` seconds at most; ``warm_start`` a solver name ("dp",
+    from earlier runs or other workers); ``timeout`` seconds at most; ``warm_start`` a solver name ("core",
     "ilp") whose optimum seeds the search; ``storage`` an Optuna storage URL (default: SQLite file
     ``run_dir/evolutionary.db``); ``study_name`` (default: derived from the table and budget, so a re-run
     resumes the same study).
@@ -119,7 +120,7 @@ class Evolutionary(Solver):
         fitness: Fitness,
         n_trials: int = 100,
         timeout: float | None = None,
-        warm_start: str = "dp",
+        warm_start: str = "core",
         storage: str | None = None,
         run_dir: str = "runs/evolutionary",
         study_name: str | None = None,

@@ -56,6 +56,20 @@ def test_warm_started_never_worse_and_resumes(tmp_path, setup):
         assert problem.is_feasible(__import__("numpy").array(choice))
 
 
+def test_two_constraint_budget_warm_starts_from_the_exact_optimum(tmp_path, setup):
+    # the warm start used to be DP, which refuses two constraints
+    from solvers import CoreDP
+
+    table, fitness = setup
+    size = (table.uniform_cost("int3", "size_bytes") + table.uniform_cost("int6", "size_bytes")) / 2
+    bops = (table.uniform_cost("int3", "bops") + table.uniform_cost("int6", "bops")) / 2
+    problem = Problem(table, Budget(size_bytes=size, bops=bops))
+    result = Evolutionary(fitness, n_trials=4, run_dir=str(tmp_path), seed=0).solve(problem)
+    assert result.extra["start_fitness"] == pytest.approx(fitness(CoreDP().solve(problem).plan))
+    assert result.extra["fitness"] <= result.extra["start_fitness"]
+    assert all(c.slack >= 0 for c in result.constraints.values())
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
