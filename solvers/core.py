@@ -21,7 +21,7 @@ import numpy as np
 
 from mpsearch.core import InfeasibleBudgetError, MpsearchError
 from solvers.base import Solver
-from solvers.lagrange import Hull, dual_multipliers, reduced_costs
+from solvers.lagrange import Hull, dual_multipliers, lagrangian
 from solvers.problem import Problem
 
 BEAMS = (2048,)
@@ -39,15 +39,12 @@ class Arrays:
 
     @classmethod
     def of(cls, problem: Problem) -> Arrays:
-        valid = problem.valid
-        raw = np.stack([np.where(valid, c, np.inf) for c in problem.costs])
-        base = raw.min(axis=2)
-        w = np.where(valid[None], raw - base[..., None], 0.0)
+        base, w = problem.residual_costs()
         scale = np.maximum(w.max(axis=(1, 2)), 1e-300)
         limits = problem.limits()
         cap = (limits - base.sum(axis=1)) / scale
         tol = 1e-12 * np.maximum(np.abs(limits), 1e-300) / scale
-        return cls(np.where(valid, problem.damage, np.inf), w / scale[:, None, None], cap, tol)
+        return cls(np.where(problem.valid, problem.damage, np.inf), w / scale[:, None, None], cap, tol)
 
     def damage_of(self, choice: np.ndarray) -> float:
         return float(self.d[np.arange(len(choice)), choice].sum())
@@ -56,18 +53,18 @@ class Arrays:
         return bool(np.all(self.w[:, np.arange(len(choice)), choice].sum(axis=1) <= self.cap + self.tol))
 
 
-def relax(a: Arrays) -> tuple[np.ndarray, float, np.ndarray | None]:
-    """Multipliers, lower bound and a feasible plan (None if the greedy fill met none)."""
+def relax(a: Arrays, hull: Hull | None = None) -> tuple[np.ndarray, float, np.ndarray | None]:
+    """Multipliers, lower bound and a feasible plan (None if the greedy fill met none). ``hull``: the hull of
+    ``a.d`` over ``a.w[0]`` when already built (one constraint; the sampled Pareto front reuses it)."""
     if a.w.shape[0] == 1:
-        hull = Hull.of(a.d, a.w[0])
+        hull = Hull.of(a.d, a.w[0]) if hull is None else hull
         lam = np.array([hull.split(a.cap[0])[1]])
-        lb = float((a.d + lam[0] * a.w[0]).min(axis=1).sum() - lam[0] * a.cap[0])
     else:
-        lam, lb = dual_multipliers(a.d, a.w, a.cap)
+        lam = dual_multipliers(a.d, a.w, a.cap)
         # one surrogate constraint weighs the others by their multipliers: its hull orders the greedy fill
         mu = lam + 1e-9 * max(lam.max(), 1e-300) if lam.max() > 0 else np.ones_like(lam)
         hull = Hull.of(a.d, np.tensordot(mu, a.w, axes=1))
-    return lam, lb, hull.filled_plan(a.w, a.cap + a.tol)
+    return lam, lagrangian(a.d, a.w, a.cap, lam)[0], hull.filled_plan(a.w, a.cap + a.tol)
 
 
 def search_core(a: Arrays, lam: np.ndarray, lb: float, incumbent: np.ndarray | None, max_states: int):
@@ -95,7 +92,8 @@ def search_core(a: Arrays, lam: np.ndarray, lb: float, incumbent: np.ndarray | N
 def _core_pass(a: Arrays, lam: np.ndarray, lb: float, incumbent: np.ndarray | None, max_states: int):
     ub = a.damage_of(incumbent) if incumbent is not None else np.inf
     eps = 1e-12 * max(abs(ub), abs(lb), 1e-300) if np.isfinite(ub) else 0.0
-    rc = reduced_costs(a.d, a.w, lam)
+    pen = a.d + np.tensordot(lam, a.w, axes=1)
+    rc = pen - pen.min(axis=1, keepdims=True)  # reduced costs
     free = np.isfinite(a.d) & (rc <= (ub - lb) + eps)
     n_free = free.sum(axis=1)
     if np.any(n_free == 0):  # only when rounding excluded every option of a unit: nothing to improve on
@@ -103,7 +101,7 @@ def _core_pass(a: Arrays, lam: np.ndarray, lb: float, incumbent: np.ndarray | No
     core = np.flatnonzero(n_free > 1)
     choice = np.where(n_free == 1, free.argmax(axis=1), -1)
     fixed = np.flatnonzero(n_free == 1)
-    pen = np.where(free, a.d + np.tensordot(lam, a.w, axes=1), np.inf)
+    pen = np.where(free, pen, np.inf)
     # units whose cheapest deviation from the Lagrangian choice costs most go first: their states die early
     second = np.sort(np.where(free[core], rc[core], np.inf), axis=1)[:, min(1, a.d.shape[1] - 1)]
     core = core[np.argsort(-second, kind="stable")]

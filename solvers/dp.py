@@ -79,10 +79,10 @@ class Integerized:
 
 
 def integerize(problem: Problem, max_buckets: int, max_cells: int) -> Integerized:
-    valid, cost = problem.valid, problem.costs[0]
-    base = np.where(valid, cost, np.inf).min(axis=1)
-    residual = np.where(valid, cost - base[:, None], 0.0)
-    slack = problem.constraints[0].limit * (1 + 1e-12) - base.sum()
+    valid = problem.valid
+    bases, residuals = problem.residual_costs()
+    residual = residuals[0]
+    slack = problem.constraints[0].limit * (1 + 1e-12) - bases[0].sum()
     buckets = max(1, min(max_buckets, max_cells // problem.n_units))
     ints = _as_integers(residual)
     if ints is not None:

@@ -82,7 +82,7 @@ class Hull:
         choice[self.unit[:n_segments]] = self.to[:n_segments]
         return choice
 
-    def filled_plan(self, w: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    def filled_plan(self, w: np.ndarray, cap: np.ndarray) -> np.ndarray | None:
         """A good feasible plan: from the start plan, apply segments best slope first while every constraint
         (``w``: (K, n, m), ``cap``: (K,)) still holds; a segment that does not fit is skipped, not the rest.
         None if even the start plan breaks a constraint."""
@@ -116,13 +116,8 @@ def lagrangian(d: np.ndarray, w: np.ndarray, cap: np.ndarray, lam: np.ndarray):
     return value, choice, w[:, idx, choice].sum(axis=1)
 
 
-def reduced_costs(d: np.ndarray, w: np.ndarray, lam: np.ndarray) -> np.ndarray:
-    pen = d + np.tensordot(lam, w, axes=1)
-    return pen - pen.min(axis=1, keepdims=True)
-
-
-def dual_multipliers(d: np.ndarray, w: np.ndarray, cap: np.ndarray) -> tuple[np.ndarray, float]:
-    """Multipliers for K >= 2 constraints that (nearly) maximize L, and L there. The first multiplier is
+def dual_multipliers(d: np.ndarray, w: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """Multipliers for K >= 2 constraints that (nearly) maximize L. The first multiplier is
     exact for the others (its hull); each other one maximizes L along its axis (exact for K = 2, where L's
     maximum over the first is a concave function of the second; K > 2 cycles twice over the axes)."""
     n, n_con = d.shape[0], w.shape[0]
@@ -136,13 +131,13 @@ def dual_multipliers(d: np.ndarray, w: np.ndarray, cap: np.ndarray) -> tuple[np.
         value, _, totals = lagrangian(d, w, cap, lam)
         return value, float(totals[j] - cap[j])
 
+    finite = np.isfinite(d)
+    spread = float((np.where(finite, d, -np.inf).max(1) - np.where(finite, d, np.inf).min(1)).sum())
     for _ in range(2 if n_con > 2 else 1):
         for j in range(1, n_con):
-            finite = np.isfinite(d)
-            spread = np.where(finite, d, -np.inf).max(1) - np.where(finite, d, np.inf).min(1)
-            lam[j] = _concave_max(lambda x, j=j: along(j, x), float(spread.sum() / max(w[j].max(1).sum(), 1e-300)))
-    value, _ = along(n_con - 1, lam[-1])
-    return lam.copy(), value
+            lam[j] = _concave_max(lambda x, j=j: along(j, x), spread / max(float(w[j].max(1).sum()), 1e-300))
+    along(n_con - 1, lam[-1])  # sets lam[0] for the final others
+    return lam.copy()
 
 
 def _concave_max(f, scale: float, iters: int = 60) -> float:

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from mpsearch.core import MpsearchError
 from mpsearch.core.pareto import ParetoFront
-from solvers.core import Arrays, search_core
+from solvers.core import Arrays, relax, search_core
 from solvers.dp import backtrack, integerize, knapsack_table
 from solvers.lagrange import Hull
 from solvers.problem import Problem
@@ -118,10 +118,8 @@ def sampled_front(problem: Problem, budgets: int) -> np.ndarray:
     vertices = np.where(last > 0, options[last], hull.start.astype(options.dtype)[None])
     plans = []
     for cap in tqdm(np.linspace(0.0, top, budgets), desc="front budgets", leave=False, disable=budgets < 64):
-        lam = hull.split(cap)[1]
-        lb = float((a.d + lam * a.w[0]).min(axis=1).sum() - lam * cap)
         part = Arrays(a.d, a.w, np.array([cap]), a.tol)
-        plans.append(search_core(part, np.array([lam]), lb, hull.filled_plan(a.w, part.cap + a.tol), 1 << 20)[0])
+        plans.append(search_core(part, *relax(part, hull), 1 << 20)[0])
     return np.concatenate([vertices, np.array(plans, dtype=vertices.dtype).reshape(-1, problem.n_units)])
 
 

@@ -99,6 +99,13 @@ class Problem:
                     f"raise {con.name} to at least {needs_txt} or add smaller options",
                 )
 
+    def residual_costs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per constraint: each unit's cheapest option cost ``base`` (K, n) and every option's cost above it
+        (K, n, m; 0 where the option is unavailable)."""
+        raw = np.stack([np.where(self.valid, c, np.inf) for c in self.costs])
+        base = raw.min(axis=2)
+        return base, np.where(self.valid[None], raw - base[..., None], 0.0)
+
     def evaluate(self, choice: np.ndarray) -> tuple[float, np.ndarray]:
         """Objective and constraint totals of a choice (one option index per unit)."""
         idx = np.arange(self.n_units)
