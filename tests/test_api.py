@@ -22,7 +22,9 @@ def test_search_evaluate_round_trip_on_a_user_model(digits):
 def test_search_accepts_zoo_names_and_solver_choice():
     dp = mpsearch.search("digits-cnn", budget=mpsearch.Budget(avg_bits=5.0), solver="dp")
     ilp = mpsearch.search("digits-cnn", budget=mpsearch.Budget(avg_bits=5.0), solver="ilp")
+    default = mpsearch.search("digits-cnn", budget=mpsearch.Budget(avg_bits=5.0))
     assert dp.objective == pytest.approx(ilp.objective, rel=1e-9)
+    assert default.plan.provenance["solver"] == "core" and default.objective == pytest.approx(dp.objective, rel=1e-9)
     assert dp.plan.provenance["model"] == "digits-cnn"
 
 

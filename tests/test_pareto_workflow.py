@@ -34,6 +34,16 @@ def test_api_front_plan_at_and_plot(digits):
     plt.close(fig)
 
 
+def test_api_sampled_front_points_lie_on_the_complete_front(digits):
+    full = mpsearch.pareto(digits.model, digits.calibration, estimator="sqnr", loss_fn="kl")
+    sampled = mpsearch.pareto(digits.model, digits.calibration, estimator="sqnr", loss_fn="kl", budgets=5)
+    assert sampled.meta["exact"] and not sampled.meta["complete"] and full.meta["complete"]
+    complete = full.to_frame()
+    for _, row in sampled.to_frame().iterrows():  # each sampled point is the optimum at its own size
+        best = complete[complete["size_bytes"] <= row.size_bytes + 1e-6]["damage"].min()
+        assert row.damage == pytest.approx(best, rel=1e-9)
+
+
 def test_cli_pareto_writes_csv_and_png(tmp_path, capsys):
     out, png = tmp_path / "front.csv", tmp_path / "front.png"
     code = main(
