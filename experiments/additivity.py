@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     zoo = load(args.model)
-    table = estimate(zoo.model, zoo.calibration, args.estimator, loss_fn=zoo.loss, progress=False)
+    table = estimate(zoo.model, zoo.calibration, args.estimator, loss_fn=zoo.loss, estimator_params={"progress": False})
     budget = Budget(avg_bits=args.avg_bits)
     fitness = PlanFitness(zoo.model, zoo.calibration, zoo.loss)
     rng = np.random.default_rng(args.seed)

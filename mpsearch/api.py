@@ -1,4 +1,8 @@
-"""The Python API: search, estimate, evaluate."""
+"""The Python API: search, estimate, solve, pareto, evaluate.
+
+Estimator and solver parameters travel in ``estimator_params={...}`` and ``solver_params={...}``; both are
+validated (names and values) before any model copy or forward pass.
+"""
 
 from __future__ import annotations
 
@@ -18,60 +22,115 @@ from mpsearch.core import (
     parse_option,
     parse_options,
 )
-from mpsearch.data import LOSSES, as_batches, outputs
+from mpsearch.data import as_batches
 from mpsearch.layers import discover
+from mpsearch.outputs import OutputFn, evaluating, is_causal_lm, perplexity, resolve_objective
 from mpsearch.quant import apply_plan
+from mpsearch.quant.apply import resolve_plan
 
 
-def _resolve_model(model, data, loss_fn):
-    """A zoo name becomes (module, calibration data, loss name); a module passes through."""
+def _resolve_model(model, data, loss_fn, options):
+    """A zoo name becomes (module, calibration data, loss, options, name); a module passes through."""
     if isinstance(model, str):
         from mpsearch.models import load
 
         zoo = load(model)
-        return zoo.model, (zoo.calibration if data is None else data), (loss_fn or zoo.loss), model
+        data = zoo.calibration if data is None else data
+        return zoo.model, data, loss_fn or zoo.loss, options or zoo.options, model
+    if not isinstance(model, nn.Module):
+        raise MpsearchError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass an nn.Module")
     if data is None:
         raise MpsearchError("no calibration data given", "pass data= (an iterable of batches)")
-    return model, data, loss_fn, None
+    return model, data, loss_fn, options or DEFAULT_OPTIONS, None
+
+
+def _no_extra(function: str, extra: dict) -> None:
+    if extra:
+        raise MpsearchError(
+            f"{function}() has no parameter {', '.join(map(repr, sorted(extra)))}",
+            "estimator parameters go in estimator_params={...}, solver parameters in solver_params={...}",
+        )
+
+
+def make_estimator(estimator, estimator_params: dict | None = None):
+    """An Estimator from a registry name (+ params) or an instance, validated."""
+    import sensitivity
+
+    if isinstance(estimator, str):
+        return sensitivity.get_estimator(estimator, **(estimator_params or {}))
+    if not isinstance(estimator, sensitivity.Estimator):
+        raise MpsearchError(
+            f"estimator {estimator!r} is not an estimator", f"use one of {sorted(sensitivity.REGISTRY)}"
+        )
+    if estimator_params:
+        raise MpsearchError("estimator_params given with an Estimator instance", "set them on the instance")
+    estimator.validate_params()
+    return estimator
+
+
+def make_solver(solver, solver_params: dict | None = None):
+    """A Solver from a registry name (+ params) or an instance, validated."""
+    import solvers
+
+    if isinstance(solver, str):
+        return solvers.get_solver(solver, **(solver_params or {}))
+    if not isinstance(solver, solvers.Solver):
+        raise MpsearchError(f"solver {solver!r} is not a solver", f"use one of {sorted(solvers.REGISTRY)}")
+    if solver_params:
+        raise MpsearchError("solver_params given with a Solver instance", "set them on the instance")
+    solver.validate_params()
+    return solver
 
 
 def estimate(
     model: nn.Module | str,
     data: Iterable | None = None,
     estimator="sqnr",
-    options: Iterable[str] = DEFAULT_OPTIONS,
+    options: Iterable[str] | None = None,
     loss_fn=None,
-    **estimator_params,
+    *,
+    output_fn: OutputFn | None = None,
+    include=None,
+    exclude=None,
+    estimator_params: dict | None = None,
+    **extra,
 ) -> CostTable:
-    """Build a cost table with an estimator (a name from sensitivity.REGISTRY or an Estimator)."""
-    import sensitivity
+    """Build a cost table with an estimator (a name from sensitivity.REGISTRY or an Estimator).
 
-    module, data, loss_fn, name = _resolve_model(model, data, loss_fn)
-    est = sensitivity.get_estimator(estimator, **estimator_params) if isinstance(estimator, str) else estimator
-    table = est.estimate(module, data, options=options, loss_fn=loss_fn)
+    ``model``: an nn.Module (any transformers model as it comes; ``data`` required) or a zoo name.
+    ``loss_fn``: None (KL for logits, cosine for embeddings), "kl", "cosine" or f(output, reference);
+    ``output_fn(output, batch)``: overrides the output convention; ``include``/``exclude``: FQN patterns.
+    """
+    _no_extra("estimate", extra)
+    est = make_estimator(estimator, estimator_params)
+    module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options)
+    table = est.estimate(module, data, options, loss_fn, output_fn=output_fn, include=include, exclude=exclude)
     if name:
         table.meta["model"] = name
     return table
 
 
-def check_budget(model: nn.Module, budget: Budget, options: Iterable[str] = DEFAULT_OPTIONS, example=None) -> None:
+def check_budget(
+    model: nn.Module, budget: Budget, options: Iterable[str] = DEFAULT_OPTIONS, example=None, include=None, exclude=None
+) -> None:
     """Raise InfeasibleBudgetError before any estimation if no plan with ``options`` can meet ``budget``."""
     import solvers
 
-    layers, ties = discover(model, example=example)
+    layers, ties = discover(model, example=example, include=include, exclude=exclude)
+    if not layers:
+        raise MpsearchError("the model has no quantizable layers", "use a model with Linear or Conv layers")
     frame = cost_rows(layers, parse_options(options)).assign(damage=0.0)
     solvers.Problem(CostTable(frame, {"ties": ties}), budget)
 
 
-def solve(table: CostTable, budget: Budget, solver="core", **solver_params) -> SearchResult:
+def solve(table: CostTable, budget: Budget, solver="core", solver_params: dict | None = None) -> SearchResult:
     """Solve a cost table under a budget (a name from solvers.REGISTRY or a Solver).
 
-    "evolutionary" also needs ``fitness=`` (e.g. ``mpsearch.fitness.PlanFitness(model, data, loss)``).
+    "evolutionary" also needs ``solver_params={"fitness": ...}`` (e.g. ``mpsearch.fitness.PlanFitness``).
     """
     import solvers
 
-    slv = solvers.get_solver(solver, **solver_params) if isinstance(solver, str) else solver
-    return slv.solve(solvers.Problem(table, budget))
+    return make_solver(solver, solver_params).solve(solvers.Problem(table, budget))
 
 
 def search(
@@ -80,42 +139,68 @@ def search(
     budget: Budget | None = None,
     estimator="sqnr",
     solver="core",
-    options: Iterable[str] = DEFAULT_OPTIONS,
+    options: Iterable[str] | None = None,
     loss_fn=None,
-    **solver_params,
+    *,
+    output_fn: OutputFn | None = None,
+    include=None,
+    exclude=None,
+    estimator_params: dict | None = None,
+    solver_params: dict | None = None,
+    **extra,
 ) -> SearchResult:
     """Estimate sensitivities and solve for the best plan under ``budget`` (default: avg 4 bits).
 
-    ``model``: an nn.Module (then ``data`` is required) or a zoo name such as ``"minilm-l6"``.
-    ``solver_params`` go to the solver; "evolutionary" gets a PlanFitness on ``data`` unless ``fitness=`` is
-    given. The cost table is kept in ``result.extra["table"]``.
+    ``model``: an nn.Module (then ``data`` is required) or a zoo name such as ``"smollm2-135m"``.
+    Parameters are checked before any work: ``estimator_params`` go to the estimator, ``solver_params`` to
+    the solver; "evolutionary" gets a PlanFitness on ``data`` unless ``solver_params`` has ``fitness``.
+    The cost table is kept in ``result.extra["table"]``.
     """
+    _no_extra("search", extra)
     budget = budget or Budget(avg_bits=4.0)
-    module, data, loss_fn, name = _resolve_model(model, data, loss_fn)
+    est = make_estimator(estimator, estimator_params)
+    solver_params = dict(solver_params or {})
+    needs_fitness = solver == "evolutionary" and "fitness" not in solver_params
+    slv = make_solver(solver, {**solver_params, "fitness": _placeholder} if needs_fitness else solver_params)
+    module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options)
+    parse_options(options)
     data = as_batches(data)  # iterated several times below
-    check_budget(module, budget, options, example=data[0] if budget.bops is not None else None)
-    table = estimate(module, data, estimator, options, loss_fn)
+    example = data[0] if budget.bops is not None else None
+    check_budget(module, budget, options, example, include, exclude)
+    table = est.estimate(module, data, options, loss_fn, output_fn=output_fn, include=include, exclude=exclude)
     if name:
         table.meta["model"] = name
-    if solver == "evolutionary" and "fitness" not in solver_params:
+    if needs_fitness:
         from mpsearch.fitness import PlanFitness
 
-        solver_params["fitness"] = PlanFitness(module, data, loss_fn if isinstance(loss_fn, str) else "kl")
-    result = solve(table, budget, solver, **solver_params)
+        slv.fitness = PlanFitness(module, data, table.meta["loss"] if loss_fn is None else loss_fn, output_fn)
+    import solvers
+
+    result = slv.solve(solvers.Problem(table, budget))
     result.extra["table"] = table
     return result
+
+
+def _placeholder(plan) -> float:
+    """Stands in for the evolutionary fitness while parameters are validated (replaced before solving)."""
+    raise RuntimeError("placeholder fitness called")
 
 
 def pareto(
     model: nn.Module | str,
     data: Iterable | None = None,
     estimator="hessian",
-    options: Iterable[str] = DEFAULT_OPTIONS,
+    options: Iterable[str] | None = None,
     axis: str = "size_bytes",
     loss_fn=None,
     table: CostTable | None = None,
     budgets: int | None = None,
-    **estimator_params,
+    *,
+    output_fn: OutputFn | None = None,
+    include=None,
+    exclude=None,
+    estimator_params: dict | None = None,
+    **extra,
 ):
     """The exact predicted-damage vs ``axis`` ("size_bytes" or "avg_bits") front of a model's table, from the
     smallest plan up to the largest option everywhere. Returns a ParetoFront (``to_frame``, ``plot``,
@@ -124,45 +209,76 @@ def pareto(
     thousands of layers, whose complete front is huge; see ``solvers.Pareto``)."""
     import solvers
 
+    _no_extra("pareto", extra)
     if axis not in ("size_bytes", "avg_bits"):
         raise MpsearchError(f"unknown front axis {axis!r}", "use 'size_bytes' or 'avg_bits'")
+    front_solver = solvers.Pareto(budgets=budgets)
+    front_solver.validate_params()
     if table is None:
-        table = estimate(model, data, estimator, options, loss_fn, **estimator_params)
+        table = estimate(
+            model,
+            data,
+            estimator,
+            options,
+            loss_fn,
+            output_fn=output_fn,
+            include=include,
+            exclude=exclude,
+            estimator_params=estimator_params,
+        )
     costs = {o: table.uniform_cost(o, "bits" if axis == "avg_bits" else axis) for o in table.options}
     budget = Budget(**{axis: max(costs.values())})
-    front = solvers.Pareto(budgets=budgets).solve(solvers.Problem(table, budget))
+    front = front_solver.solve(solvers.Problem(table, budget))
     front.meta["uniform"] = {o: (costs[o], table.uniform_cost(o, "damage")) for o in table.options}
     front.meta["label"] = table.meta.get("estimator", "front")
     return front
 
 
 def plan_size(model: nn.Module, plan: BitPlan | dict) -> dict:
-    """avg effective bits and bytes of the planned layers' weights (scales and zero points included)."""
-    plan = plan if isinstance(plan, BitPlan) else BitPlan(plan)
-    shapes = {info.name: info.shape for info in discover(model)[0]}
-    plan.check_layers(list(shapes), require_all=False)
-    bits = sum(parse_option(opt).storage_bits(shapes[name]) for name, opt in plan.items())
-    n_params = sum(int(np.prod(shapes[name])) for name in plan)
+    """avg effective bits and bytes of the planned weights (scales and zero points included; a shared
+    weight counted once)."""
+    units = resolve_plan(model, plan)
+    bits = sum(parse_option(opt).storage_bits(tuple(u.weight.shape)) for u, opt in units.items())
+    n_params = sum(u.weight.numel() for u in units)
     return {"avg_bits": bits / n_params, "size_bytes": int(np.ceil(bits / 8))}
 
 
-def evaluate(model: nn.Module, plan: BitPlan | dict, data: Iterable, loss: str = "kl") -> dict:
+def evaluate(
+    model: nn.Module, plan: BitPlan | dict, data: Iterable, loss: str | None = None, output_fn: OutputFn | None = None
+) -> dict:
     """Quantize a copy with ``plan`` and measure it against the full-precision model on ``data``.
 
-    ``loss``: "kl" (logits; metric ``neg_kl`` = -KL, higher is better) or "cosine" (embeddings; metric
-    ``cosine`` = mean cosine similarity). Returns avg_bits, size_bytes, metric_name, metric, loss.
+    ``loss``: None (decided from the output: "kl" for logits, "cosine" for embeddings), "kl" or "cosine".
+    Metric: ``perplexity`` on the data for causal LMs (lower is better; ``perplexity_fp`` beside it), else
+    ``neg_kl`` = -KL or ``cosine`` = mean cosine similarity (higher is better). Returns avg_bits,
+    size_bytes, metric_name, metric, higher_is_better, loss_name, loss.
     """
-    if loss not in LOSSES:
-        raise MpsearchError(f"unknown loss {loss!r}", f"use one of {sorted(LOSSES)}")
     batches = as_batches(data)
-    quantized = apply_plan(model, plan)
-    ref, out = outputs(model, batches), outputs(quantized, batches)
-    value = float(np.mean([float(LOSSES[loss](o, r)) for o, r in zip(out, ref)]))
-    metric_name, metric = ("neg_kl", -value) if loss == "kl" else ("cosine", 1.0 - value)
-    return {**plan_size(model, plan), "metric_name": metric_name, "metric": metric, "loss": value}
+    if loss is not None and loss not in ("kl", "cosine"):
+        raise MpsearchError(f"unknown loss {loss!r}", "use 'kl' or 'cosine'")
+    sizes = plan_size(model, plan)
+    with evaluating(model):
+        objective = resolve_objective(loss, output_fn, model, batches[0])
+        reference = objective.references(model, batches)
+        quantized = apply_plan(model, plan).eval()
+        value = objective.mean(quantized, batches, reference)
+        out = {**sizes, "loss_name": objective.name, "loss": value}
+        if output_fn is None and is_causal_lm(model):
+            out.update(perplexity=perplexity(quantized, batches), perplexity_fp=perplexity(model, batches))
+            return {**out, "metric_name": "perplexity", "metric": out["perplexity"], "higher_is_better": False}
+    metric_name, metric = ("neg_kl", -value) if objective.name == "kl" else ("cosine", 1.0 - value)
+    return {**out, "metric_name": metric_name, "metric": metric, "higher_is_better": True}
 
 
-def uniform_plan(model: nn.Module, option: str) -> BitPlan:
-    """Every quantizable layer gets ``option``."""
+def better(a: dict, b: dict | None) -> bool:
+    """Whether evaluation ``a`` is better than ``b`` (None: no contender)."""
+    if b is None:
+        return True
+    return a["metric"] > b["metric"] if a["higher_is_better"] else a["metric"] < b["metric"]
+
+
+def uniform_plan(model: nn.Module, option: str, include=None, exclude=None) -> BitPlan:
+    """Every quantizable unit (a shared weight once) gets ``option``."""
     parse_option(option)
-    return BitPlan({info.name: option for info in discover(model)[0]}, {"uniform": option})
+    layers, _ = discover(model, include=include, exclude=exclude)
+    return BitPlan({info.name: option for info in layers}, {"uniform": option})

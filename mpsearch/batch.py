@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import tomllib
 
-from mpsearch.core import DEFAULT_OPTIONS, Budget, CostTable, MpsearchError
+from mpsearch.core import Budget, CostTable, MpsearchError
 
 BUDGET_KEYS = ("avg_bits", "size_bytes", "size_fraction")
 
@@ -35,7 +35,7 @@ class BatchConfig:
     estimators: list[str]
     solvers: list[str]
     budgets: list[dict]
-    options: list[str]
+    options: list[str] | None  # None: each model's own default options
 
     @classmethod
     def load(cls, path: str | Path) -> BatchConfig:
@@ -63,7 +63,7 @@ class BatchConfig:
             raw["estimators"],
             raw["solvers"],
             raw["budgets"],
-            raw.get("options", list(DEFAULT_OPTIONS)),
+            raw.get("options"),
         )
 
 
@@ -112,7 +112,7 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
         if table_path.exists():
             table = CostTable.from_parquet(table_path)
         else:
-            table = api.estimate(zoo.model, zoo.calibration, estimator, config.options, zoo.loss)
+            table = api.estimate(zoo.model, zoo.calibration, estimator, config.options or zoo.options, zoo.loss)
             table.meta["model"] = model
             tmp = table_path.with_name(f".{table_path.name}.{os.getpid()}.tmp")
             table.to_parquet(tmp)

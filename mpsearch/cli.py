@@ -26,12 +26,33 @@ def _status(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def _options(text: str) -> list[str]:
+def _options(text: str | None) -> list[str] | None:
+    """Comma-separated option names (None: the model's default options)."""
     from mpsearch.core import parse_options
 
+    if text is None:
+        return None
     names = [t.strip() for t in text.split(",") if t.strip()]
     parse_options(names)
     return names
+
+
+def _patterns(text: str | None) -> list[str] | None:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _params(text: str | None, flag: str) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MpsearchError(
+            f"{flag} is not valid JSON ({exc.msg})", f"""write e.g. {flag} '{{"max_probes": 4}}'"""
+        ) from None
+    if not isinstance(value, dict):
+        raise MpsearchError(f"{flag} must be a JSON object", f"""write e.g. {flag} '{{"max_probes": 4}}'""")
+    return value
 
 
 def _load(name: str):
@@ -53,10 +74,25 @@ def cmd_search(args) -> int:
 
     options = _options(args.options)
     budget = _budget(args)  # validate before the slow part
-    params = {"n_trials": args.trials} if args.solver == "evolutionary" else {}
+    solver_params = _params(args.solver_params, "--solver-params")
+    if args.solver == "evolutionary":
+        solver_params.setdefault("n_trials", args.trials)
+    estimator_params = _params(args.estimator_params, "--estimator-params")
+    api.make_estimator(args.estimator, estimator_params)  # wrong names or values fail before loading the model
+    api.make_solver(
+        args.solver, {**solver_params, "fitness": api._placeholder} if args.solver == "evolutionary" else solver_params
+    )
     _status(f"searching {args.model} with {args.estimator} + {args.solver} ...")
     result = api.search(
-        args.model, budget=budget, estimator=args.estimator, solver=args.solver, options=options, **params
+        args.model,
+        budget=budget,
+        estimator=args.estimator,
+        solver=args.solver,
+        options=options,
+        include=_patterns(args.include),
+        exclude=_patterns(args.exclude),
+        estimator_params=estimator_params,
+        solver_params=solver_params,
     )
     table = result.extra["table"]
     frame = result.plan.to_frame(table)[["layer", "option", "bits", "n_params", "damage"]]
@@ -88,28 +124,29 @@ def cmd_evaluate(args) -> int:
     plan.check_layers([info.name for info in discover(zoo.model)[0]], f"model {args.model!r}")
     _status("measuring the planned model ...")
     measured = api.evaluate(zoo.model, plan, zoo.evaluation, zoo.loss)
+    planned = list(plan.assignments)
     uniform_option, uniform = None, None
-    for option in plan.provenance.get("options") or list(DEFAULT_OPTIONS):
-        candidate = api.uniform_plan(zoo.model, option)
+    for option in plan.provenance.get("options") or list(zoo.options):
+        candidate = api.BitPlan({name: option for name in planned})
         if api.plan_size(zoo.model, candidate)["avg_bits"] <= measured["avg_bits"] + 1e-12:
             _status(f"measuring uniform {option} ...")
             result = api.evaluate(zoo.model, candidate, zoo.evaluation, zoo.loss)
-            if uniform is None or result["metric"] > uniform["metric"]:
+            if api.better(result, uniform):
                 uniform_option, uniform = option, result
-    print(
-        json.dumps(
-            {
-                "model": args.model,
-                "avg_bits": measured["avg_bits"],
-                "size_bytes": measured["size_bytes"],
-                "metric_name": measured["metric_name"],
-                "metric": measured["metric"],
-                "uniform_option": uniform_option,
-                "uniform_avg_bits": uniform["avg_bits"] if uniform else None,
-                "uniform_metric": uniform["metric"] if uniform else None,
-            }
-        )
-    )
+    line = {
+        "model": args.model,
+        "avg_bits": measured["avg_bits"],
+        "size_bytes": measured["size_bytes"],
+        "metric_name": measured["metric_name"],
+        "metric": measured["metric"],
+        "higher_is_better": measured["higher_is_better"],
+        "uniform_option": uniform_option,
+        "uniform_avg_bits": uniform["avg_bits"] if uniform else None,
+        "uniform_metric": uniform["metric"] if uniform else None,
+    }
+    if "perplexity_fp" in measured:
+        line["perplexity_fp"] = measured["perplexity_fp"]
+    print(json.dumps(line))
     return 0
 
 
@@ -123,7 +160,16 @@ def cmd_pareto(args) -> int:
         )
     zoo = _load(args.model)
     _status(f"estimating sensitivities ({args.estimator}) ...")
-    table = api.estimate(zoo.model, zoo.calibration, args.estimator, options, zoo.loss)
+    table = api.estimate(
+        zoo.model,
+        zoo.calibration,
+        args.estimator,
+        options or zoo.options,
+        zoo.loss,
+        include=_patterns(args.include),
+        exclude=_patterns(args.exclude),
+        estimator_params=_params(args.estimator_params, "--estimator-params"),
+    )
     table.meta["model"] = args.model
     front = api.pareto(zoo.model, table=table, axis=args.axis, budgets=args.budgets)
     frame = front.to_frame()
@@ -132,7 +178,7 @@ def cmd_pareto(args) -> int:
         frame["metric"] = np.nan
         for i in tqdm(picks, desc="measuring front points", file=sys.stderr):
             frame.loc[i, "metric"] = api.evaluate(zoo.model, front.plans[i], zoo.evaluation, zoo.loss)["metric"]
-        frame["metric_name"] = "neg_kl" if zoo.loss == "kl" else "cosine"
+        frame["metric_name"] = zoo.metric_name
     if args.out:
         frame.to_csv(args.out, index=False)
         _status(f"front ({len(frame)} points) written to {args.out}")
@@ -187,6 +233,7 @@ def cmd_export(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     import sensitivity.base  # noqa: F401  (only to fail early if torch is missing)
+    from mpsearch.models import ZOO
     from sensitivity import REGISTRY as ESTIMATORS
     from solvers import REGISTRY as SOLVERS
 
@@ -194,14 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("search", help="estimate sensitivities and solve for a bit plan")
-    s.add_argument("--model", required=True, help="zoo model: digits-cnn, minilm-l6, efficientnet-lite0")
+    s.add_argument("--model", required=True, help=f"zoo model: {', '.join(ZOO)}")
     s.add_argument("--avg-bits", type=float, help="budget: mean effective bits per weight")
     s.add_argument("--size-bytes", type=float, help="budget: bytes of the quantized weights")
     s.add_argument("--bops", type=float, help="budget: bit operations per sample")
     s.add_argument("--estimator", default="sqnr", help=f"one of {sorted(ESTIMATORS)}")
     s.add_argument("--solver", default="core", help=f"one of {sorted(SOLVERS)} (core: the fastest exact one)")
     s.add_argument("--trials", type=int, default=100, help="evolutionary: trials on the real model")
-    s.add_argument("--options", default=",".join(DEFAULT_OPTIONS), help="comma-separated options")
+    s.add_argument(
+        "--options", help="comma-separated options (default: the model's, e.g. " + ",".join(DEFAULT_OPTIONS) + ")"
+    )
+    s.add_argument("--estimator-params", help="estimator parameters as JSON, e.g. '{\"max_probes\": 4}'")
+    s.add_argument("--solver-params", help="solver parameters as JSON")
+    s.add_argument("--include", help="comma-separated FQN patterns of layers to quantize (default: all)")
+    s.add_argument("--exclude", help="comma-separated FQN patterns of layers to leave alone, e.g. lm_head")
     s.add_argument("--out", help="write the plan JSON here")
     s.add_argument("--table", help="write the cost table (Parquet) here")
     s.set_defaults(func=cmd_search)
@@ -209,7 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("pareto", help="the predicted damage vs size front, as CSV and a plot")
     f.add_argument("--model", required=True)
     f.add_argument("--estimator", default="hessian")
-    f.add_argument("--options", default=",".join(DEFAULT_OPTIONS))
+    f.add_argument("--options", help="comma-separated options (default: the model's)")
+    f.add_argument("--estimator-params", help="estimator parameters as JSON")
+    f.add_argument("--include", help="comma-separated FQN patterns of layers to quantize")
+    f.add_argument("--exclude", help="comma-separated FQN patterns of layers to leave alone")
     f.add_argument("--axis", default="size_bytes", help="size_bytes or avg_bits")
     f.add_argument("--out", help="front CSV: plan_id, cost, predicted damage (and measured metric)")
     f.add_argument("--plot", help="PNG of the front with the uniform options marked")

@@ -7,37 +7,38 @@ import copy
 import torch
 from torch import nn
 
-from mpsearch.core import BitPlan, parse_option
-from mpsearch.data import LOSSES, as_batches, call_model, outputs
-from mpsearch.layers import quantizable_modules
+from mpsearch.core import BitPlan
+from mpsearch.data import as_batches
+from mpsearch.outputs import OutputFn, resolve_objective
 from mpsearch.quant import quantize_weight
+from mpsearch.quant.apply import resolve_plan
 
 
 class PlanFitness:
-    """``fitness(plan)`` = mean label-free loss (``loss``: "kl" or "cosine") of the plan-quantized model
-    against the full-precision outputs. Works on one private copy; quantized weights are cached per
-    (layer, option), so a trial costs one forward pass over the batches. ``calls`` counts evaluations."""
+    """``fitness(plan)`` = mean label-free loss (``loss``: "kl", "cosine", or None to decide from the output)
+    of the plan-quantized model against the full-precision outputs, through the output convention
+    (``output_fn`` overrides it). Works on one private copy; between calls only the units whose option
+    changed are re-quantized (from their original weights), so a trial costs one forward pass over the
+    batches. ``calls`` counts evaluations."""
 
-    def __init__(self, model: nn.Module, data, loss: str = "kl") -> None:
+    def __init__(self, model: nn.Module, data, loss: str | None = None, output_fn: OutputFn | None = None) -> None:
         self.batches = as_batches(data)
-        self.loss = LOSSES[loss]
         self.model = copy.deepcopy(model).eval()
-        self.reference = outputs(self.model, self.batches)
-        self.modules = quantizable_modules(self.model)
-        self.original = {name: m.weight.detach().clone() for name, m in self.modules.items()}
-        self._cache: dict[tuple[str, str], torch.Tensor] = {}
+        self.objective = resolve_objective(loss, output_fn, self.model, self.batches[0])
+        self.reference = self.objective.references(self.model, self.batches)
+        self._original: dict = {}
+        self._current: dict = {}  # unit -> option now applied (absent: full precision)
         self.calls = 0
-
-    def _weight(self, layer: str, option: str) -> torch.Tensor:
-        key = (layer, option)
-        if key not in self._cache:
-            self._cache[key] = quantize_weight(self.original[layer], parse_option(option))
-        return self._cache[key]
 
     @torch.no_grad()
     def __call__(self, plan: BitPlan) -> float:
-        for name, module in self.modules.items():
-            module.weight.copy_(self._weight(name, plan[name]) if name in plan.assignments else self.original[name])
+        wanted = resolve_plan(self.model, plan)
+        for unit in set(self._current) | set(wanted):
+            option = wanted.get(unit)
+            if self._current.get(unit) == option:
+                continue
+            original = self._original.setdefault(unit, unit.weight.detach().clone())
+            unit.weight.copy_(original if option is None else quantize_weight(original, option))
+            self._current[unit] = option
         self.calls += 1
-        losses = [float(self.loss(call_model(self.model, b), r)) for b, r in zip(self.batches, self.reference)]
-        return sum(losses) / len(losses)
+        return self.objective.mean(self.model, self.batches, self.reference)

@@ -1,77 +1,207 @@
-"""Layer discovery: quantizable layers by fully-qualified name, MACs, and tie groups."""
+"""Layer discovery: the quantizable weights of any model, by fully-qualified name, from a registry of types.
+
+A **unit** of the plan is one weight tensor. The registry (``register_layer``, in the spirit of
+optimum-quanto's ``register_qmodule``) says which module types own a quantizable weight and how it is laid
+out: ``nn.Linear``, ``nn.Conv1d/2d`` (incl. depthwise), transformers' ``Conv1D`` (GPT-2; stored [in, out],
+so its output channels are dim 1) and, optionally, ``nn.Embedding``. Modules that share one tensor (a tied
+``lm_head`` and ``embed_tokens``) form ONE unit named after the first non-embedding module, with the others
+as ``aliases``: it is counted once in every budget and quantized once. ``include``/``exclude`` select units
+by FQN pattern (shell-style, or a regular expression after ``re:``), matched against every name of a unit.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import re
+import sys
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 import torch
 from torch import nn
 
-from mpsearch.core import LayerInfo
-from mpsearch.data import call_model, hash_tensor
-
-QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
-# sibling projections that runtimes fuse into one matmul and therefore quantize alike
-_FUSED = [("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]
+from mpsearch.core import LayerInfo, MpsearchError
+from mpsearch.data import hash_tensor
+from mpsearch.outputs import evaluating, raw_call
 
 
-def quantizable_modules(model: nn.Module, include_embeddings: bool = False) -> dict[str, nn.Module]:
-    kinds = QUANTIZABLE + ((nn.Embedding,) if include_embeddings else ())
-    return {name: m for name, m in model.named_modules() if isinstance(m, kinds) and name}
+@dataclass(frozen=True)
+class LayerType:
+    """How a registered module type holds its weight."""
+
+    module_type: type
+    kind: str
+    transposed: bool = False  # weight stored [in, out] (transformers Conv1D)
+    optional: bool = False  # only discovered with include_embeddings=True
+
+    def in_per_output(self, module: nn.Module) -> int:
+        """Multiply-accumulates per output element."""
+        if self.kind == "embedding":
+            return 0
+        w = module.weight
+        return int(w.shape[0]) if self.transposed else int(w[0].numel())
 
 
-def _kind(module: nn.Module) -> str:
-    if isinstance(module, nn.Conv2d | nn.Conv1d) and module.groups > 1 and module.groups == module.in_channels:
+_REGISTRY: list[LayerType] = []
+
+
+def register_layer(module_type: type, kind: str, transposed: bool = False, optional: bool = False) -> None:
+    """Make ``module_type`` (and its subclasses) quantizable. Later registrations take precedence."""
+    _REGISTRY.insert(0, LayerType(module_type, kind, transposed, optional))
+
+
+register_layer(nn.Embedding, "embedding", optional=True)
+register_layer(nn.Conv2d, "conv2d")
+register_layer(nn.Conv1d, "conv1d")
+register_layer(nn.Linear, "linear")
+_transformers_registered = False
+
+
+def layer_type(module: nn.Module) -> LayerType | None:
+    global _transformers_registered
+    if not _transformers_registered and "transformers" in sys.modules:  # never import transformers ourselves
+        from transformers.pytorch_utils import Conv1D
+
+        register_layer(Conv1D, "linear", transposed=True)
+        _transformers_registered = True
+    for entry in _REGISTRY:
+        if isinstance(module, entry.module_type) and isinstance(getattr(module, "weight", None), torch.Tensor):
+            return entry
+    return None
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One quantizable weight: the module that owns it, its type, and the modules sharing it."""
+
+    name: str
+    module: nn.Module
+    type: LayerType
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight with output channels first (a transposed view for Conv1D): what quantizers see."""
+        w = self.module.weight
+        return w.t() if self.type.transposed else w
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+
+def find_units(model: nn.Module, include_embeddings: bool = True) -> list[Unit]:
+    """Every quantizable weight of ``model`` in module order, shared tensors merged into one unit."""
+    groups: dict[int, list[tuple[str, nn.Module, LayerType]]] = {}
+    position = {}
+    for name, module in model.named_modules():
+        entry = layer_type(module) if name else None
+        if entry is not None:
+            groups.setdefault(id(module.weight), []).append((name, module, entry))
+            position[name] = len(position)
+    units = []
+    for group in groups.values():
+        main = next((g for g in group if not g[2].optional), group[0])
+        if main[2].optional and not include_embeddings:
+            continue
+        units.append(Unit(main[0], main[1], main[2], tuple(g[0] for g in group if g is not main)))
+    return sorted(units, key=lambda u: position[u.name])
+
+
+def unit_map(model: nn.Module) -> dict[str, Unit]:
+    """Every name a plan may use (unit names and their aliases) -> its unit."""
+    return {n: u for u in find_units(model) for n in u.names}
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatchcase(name, pattern)
+
+
+def select_units(units: list[Unit], include=None, exclude=None) -> list[Unit]:
+    """Keep units with a name matching an ``include`` pattern (all when None) and none matching ``exclude``.
+    A pattern that matches no unit is an error: nothing is silently skipped."""
+    chosen = units
+    for label, patterns, keep in (("include", include, True), ("exclude", exclude, False)):
+        if patterns is None:
+            continue
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        for p in patterns:
+            if not isinstance(p, str) or not any(_matches(p, n) for u in units for n in u.names):
+                example = ", ".join(u.name for u in units[:3])
+                raise MpsearchError(
+                    f"{label} pattern {p!r} matches no quantizable layer",
+                    f"use FQN patterns such as '*.mlp.*' or 're:.*proj' (layers are e.g. {example})",
+                )
+        hit = [any(_matches(p, n) for p in patterns for n in u.names) for u in chosen]
+        chosen = [u for u, h in zip(chosen, hit) if h == keep]
+    return chosen
+
+
+def _kind(unit: Unit) -> str:
+    m = unit.module
+    if isinstance(m, nn.Conv2d | nn.Conv1d) and m.groups > 1 and m.groups == m.in_channels:
         return "depthwise_conv"
-    return type(module).__name__.lower()
+    return unit.type.kind
 
 
-def _macs(model: nn.Module, modules: dict[str, nn.Module], example) -> dict[str, int]:
-    macs: dict[str, int] = {}
+def _macs(model: nn.Module, units: list[Unit], example) -> dict[str, int]:
+    """MACs per sample of each unit (summed over the modules sharing its weight), from one forward pass."""
+    macs = {u.name: 0 for u in units}
+    modules = dict(model.named_modules())
     hooks = []
 
-    def hook(name):
+    def hook(unit: Unit, entry: LayerType):
         def fn(module, inputs, output):
             batch = output.shape[0] if output.dim() > 1 else 1
-            per_out = module.weight[0].numel()  # Linear: in_features; Conv: in/groups * kernel
-            if isinstance(module, nn.Embedding):
-                per_out = 0
-            macs[name] = macs.get(name, 0) + output.numel() // batch * per_out
+            macs[unit.name] += output.numel() // batch * entry.in_per_output(module)
 
         return fn
 
-    for name, module in modules.items():
-        hooks.append(module.register_forward_hook(hook(name)))
     try:
-        with torch.no_grad():
-            call_model(model, example)
+        for u in units:
+            for n in u.names:
+                hooks.append(modules[n].register_forward_hook(hook(u, layer_type(modules[n]))))
+        with torch.no_grad(), evaluating(model):
+            raw_call(model, example)
     finally:
         for h in hooks:
             h.remove()
     return macs
 
 
-def discover(
-    model: nn.Module, example=None, tie_fused: bool = False, include_embeddings: bool = False
-) -> tuple[list[LayerInfo], list[list[str]]]:
-    """Quantizable layers (Linear, Conv1d/2d incl. depthwise; Embedding optionally) and tie groups.
+# sibling projections that runtimes fuse into one matmul (vLLM's qkv_proj / gate_up_proj; BERT's QKV)
+_FUSED = [("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]
 
-    ``example``: one batch; when given, MACs per sample are recorded (needed for BOPs budgets).
-    Ties: layers sharing one weight tensor always; fused siblings (q/k/v, gate/up) when ``tie_fused``.
-    The model is not modified (hooks are removed, no gradients are taken).
+
+def discover(
+    model: nn.Module,
+    example=None,
+    tie_fused: bool = False,
+    include_embeddings: bool = False,
+    include=None,
+    exclude=None,
+) -> tuple[list[LayerInfo], list[list[str]]]:
+    """The plan's units as LayerInfo (name, logical shape, kind, MACs, aliases) and tie groups.
+
+    ``example``: one batch; when given, MACs per sample are recorded (needed for BOPs budgets). Ties: fused
+    siblings (q/k/v, gate/up; Llama, Qwen2 and BERT naming; GPT-2's c_attn is one module already) when
+    ``tie_fused``. The model is not modified (hooks are removed, no gradients are taken).
     """
-    modules = quantizable_modules(model, include_embeddings)
-    macs = _macs(model, modules, example) if example is not None else {}
-    layers = [LayerInfo(n, tuple(m.weight.shape), _kind(m), macs.get(n)) for n, m in modules.items()]
-    by_weight: dict[int, list[str]] = {}
-    for name, module in modules.items():
-        by_weight.setdefault(id(module.weight), []).append(name)
-    ties = [group for group in by_weight.values() if len(group) > 1]
+    units = select_units(find_units(model, include_embeddings), include, exclude)
+    macs = _macs(model, units, example) if example is not None and units else {}
+    layers = [
+        LayerInfo(u.name, tuple(u.weight.shape), _kind(u), macs.get(u.name), u.aliases, u.type.transposed)
+        for u in units
+    ]
+    ties = []
     if tie_fused:
-        for names in _FUSED:
-            for parent in {n.rsplit(".", 1)[0] for n in modules if "." in n}:
-                group = [f"{parent}.{child}" for child in names]
-                if all(g in modules for g in group):
+        names = {u.name for u in units}
+        for children in _FUSED:
+            for parent in dict.fromkeys(u.name.rsplit(".", 1)[0] for u in units if "." in u.name):
+                group = [f"{parent}.{child}" for child in children]
+                if all(g in names for g in group):
                     ties.append(group)
     return layers, ties
 

@@ -20,11 +20,13 @@ REGISTRY = {
 
 
 def get_estimator(name: str, **params) -> Estimator:
+    """A validated estimator by registry name; a wrong name or parameter is a one-line MpsearchError."""
     from mpsearch.core import MpsearchError
+    from mpsearch.core.params import build
 
     if name not in REGISTRY:
         raise MpsearchError(f"unknown estimator {name!r}", f"use one of {sorted(REGISTRY)}")
-    return REGISTRY[name](**params)
+    return build(REGISTRY[name], **params)
 
 
 __all__ = [

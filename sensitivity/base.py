@@ -5,12 +5,11 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-import inspect
 import json
 import os
 import platform
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -19,43 +18,24 @@ import torch
 from torch import nn
 
 from mpsearch.core import DEFAULT_OPTIONS, CostTable, LayerInfo, MpsearchError, Option, cost_rows, parse_options
-from mpsearch.data import LOSSES, as_batches, cache_root, data_fingerprint
-from mpsearch.layers import discover, model_fingerprint
+from mpsearch.core.params import Configurable
+from mpsearch.data import as_batches, cache_root, data_fingerprint
+from mpsearch.layers import Unit, discover, find_units, model_fingerprint
+from mpsearch.outputs import LossFn, Objective, OutputFn, resolve_objective
 from mpsearch.quant import quantize_weight
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-
-def resolve_loss(loss_fn: str | LossFn | None) -> LossFn:
-    """None -> KL of logits; a name from mpsearch.data.LOSSES; or a callable(output, reference)."""
-    if loss_fn is None:
-        return LOSSES["kl"]
-    if isinstance(loss_fn, str):
-        if loss_fn not in LOSSES:
-            raise MpsearchError(f"unknown loss {loss_fn!r}", f"use one of {sorted(LOSSES)} or a callable")
-        return LOSSES[loss_fn]
-    if not callable(loss_fn):
-        raise MpsearchError(f"loss_fn {loss_fn!r} is not callable", "pass f(output, reference) -> scalar tensor")
-    return loss_fn
-
-
-class Estimator(ABC):
+class Estimator(Configurable, ABC):
     """Estimate per-(layer, option) damage. Subclasses implement ``_estimate``.
 
-    Constructor arguments are stored verbatim (scikit-learn style) and recorded in the table's metadata.
-    ``estimate`` works on a private deep copy of the model, so the caller's weights, ``training`` flag,
-    ``requires_grad`` flags and hooks are never touched.
+    Constructor arguments are stored verbatim (scikit-learn style), checked by ``validate_params`` against
+    ``_parameter_constraints`` before any work, and recorded in the table's metadata. ``estimate`` works on
+    a private deep copy of the model, so the caller's weights, ``training`` flag, ``requires_grad`` flags,
+    hooks and attention implementation are never touched.
     """
 
+    component = "estimator"
     name: str = "estimator"
-
-    def get_params(self) -> dict:
-        sig = inspect.signature(type(self).__init__)
-        return {p: getattr(self, p) for p in sig.parameters if p != "self"}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"
 
     def estimate(
         self,
@@ -64,40 +44,50 @@ class Estimator(ABC):
         options: Iterable[str] = DEFAULT_OPTIONS,
         loss_fn: str | LossFn | None = None,
         cache: bool = True,
+        output_fn: OutputFn | None = None,
+        include=None,
+        exclude=None,
     ) -> CostTable:
-        """Return a CostTable with one row per (quantizable layer, option).
+        """Return a CostTable with one row per (quantizable unit, option).
 
-        With ``cache`` (and a named loss), the table is stored under ``$MPSEARCH_CACHE/tables`` keyed by the
-        model and data fingerprints, the estimator and its parameters, the options, the loss and a hash of
-        the estimator code; an identical second call loads it instead of recomputing.
+        ``loss_fn``: None (KL of logits; cosine for embedding models), "kl", "cosine" or f(output, reference).
+        ``output_fn(output, batch) -> tensor`` overrides the output convention (``mpsearch.outputs``);
+        ``include``/``exclude``: FQN patterns selecting layers (``mpsearch.layers``).
+        With ``cache`` (a named loss, no output_fn), the table is stored under ``$MPSEARCH_CACHE/tables`` keyed
+        by the model and data fingerprints, the estimator and its parameters, the options, the layers, the
+        loss and a hash of the estimator code; an identical second call loads it instead of recomputing.
         """
+        self.validate_params()
         if not isinstance(model, nn.Module):
             raise MpsearchError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass an nn.Module")
         batches = as_batches(data)
         opts = parse_options(options)
         work = copy.deepcopy(model).eval()
-        layers, ties = discover(work, example=batches[0])
+        layers, ties = discover(work, example=batches[0], include=include, exclude=exclude)
         if not layers:
-            raise MpsearchError("the model has no quantizable layers", "use a model with Linear or Conv layers")
-        if isinstance(loss_fn, str):
-            loss_name = loss_fn
-        else:
-            loss_name = "kl" if loss_fn is None else getattr(loss_fn, "__name__", "custom")
+            raise MpsearchError(
+                "the model has no quantizable layers",
+                "use a model with Linear, Conv or transformers Conv1D layers, or loosen include=/exclude=",
+            )
+        objective = resolve_objective(loss_fn, output_fn, work, batches[0])
         meta = {
             "estimator": self.name,
             "params": {k: v for k, v in self.get_params().items() if _jsonable(v) and k != "progress"},
             "seed": getattr(self, "seed", None),
-            "loss": loss_name,
+            "loss": objective.name,
             "options": [o.name for o in opts],
+            "layers": [info.name for info in layers],
+            "aliases": {info.name: list(info.aliases) for info in layers if info.aliases},
             "model_fingerprint": model_fingerprint(model),
             "data_fingerprint": data_fingerprint(batches),
             "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
             "ties": ties,
         }
-        path = table_cache_path(meta) if cache and (loss_fn is None or isinstance(loss_fn, str)) else None
+        named = (loss_fn is None or isinstance(loss_fn, str)) and output_fn is None
+        path = table_cache_path(meta) if cache and named else None
         if path is not None and path.exists():
             return CostTable.from_parquet(path)
-        extra = self._estimate(work, batches, layers, opts, resolve_loss(loss_fn))
+        extra = self._estimate(work, batches, layers, opts, objective)
         frame = cost_rows(layers, opts).merge(extra, on=["layer", "option"], how="left", validate="one_to_one")
         table = CostTable(frame, meta)
         if path is not None:
@@ -109,7 +99,7 @@ class Estimator(ABC):
 
     @abstractmethod
     def _estimate(
-        self, model: nn.Module, batches: list, layers: list[LayerInfo], options: list[Option], loss_fn: LossFn
+        self, model: nn.Module, batches: list, layers: list[LayerInfo], options: list[Option], objective: Objective
     ) -> pd.DataFrame:
         """Return a frame with columns layer, option, damage (and raw columns). ``model`` is a private copy."""
 
@@ -119,14 +109,17 @@ def _code_hash() -> str:
     """Hash of the code that shapes a table: the estimators and the quantizer."""
     h = hashlib.sha256()
     root = Path(__file__).resolve().parents[1]
+    files = [root / "mpsearch" / "outputs.py", root / "mpsearch" / "layers.py"]
     for folder in ("sensitivity", "mpsearch/quant", "mpsearch/core"):
-        for path in sorted((root / folder).rglob("*.py")):
-            h.update(path.read_bytes())
+        files += sorted((root / folder).rglob("*.py"))
+    for path in files:
+        h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
 def table_cache_path(meta: dict) -> Path:
-    key = {k: meta[k] for k in ("estimator", "params", "loss", "options", "model_fingerprint", "data_fingerprint")}
+    fields = ("estimator", "params", "loss", "options", "layers", "model_fingerprint", "data_fingerprint")
+    key = {k: meta[k] for k in fields}
     key["code"] = _code_hash()
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
     return cache_root() / "tables" / f"{meta['estimator']}-{digest}.parquet"
@@ -136,13 +129,18 @@ def _jsonable(value) -> bool:
     return value is None or isinstance(value, bool | int | float | str | list | tuple | dict)
 
 
+def units_for(model: nn.Module, layers: list[LayerInfo]) -> list[Unit]:
+    """The model's units for the table's layers, in the layers' order."""
+    units = {u.name: u for u in find_units(model)}
+    return [units[info.name] for info in layers]
+
+
 def weight_perturbations(model: nn.Module, layers: list[LayerInfo], options: list[Option]) -> dict:
-    """||Q(W) - W||^2 per (layer, option)."""
-    modules = dict(model.named_modules())
+    """||Q(W) - W||^2 per (layer, option); one quantized copy of one layer at a time."""
     out = {}
     with torch.no_grad():
-        for info in layers:
-            w = modules[info.name].weight
+        for unit in units_for(model, layers):
+            w = unit.weight
             for opt in options:
-                out[info.name, opt.name] = float((quantize_weight(w, opt) - w).double().pow(2).sum())
+                out[unit.name, opt.name] = float((quantize_weight(w, opt) - w).double().pow(2).sum())
     return out

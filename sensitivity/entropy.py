@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from mpsearch.core import LayerInfo, Option
-from mpsearch.data import call_model
-from sensitivity.base import Estimator, LossFn, weight_perturbations
+from mpsearch.core.params import Interval
+from mpsearch.outputs import Objective, model_device, raw_call
+from sensitivity.base import Estimator, units_for, weight_perturbations
 
 
 def histogram_entropy(values: torch.Tensor, bins: int) -> float:
@@ -37,6 +38,12 @@ class Entropy(Estimator):
     """
 
     name = "entropy"
+    _parameter_constraints = {
+        "bins": [Interval(int, 2)],
+        "max_values": [Interval(int, 1)],
+        "seed": [Interval(int, 0)],
+        "progress": [bool],
+    }
 
     def __init__(self, bins: int = 256, max_values: int = 200_000, seed: int = 0, progress: bool = True) -> None:
         self.bins = bins
@@ -46,34 +53,34 @@ class Entropy(Estimator):
 
     @torch.no_grad()
     def _estimate(
-        self, model: nn.Module, batches: list, layers: list[LayerInfo], options: list[Option], loss_fn: LossFn
+        self, model: nn.Module, batches: list, layers: list[LayerInfo], options: list[Option], objective: Objective
     ):
-        gen = torch.Generator().manual_seed(self.seed)
-        modules = dict(model.named_modules())
-        collected: dict[str, list[torch.Tensor]] = {info.name: [] for info in layers}
+        gen = torch.Generator(device=model_device(model)).manual_seed(self.seed)
+        units = units_for(model, layers)
+        collected: dict[str, list[torch.Tensor]] = {u.name: [] for u in units}
 
         def hook(name):
             def fn(mod, inputs, output):
                 x = inputs[0].reshape(-1)
                 keep = max(1, self.max_values // len(batches))
                 if x.numel() > keep:
-                    x = x[torch.randint(0, x.numel(), (keep,), generator=gen)]
+                    x = x[torch.randint(0, x.numel(), (keep,), generator=gen, device=x.device)]
                 collected[name].append(x)
 
             return fn
 
-        handles = [modules[i.name].register_forward_hook(hook(i.name)) for i in layers]
+        handles = [u.module.register_forward_hook(hook(u.name)) for u in units]
         try:
             for batch in batches:
-                call_model(model, batch)
+                raw_call(model, batch)
         finally:
             for h in handles:
                 h.remove()
         h_act = {name: histogram_entropy(torch.cat(xs), self.bins) for name, xs in collected.items()}
-        h_w = {i.name: histogram_entropy(modules[i.name].weight, self.bins) for i in layers}
+        h_w = {u.name: histogram_entropy(u.weight, self.bins) for u in units}
         mean_h = float(np.mean(list(h_act.values())))
         perturb = weight_perturbations(model, layers, options)
-        energy = {i.name: float(modules[i.name].weight.double().pow(2).sum()) for i in layers}
+        energy = {u.name: float(u.weight.double().pow(2).sum()) for u in units}
         frame = pd.DataFrame(
             [
                 {"layer": layer, "option": option, "weight_nsr": d / energy[layer]}

@@ -7,52 +7,80 @@ import time
 import pandas as pd
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from mpsearch.core import LayerInfo, MpsearchError
-from mpsearch.data import call_model, outputs
-from sensitivity.base import Estimator, LossFn, weight_perturbations
-from sensitivity.hutchinson import hutchinson, hutchpp
+from mpsearch.core.params import Interval, OneOf
+from mpsearch.outputs import Objective, model_device
+from sensitivity.base import Estimator, units_for, weight_perturbations
+from sensitivity.hutchinson import _block_dots, hutchinson, hutchpp, seeded_probes
 
 
 class HessianVectorProduct:
-    """H v for the mean calibration loss w.r.t. ``params``: one double backward per batch per product.
+    """H v for the mean calibration loss w.r.t. ``params``, batch by batch.
 
-    First-order gradients (with their graphs) are built once and reused by every product.
+    Per batch, the first-order gradients are built with their graph (attention on PyTorch's math SDPA
+    kernel: the fused CPU/CUDA kernels have no double backward), used for every product asked at once, and
+    freed before the next batch: memory holds one batch's graph, never all of them. ``quad`` gives only the
+    per-layer v . (H v) of each probe, so whole products are never accumulated for Hutchinson.
     """
 
-    def __init__(self, model: nn.Module, batches: list, loss_fn: LossFn, params: list[nn.Parameter]) -> None:
-        self.params = params
-        self.grads = []
-        reference = outputs(model, batches)
-        for batch, ref in zip(batches, reference):
-            loss = loss_fn(call_model(model, batch), ref) / len(batches)
-            self.grads.append(torch.autograd.grad(loss, params, create_graph=True))
+    def __init__(self, model: nn.Module, batches: list, objective: Objective, params: list[nn.Parameter]) -> None:
+        self.model, self.batches, self.objective, self.params = model, batches, objective, params
+        self.references = objective.references(model, batches)
         self.count = 0
         self.seconds = 0.0
 
-    def __call__(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _per_batch(self, use) -> None:
+        """Call ``use(grads)`` with each batch's first-order gradients (graph kept for double backward)."""
         start = time.perf_counter()
-        total = [torch.zeros_like(p) for p in self.params]
-        for grads in self.grads:
-            dot = sum((g * v).sum() for g, v in zip(grads, vs))
-            for acc, hv in zip(total, torch.autograd.grad(dot, self.params, retain_graph=True)):
-                acc += hv
-        self.count += 1
+        for batch, ref in zip(self.batches, self.references):
+            with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
+                loss = self.objective(self.model, batch, ref) / len(self.batches)
+                grads = torch.autograd.grad(loss, self.params, create_graph=True)
+            use(grads)
+            del loss, grads
         self.seconds += time.perf_counter() - start
+
+    def _hv(self, grads, vs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        dot = sum((g * v.to(g.dtype)).sum() for g, v in zip(grads, vs))
+        return torch.autograd.grad(dot, self.params, retain_graph=True)
+
+    def __call__(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The whole product H v."""
+        total = [torch.zeros_like(p) for p in self.params]
+
+        def use(grads):
+            for acc, hv in zip(total, self._hv(grads, vs)):
+                acc += hv
+
+        self._per_batch(use)
+        self.count += 1
         return total
+
+    def quad(self, probe, first: int, count: int) -> torch.Tensor:
+        """(count, layers): v_i . (H v_i) restricted to each layer, for probes i = first .. first + count - 1."""
+        dots = torch.zeros(count, len(self.params), dtype=torch.float64)
+
+        def use(grads):
+            for j in range(count):
+                v = probe(first + j)
+                dots[j] += _block_dots(v, self._hv(grads, v))
+
+        self._per_batch(use)
+        self.count += count
+        return dots
 
 
 def trainable_weights(model: nn.Module, layers: list[LayerInfo]) -> list[nn.Parameter]:
     """Gradients only for the layers' weights (``model`` is the estimator's private copy)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    modules = dict(model.named_modules())
     params = []
-    for info in layers:
-        weight = modules[info.name].weight
-        weight.requires_grad_(True)
-        params.append(weight)
+    for unit in units_for(model, layers):
+        unit.module.weight.requires_grad_(True)
+        params.append(unit.module.weight)
     return params
 
 
@@ -68,6 +96,16 @@ class HessianTrace(Estimator):
     """
 
     name = "hessian"
+    _parameter_constraints = {
+        "method": [OneOf(("hutchinson", "hutchpp"))],
+        "min_probes": [Interval(int, 1)],
+        "max_probes": [Interval(int, 1)],
+        "rtol": [Interval(float, 0, open_low=True)],
+        "sketch": [Interval(int, 1)],
+        "round_size": [Interval(int, 1)],
+        "seed": [Interval(int, 0)],
+        "progress": [bool],
+    }
 
     def __init__(
         self,
@@ -76,6 +114,7 @@ class HessianTrace(Estimator):
         max_probes: int = 48,
         rtol: float = 0.1,
         sketch: int = 8,
+        round_size: int = 8,
         seed: int = 0,
         progress: bool = True,
     ) -> None:
@@ -84,23 +123,31 @@ class HessianTrace(Estimator):
         self.max_probes = max_probes
         self.rtol = rtol
         self.sketch = sketch
+        self.round_size = round_size
         self.seed = seed
         self.progress = progress
 
-    def _estimate(self, model, batches, layers, options, loss_fn):
-        if self.method not in ("hutchinson", "hutchpp"):
-            raise MpsearchError(f"unknown method {self.method!r}", "use 'hutchinson' or 'hutchpp'")
+    def _validate_more(self) -> None:
+        if self.method == "hutchinson" and self.min_probes > self.max_probes:
+            raise MpsearchError(
+                f"estimator 'hessian': min_probes={self.min_probes} exceeds max_probes={self.max_probes}",
+                "pass min_probes <= max_probes",
+            )
+
+    def _estimate(self, model, batches, layers, options, objective: Objective):
         start = time.perf_counter()
         params = trainable_weights(model, layers)
-        hvp = HessianVectorProduct(model, batches, loss_fn, params)
-        gen = torch.Generator().manual_seed(self.seed)
+        hvp = HessianVectorProduct(model, batches, objective, params)
         shapes = [p.shape for p in params]
         total = self.max_probes if self.method == "hutchinson" else 3 * self.sketch + self.max_probes
         trace_start = time.perf_counter()
         with tqdm(total=total, desc="hessian probes", disable=not self.progress, leave=False) as bar:
             if self.method == "hutchinson":
-                est = hutchinson(hvp, shapes, gen, self.min_probes, self.max_probes, self.rtol, bar.update)
+                probe = seeded_probes(shapes, self.seed, model_device(model))
+                quad = lambda first, count: hvp.quad(probe, first, count)  # noqa: E731
+                est = hutchinson(quad, self.min_probes, self.max_probes, self.rtol, bar.update, self.round_size)
             else:
+                gen = torch.Generator(device=model_device(model)).manual_seed(self.seed)
                 est = hutchpp(hvp, shapes, gen, self.sketch, self.max_probes, bar.update)
         trace_s = time.perf_counter() - trace_start
         perturb = weight_perturbations(model, layers, options)

@@ -27,37 +27,58 @@ class TraceEstimate:
 
 
 def rademacher(shapes: list[torch.Size], generator: torch.Generator) -> list[torch.Tensor]:
-    return [torch.randint(0, 2, s, generator=generator).float() * 2 - 1 for s in shapes]
+    """+-1 probes, on the generator's device."""
+    dev = generator.device
+    return [torch.randint(0, 2, s, generator=generator, device=dev).float() * 2 - 1 for s in shapes]
 
 
 def _block_dots(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b)])
+    return torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b)]).cpu()
+
+
+# quad(first, count) -> (count, blocks): v_i . (H v_i) per block for probes i = first .. first + count - 1
+Quad = Callable[[int, int], torch.Tensor]
+
+
+def seeded_probes(shapes: list[torch.Size], seed: int, device: torch.device | str = "cpu"):
+    """probe(i): the i-th Rademacher probe, regenerated on demand from (seed, i) so none has to be kept."""
+
+    def probe(i: int) -> list[torch.Tensor]:
+        return rademacher(shapes, torch.Generator(device=device).manual_seed(seed * 1_000_003 + i))
+
+    return probe
+
+
+def matvec_quad(matvec: MatVec, probe: Callable[[int], list[torch.Tensor]]) -> Quad:
+    """A Quad from a whole-vector product (explicit matrices in tests, Hutch++-style callers)."""
+    return lambda first, count: torch.stack(
+        [_block_dots(v, matvec(v)) for v in (probe(i) for i in range(first, first + count))]
+    )
 
 
 def hutchinson(
-    matvec: MatVec,
-    shapes: list[torch.Size],
-    generator: torch.Generator,
+    quad: Quad,
     min_probes: int = 8,
     max_probes: int = 64,
     rtol: float = 0.1,
-    on_probe: Callable[[], None] | None = None,
+    on_probe: Callable[[int], None] | None = None,
+    round_size: int = 8,
 ) -> TraceEstimate:
-    """Rademacher probes until every block's relative standard error is below ``rtol`` (or max_probes)."""
-    samples = []
+    """Rademacher probes in rounds until every block's relative standard error is below ``rtol`` (or
+    ``max_probes``). The first round has ``min_probes`` probes, later ones ``round_size``: a round lets a
+    caller that recomputes its graph per batch share that graph among the round's probes."""
+    samples = torch.zeros(0, 0, dtype=torch.float64)
     while len(samples) < max_probes:
-        v = rademacher(shapes, generator)
-        samples.append(_block_dots(v, matvec(v)))
+        count = min(max(min_probes, 2) if len(samples) == 0 else round_size, max_probes - len(samples))
+        new = quad(len(samples), count).double()
+        samples = new if len(samples) == 0 else torch.cat([samples, new])
         if on_probe:
-            on_probe()
-        if len(samples) >= max(min_probes, 2):
-            stacked = torch.stack(samples)
-            stderr = stacked.std(0) / len(samples) ** 0.5
-            if torch.all(stderr <= rtol * stacked.mean(0).abs()):
-                break
-    stacked = torch.stack(samples)
-    stderr = stacked.std(0) / len(samples) ** 0.5 if len(samples) > 1 else torch.full_like(stacked[0], float("inf"))
-    return TraceEstimate(stacked.mean(0), stderr, len(samples))
+            on_probe(count)
+        stderr = samples.std(0) / len(samples) ** 0.5
+        if len(samples) >= 2 and torch.all(stderr <= rtol * samples.mean(0).abs()):
+            break
+    stderr = samples.std(0) / len(samples) ** 0.5 if len(samples) > 1 else torch.full_like(samples[0], float("inf"))
+    return TraceEstimate(samples.mean(0), stderr, len(samples))
 
 
 def hutchpp(
@@ -66,7 +87,7 @@ def hutchpp(
     generator: torch.Generator,
     sketch: int = 8,
     probes: int = 16,
-    on_probe: Callable[[], None] | None = None,
+    on_probe: Callable[[int], None] | None = None,
 ) -> TraceEstimate:
     """Hutch++ (Meyer et al. 2021) per block, all products shared across blocks.
 
@@ -78,7 +99,7 @@ def hutchpp(
     layers are weakly coupled. Strong cross-layer coupling puts its noise into step 2 (plain Hutchinson,
     the default, is then the better use of the same products).
     """
-    tick = on_probe or (lambda: None)
+    tick = (lambda: on_probe(1)) if on_probe else (lambda: None)
     ys = []
     for _ in range(sketch):
         s = rademacher(shapes, generator)
@@ -91,10 +112,7 @@ def hutchpp(
         draws = []
         for _ in range(2):
             signs = rademacher([torch.Size([len(shapes)])], generator)[0].double()
-            cols = [
-                (signs[b] * q[:, j] if j < q.shape[1] else torch.zeros(q.shape[0], dtype=torch.float64))
-                for b, q in enumerate(qs)
-            ]
+            cols = [(signs[b] * q[:, j] if j < q.shape[1] else q.new_zeros(q.shape[0])) for b, q in enumerate(qs)]
             hz = matvec([c.float().reshape(sh) for c, sh in zip(cols, shapes)])
             draws.append(_block_dots(cols, [h.reshape(-1) for h in hz]))  # cols carry the signs
             tick()

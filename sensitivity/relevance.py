@@ -6,15 +6,18 @@ import torch
 from torch import nn
 
 from mpsearch.core import LayerInfo, Option
-from mpsearch.data import call_model, cosine_distance, outputs
-from sensitivity.base import Estimator, LossFn
+from mpsearch.outputs import LOSSES, Objective
+from sensitivity.base import Estimator, units_for
 from sensitivity.sqnr import noise_ratios
 
 
-def layer_relevance(model: nn.Module, batches: list, layer_names: list[str], score_fn) -> dict:
+def layer_relevance(
+    model: nn.Module, batches: list, layer_names: list[str], score_fn, objective: Objective | None = None
+) -> dict:
     """Relevance reaching each layer's output: sum over samples and neurons of |a * d score / d a|.
 
     Returns {"relevance": {layer: abs total}, "signed": {layer: signed total}, "score": total score}.
+    ``score_fn(output, reference)`` is applied to the outputs reduced by ``objective``'s convention.
     ``model`` must be a private copy: its layers' weights are set to require gradients so that every
     layer output is part of the graph.
 
@@ -25,34 +28,33 @@ def layer_relevance(model: nn.Module, batches: list, layer_names: list[str], sco
     """
     modules = dict(model.named_modules())
     for name in layer_names:
-        modules[name].weight.requires_grad_(True)
-    acts: dict[str, list[torch.Tensor]] = {n: [] for n in layer_names}
+        modules[name].weight.requires_grad_(True)  # puts every layer output on the graph
+    acts: list[tuple[str, torch.Tensor]] = []
 
     def hook(name):
         def fn(mod, inputs, output):
-            output.retain_grad()
-            acts[name].append(output)
+            acts.append((name, output))
 
         return fn
 
-    reference = outputs(model, batches)  # before the hooks: they need a graph
+    objective = objective or Objective(LOSSES["kl"], "kl")
+    reference = objective.references(model, batches)  # before the hooks
     handles = [modules[n].register_forward_hook(hook(n)) for n in layer_names]
     totals = {n: 0.0 for n in layer_names}
     signed = {n: 0.0 for n in layer_names}
     score_total = 0.0
     try:
         for batch, ref in zip(batches, reference):
-            for n in layer_names:
-                acts[n].clear()
+            acts.clear()
             with torch.enable_grad():
-                score = score_fn(call_model(model, batch), ref)
-                score.backward()
+                score = score_fn(objective.output(model, batch), ref)
+                grads = torch.autograd.grad(score, [a for _, a in acts])  # no weight gradients are kept
             score_total += float(score.detach())
-            for n in layer_names:
-                for a in acts[n]:
-                    contrib = (a.detach() * a.grad).double()
-                    totals[n] += float(contrib.abs().sum())
-                    signed[n] += float(contrib.sum())
+            for (n, a), g in zip(acts, grads):
+                contrib = (a.detach() * g).double()
+                totals[n] += float(contrib.abs().sum())
+                signed[n] += float(contrib.sum())
+            acts.clear()
     finally:
         for h in handles:
             h.remove()
@@ -74,21 +76,27 @@ class Relevance(Estimator):
     """
 
     name = "relevance"
+    _parameter_constraints = {"progress": [bool]}
 
     def __init__(self, progress: bool = True) -> None:
         self.progress = progress
 
     def _estimate(
-        self, model: nn.Module, batches: list, layers: list[LayerInfo], options: list[Option], loss_fn: LossFn
+        self, model: nn.Module, batches: list, layers: list[LayerInfo], options: list[Option], objective: Objective
     ):
         for p in model.parameters():
             p.requires_grad_(False)
-        names = [i.name for i in layers]
-        rel = layer_relevance(model, batches, names, _score("cosine" if loss_fn is cosine_distance else "kl"))
-        total = sum(rel["relevance"].values()) or 1.0
-        share = {n: v / total for n, v in rel["relevance"].items()}
-        self.conservation_ = {n: rel["signed"][n] / rel["score"] if rel["score"] else float("nan") for n in names}
-        frame = noise_ratios(model, batches, layers, options, self.progress)[["layer", "option", "output_nsr"]]
+        units = units_for(model, layers)
+        names = [n for u in units for n in u.names]  # a shared weight gathers the relevance of all its uses
+        rel = layer_relevance(model, batches, names, _score(objective.name), objective)
+        per_unit = {u.name: sum(rel["relevance"][n] for n in u.names) for u in units}
+        total = sum(per_unit.values()) or 1.0
+        share = {n: v / total for n, v in per_unit.items()}
+        self.conservation_ = {
+            u.name: sum(rel["signed"][n] for n in u.names) / rel["score"] if rel["score"] else float("nan")
+            for u in units
+        }
+        frame = noise_ratios(model, batches, units, options, self.progress)[["layer", "option", "output_nsr"]]
         frame["relevance"] = frame["layer"].map(share)
         frame["damage"] = frame["relevance"] * frame["output_nsr"]
         return frame

@@ -11,74 +11,124 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from mpsearch.core import LayerInfo, Option
-from mpsearch.data import call_model
+from mpsearch.layers import Unit
+from mpsearch.outputs import Objective, raw_call
 from mpsearch.quant import quantize_weight
-from sensitivity.base import Estimator, LossFn
+from sensitivity.base import Estimator, units_for
 
 
 def _db(ratio: float) -> float:
     return -10 * math.log10(ratio) if ratio > 0 else math.inf
 
 
+class _Gram:
+    """Linear maps (nn.Linear, transformers Conv1D): the noise X dW^T has energy tr(dW G dW^T), G = X^T X.
+
+    One pass collects G; every option then costs one (out x in) @ (in x in) product instead of a pass over
+    the data. Siblings fed the very same input tensor (q/k/v, gate/up) share one G."""
+
+    def __init__(self, n_in: int, device: torch.device) -> None:
+        self.gram = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
+        self.last_input: torch.Tensor | None = None
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.gram += (x.T @ x).double()
+
+    def noise(self, delta: torch.Tensor) -> float:  # delta: (out, in), output channels first
+        return float(((delta.double() @ self.gram) * delta.double()).sum())
+
+
+class _Counts:
+    """Embeddings: the noise of looking up row v of dW, summed over lookups, is count_v ||dW_v||^2."""
+
+    def __init__(self, n_rows: int, device: torch.device) -> None:
+        self.counts = torch.zeros(n_rows, dtype=torch.float64, device=device)
+
+    def observe(self, ids: torch.Tensor) -> None:
+        self.counts += torch.bincount(ids.reshape(-1), minlength=self.counts.numel()).double()
+
+    def noise(self, delta: torch.Tensor) -> float:
+        return float((self.counts[:, None] * delta.double().pow(2)).sum())
+
+
 @torch.no_grad()
 def noise_ratios(
-    model: nn.Module, batches: list, layers: list[LayerInfo], options: list[Option], progress: bool = False
+    model: nn.Module, batches: list, units: list[Unit], options: list[Option], progress: bool = False
 ) -> pd.DataFrame:
-    """Per (layer, option): ``output_nsr`` = ||X (Q(W) - W)||^2 / ||layer output||^2 over the calibration
-    batches and ``weight_nsr`` = ||Q(W) - W||^2 / ||W||^2, with both as dB (``sqnr_db``, ``sqnr_weight_db``).
+    """Per (unit, option): ``output_nsr`` = ||X (Q(W) - W)||^2 / ||layer output||^2 over the calibration
+    batches (summed over the modules sharing the weight) and ``weight_nsr`` = ||Q(W) - W||^2 / ||W||^2, with
+    both as dB (``sqnr_db``, ``sqnr_weight_db``).
 
-    The output noise is the layer's response to the weight error alone (the layer itself called with weight
-    Q(W) - W and zero bias), so any Linear/Conv subclass (static-padding convs...) is handled.
+    Linear maps and embeddings keep input statistics (see _Gram, _Counts) from one forward pass, so no
+    per-option pass and no (layer x option) weight errors are held at once. Convolutions (small models) get
+    the layer itself called with weight Q(W) - W and zero bias inside the pass, so any Conv subclass
+    (static-padding convs...) is handled.
     """
     modules = dict(model.named_modules())
-    deltas, weight_nsr = {}, {}
-    for info in layers:
-        w = modules[info.name].weight
-        for opt in options:
-            delta = quantize_weight(w, opt) - w
-            deltas[info.name, opt.name] = delta
-            weight_nsr[info.name, opt.name] = float(delta.double().pow(2).sum() / w.double().pow(2).sum())
-    signal = {info.name: 0.0 for info in layers}
-    noise = {key: 0.0 for key in deltas}
-    busy = set()  # the hook calls its own module again: skip that re-entrant call
+    owner = {name: u for u in units for name in u.names}
+    signal = {name: 0.0 for name in owner}
+    conv_noise: dict[tuple[str, str], float] = {}
+    stats: dict[str, _Gram | _Counts] = {}
+    last: list = [None, None]  # (input tensor, its _Gram) of the latest linear call: shared by siblings
+    busy = set()  # a conv's hook calls the conv again: skip that re-entrant call
 
-    def hook(name):
-        module = modules[name]
-        params = {"bias": torch.zeros_like(module.bias)} if module.bias is not None else {}
-
+    def hook(name: str):
         def fn(mod, inputs, output):
             if name in busy:
                 return
-            busy.add(name)
             signal[name] += float(output.double().pow(2).sum())
-            for opt in options:
-                err = functional_call(mod, {**params, "weight": deltas[name, opt.name]}, inputs)
-                noise[name, opt.name] += float(err.double().pow(2).sum())
-            busy.discard(name)
+            x = inputs[0]
+            if isinstance(mod, nn.Embedding):
+                stats.setdefault(name, _Counts(mod.num_embeddings, x.device)).observe(x)
+            elif isinstance(mod, nn.Conv1d | nn.Conv2d):
+                busy.add(name)
+                w = mod.weight
+                zero = {"bias": torch.zeros_like(mod.bias)} if mod.bias is not None else {}
+                for opt in options:
+                    err = functional_call(mod, {**zero, "weight": quantize_weight(w, opt) - w}, inputs)
+                    key = (name, opt.name)
+                    conv_noise[key] = conv_noise.get(key, 0.0) + float(err.double().pow(2).sum())
+                busy.discard(name)
+            else:
+                if name not in stats:
+                    shared = last[1] if last[0] is x else None
+                    stats[name] = shared or _Gram(x.shape[-1], x.device)
+                if last[0] is not x:  # a sibling fed the same tensor already added it
+                    stats[name].observe(x)
+                last[0], last[1] = x, stats[name]
 
         return fn
 
-    handles = [modules[i.name].register_forward_hook(hook(i.name)) for i in layers]
+    handles = [modules[n].register_forward_hook(hook(n)) for n in owner]
     try:
         for batch in tqdm(batches, desc="sqnr", disable=not progress, leave=False):
-            call_model(model, batch)
+            last[0] = last[1] = None
+            raw_call(model, batch)
     finally:
         for h in handles:
             h.remove()
     rows = []
-    for (layer, option), n in noise.items():
-        ratio = n / signal[layer] if signal[layer] > 0 else 0.0
-        w_ratio = weight_nsr[layer, option]
-        rows.append(
-            {
-                "layer": layer,
-                "option": option,
-                "output_nsr": ratio,
-                "sqnr_db": _db(ratio),
-                "weight_nsr": w_ratio,
-                "sqnr_weight_db": _db(w_ratio),
-            }
-        )
+    for unit in tqdm(units, desc="sqnr options", disable=not progress, leave=False):
+        w = unit.weight
+        energy = float(w.double().pow(2).sum())
+        for opt in options:
+            delta = quantize_weight(w, opt) - w
+            ratio = 0.0
+            for name in unit.names:  # an embedding alias reads the same (vocab, hidden) rows as its lm_head
+                noise = stats[name].noise(delta) if name in stats else conv_noise.get((name, opt.name), 0.0)
+                ratio += noise / signal[name] if signal[name] > 0 else 0.0
+            w_ratio = float(delta.double().pow(2).sum()) / energy if energy > 0 else 0.0
+            rows.append(
+                {
+                    "layer": unit.name,
+                    "option": opt.name,
+                    "output_nsr": ratio,
+                    "sqnr_db": _db(ratio),
+                    "weight_nsr": w_ratio,
+                    "sqnr_weight_db": _db(w_ratio),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -90,10 +140,11 @@ class SQNR(Estimator):
     """
 
     name = "sqnr"
+    _parameter_constraints = {"progress": [bool]}
 
     def __init__(self, progress: bool = True) -> None:
         self.progress = progress
 
-    def _estimate(self, model, batches, layers, options, loss_fn: LossFn):
-        frame = noise_ratios(model, batches, layers, options, self.progress)
+    def _estimate(self, model, batches, layers: list[LayerInfo], options, objective: Objective):
+        frame = noise_ratios(model, batches, units_for(model, layers), options, self.progress)
         return frame.assign(damage=frame["output_nsr"])

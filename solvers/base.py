@@ -8,18 +8,19 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from mpsearch.core import SearchResult
+from mpsearch.core.params import Configurable
 from solvers.problem import Problem
 
 
-class Solver(ABC):
-    """Turns a :class:`Problem` into a :class:`SearchResult`. Constructor arguments are stored verbatim."""
+class Solver(Configurable, ABC):
+    """Turns a :class:`Problem` into a :class:`SearchResult`. Constructor arguments are stored verbatim and
+    checked against ``_parameter_constraints`` before solving."""
 
+    component = "solver"
     name: str = "solver"
 
-    def get_params(self) -> dict:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and not k.endswith("_")}
-
     def solve(self, problem: Problem) -> SearchResult:
+        self.validate_params()
         start = time.perf_counter()
         self.extra_: dict = {}
         choice, status, gap = self._solve(problem)

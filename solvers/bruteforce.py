@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 
 from mpsearch.core import InfeasibleBudgetError, MpsearchError
+from mpsearch.core.params import Interval
 from solvers.base import Solver
 from solvers.problem import Problem
 
@@ -15,6 +16,8 @@ class BruteForce(Solver):
     """Enumerate every plan. ``max_plans`` guards against accidental use on large problems."""
 
     name = "bruteforce"
+
+    _parameter_constraints = {"max_plans": [Interval(int, 1)]}
 
     def __init__(self, max_plans: int = 2_000_000) -> None:
         self.max_plans = max_plans

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpsearch.core import InfeasibleBudgetError, MpsearchError
+from mpsearch.core.params import Interval
 from solvers.base import Solver
 from solvers.lagrange import Hull, dual_multipliers, lagrangian
 from solvers.problem import Problem
@@ -195,6 +196,8 @@ class CoreDP(Solver):
     reports the core's size (``core_units``) and the largest state list (``peak_states``)."""
 
     name = "core"
+
+    _parameter_constraints = {"max_states": [Interval(int, 1)]}
 
     def __init__(self, max_states: int = 1 << 20) -> None:
         self.max_states = max_states

@@ -15,6 +15,7 @@ from functools import reduce
 import numpy as np
 
 from mpsearch.core import InfeasibleBudgetError, MpsearchError
+from mpsearch.core.params import Interval
 from solvers.base import Solver
 from solvers.problem import Problem
 
@@ -101,6 +102,8 @@ class DP(Solver):
     """Exact DP on one constraint (any of avg_bits, size_bytes, bops, latency). Ties are honoured."""
 
     name = "dp"
+
+    _parameter_constraints = {"max_buckets": [Interval(int, 1)], "max_cells": [Interval(int, 1)]}
 
     def __init__(self, max_buckets: int = 1 << 20, max_cells: int = 1 << 28) -> None:
         self.max_buckets = max_buckets

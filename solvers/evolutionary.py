@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mpsearch.core import BitPlan, MpsearchError
+from mpsearch.core.params import Interval, OneOf
 from solvers.base import Solver
 from solvers.problem import Problem
 
@@ -114,6 +115,19 @@ class Evolutionary(Solver):
     """
 
     name = "evolutionary"
+    _parameter_constraints = {
+        "fitness": ["callable"],
+        "n_trials": [Interval(int, 1)],
+        "timeout": [None, Interval(float, 0, open_low=True)],
+        "warm_start": [OneOf(("core", "dp", "ilp", "greedy", "bruteforce"))],
+        "storage": [None, str],
+        "run_dir": [str, Path],
+        "study_name": [None, str],
+        "n_mutations": [Interval(int, 1)],
+        "tournament": [Interval(int, 1)],
+        "seed": [Interval(int, 0)],
+        "progress": [bool],
+    }
 
     def __init__(
         self,

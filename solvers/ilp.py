@@ -23,6 +23,7 @@ import warnings
 import numpy as np
 
 from mpsearch.core import InfeasibleBudgetError, MpsearchError
+from mpsearch.core.params import Interval, OneOf
 from solvers.base import Solver
 from solvers.problem import Problem
 
@@ -44,6 +45,12 @@ class ILP(Solver):
     """Exact integer program; see the module docstring for the backends."""
 
     name = "ilp"
+
+    _parameter_constraints = {
+        "backend": [OneOf(BACKENDS)],
+        "time_limit": [None, Interval(float, 0, open_low=True)],
+        "msg": [bool],
+    }
 
     def __init__(self, backend: str = "cbc", time_limit: float | None = None, msg: bool = False) -> None:
         self.backend = backend

@@ -7,6 +7,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mpsearch.core import MpsearchError
+from mpsearch.core.params import Configurable, Interval
 from mpsearch.core.pareto import ParetoFront
 from solvers.core import Arrays, relax, search_core
 from solvers.dp import backtrack, integerize, knapsack_table
@@ -14,7 +15,7 @@ from solvers.lagrange import Hull
 from solvers.problem import Problem
 
 
-class Pareto:
+class Pareto(Configurable):
     """Front over the problem's budget axes (one or two), for costs up to the budget's limits.
 
     ``budgets=None`` (default): the complete front, every non-dominated point. One axis: one DP pass over
@@ -28,7 +29,14 @@ class Pareto:
     (``meta['exact']``); points between them are not listed (``meta['complete']`` is False).
     """
 
+    component = "solver"
     name = "pareto"
+    _parameter_constraints = {
+        "budgets": [None, Interval(int, 2)],
+        "max_buckets": [Interval(int, 1)],
+        "max_cells": [Interval(int, 1)],
+        "max_points": [Interval(int, 1)],
+    }
 
     def __init__(
         self,
@@ -43,9 +51,8 @@ class Pareto:
         self.max_points = max_points
 
     def solve(self, problem: Problem) -> ParetoFront:
+        self.validate_params()
         if self.budgets is not None:
-            if not isinstance(self.budgets, int) or self.budgets < 2:
-                raise MpsearchError(f"budgets={self.budgets!r} is not a whole number >= 2", "pass e.g. budgets=200")
             if len(problem.constraints) != 1:
                 raise MpsearchError("Pareto(budgets=N) samples one cost axis", "give one budget constraint")
             return self._front(problem, sampled_front(problem, self.budgets), True, complete=False)

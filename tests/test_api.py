@@ -45,7 +45,7 @@ def test_apply_plan_on_zoo_model_keeps_the_original(digits):
 
 
 def test_search_under_a_bops_budget_uses_the_measured_macs(digits):
-    table = mpsearch.estimate(digits.model, digits.calibration, "sqnr", loss_fn="kl", progress=False)
+    table = mpsearch.estimate(digits.model, digits.calibration, "sqnr", loss_fn="kl", estimator_params={"progress": False})
     int4_bops = table.uniform_cost("int4", "bops")
     result = mpsearch.search(digits.model, iter(digits.calibration), mpsearch.Budget(bops=int4_bops), loss_fn="kl")
     assert result.constraints["bops"].value <= int4_bops

@@ -53,6 +53,7 @@ def test_evaluate_beats_uniform_baseline_of_no_larger_size(digits_plan, capsys):
         "size_bytes",
         "metric_name",
         "metric",
+        "higher_is_better",
         "uniform_option",
         "uniform_avg_bits",
         "uniform_metric",

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from mpsearch.core import MpsearchError
-from mpsearch.data import kl_div
+from mpsearch.outputs import kl_div
 from mpsearch.quant import quantize_weight
 from sensitivity import SQNR, Entropy, Fisher, HessianTrace, Measured, Relevance, get_estimator
 

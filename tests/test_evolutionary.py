@@ -22,7 +22,7 @@ HERE = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def setup(digits):
-    table = estimate(digits.model, digits.calibration, "sqnr", loss_fn="kl", progress=False)
+    table = estimate(digits.model, digits.calibration, "sqnr", loss_fn="kl", estimator_params={"progress": False})
     fitness = PlanFitness(digits.model, digits.calibration, "kl")
     return table, fitness
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from sensitivity import HessianTrace
-from sensitivity.hutchinson import hutchinson, hutchpp
+from sensitivity.hutchinson import hutchinson, hutchpp, matvec_quad, seeded_probes
 
 
 def block_matvec(h: torch.Tensor, shapes):
@@ -34,7 +34,7 @@ def psd():
 def test_hutchinson_block_traces_within_three_standard_errors(psd):
     shapes = [torch.Size([4, 5]), torch.Size([30]), torch.Size([10])]
     matvec, sizes = block_matvec(psd, shapes)
-    est = hutchinson(matvec, shapes, torch.Generator().manual_seed(1), min_probes=200, max_probes=200)
+    est = hutchinson(matvec_quad(matvec, seeded_probes(shapes, 1)), min_probes=200, max_probes=200)
     truth = block_traces(psd, sizes)
     assert est.matvecs == 200
     assert torch.all((est.trace - truth).abs() <= 3 * est.stderr)
@@ -45,7 +45,7 @@ def test_rademacher_probes_are_exact_on_a_diagonal_hessian():
     d = torch.diag(torch.linspace(0.1, 5, 30, dtype=torch.float64))
     shapes = [torch.Size([10]), torch.Size([4, 5])]
     matvec, sizes = block_matvec(d, shapes)
-    est = hutchinson(matvec, shapes, torch.Generator().manual_seed(0), min_probes=3, max_probes=3)
+    est = hutchinson(matvec_quad(matvec, seeded_probes(shapes, 0)), min_probes=3, max_probes=3)
     torch.testing.assert_close(est.trace, block_traces(d, sizes), rtol=1e-6, atol=1e-9)
     assert torch.all(est.stderr < 1e-6)
 
@@ -53,8 +53,9 @@ def test_rademacher_probes_are_exact_on_a_diagonal_hessian():
 def test_adaptive_stopping_uses_fewer_probes_when_tolerance_is_loose(psd):
     shapes = [torch.Size([30]), torch.Size([30])]
     matvec, _ = block_matvec(psd, shapes)
-    loose = hutchinson(matvec, shapes, torch.Generator().manual_seed(0), min_probes=4, max_probes=500, rtol=0.2)
-    tight = hutchinson(matvec, shapes, torch.Generator().manual_seed(0), min_probes=4, max_probes=500, rtol=0.02)
+    quad = matvec_quad(matvec, seeded_probes(shapes, 0))
+    loose = hutchinson(quad, min_probes=4, max_probes=500, rtol=0.2)
+    tight = hutchinson(quad, min_probes=4, max_probes=500, rtol=0.02)
     assert loose.matvecs < tight.matvecs
     assert torch.all(tight.stderr <= 0.02 * tight.trace.abs())
 
@@ -71,7 +72,7 @@ def test_hutchpp_is_sharper_on_low_rank_blocks():
     matvec, sizes = block_matvec(h, shapes)
     truth = block_traces(h, sizes)
     pp = hutchpp(matvec, shapes, torch.Generator().manual_seed(0), sketch=6, probes=14)
-    plain = hutchinson(matvec, shapes, torch.Generator().manual_seed(0), min_probes=32, max_probes=32)
+    plain = hutchinson(matvec_quad(matvec, seeded_probes(shapes, 0)), min_probes=32, max_probes=32)
     assert pp.matvecs == 32 == plain.matvecs
     assert torch.all((pp.trace - truth).abs() <= 3 * pp.stderr + 1e-3 * truth)
     assert torch.all((pp.trace - truth).abs() < 0.01 * truth)

@@ -21,12 +21,21 @@ ACTIVATION_BITS = 16  # activations stay in half precision: BOPs = MACs * weight
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A quantizable layer: fully-qualified name, weight shape, kind, MACs per sample (None if unknown)."""
+    """A unit of the plan: one quantizable weight tensor.
+
+    ``name``: the FQN of the module that owns the weight (the plan's key); ``shape``: the weight's logical
+    shape with output channels first (a transformers ``Conv1D`` stores [in, out]: ``transposed``);
+    ``kind``: the module kind; ``macs``: per sample (None if unknown); ``aliases``: other modules that share
+    this very tensor (a tied ``lm_head``/``embed_tokens``): quantizing the unit quantizes them too, and the
+    tensor is counted once in every budget.
+    """
 
     name: str
     shape: tuple[int, ...]
     kind: str
     macs: int | None = None
+    aliases: tuple[str, ...] = ()
+    transposed: bool = False
 
     @property
     def n_params(self) -> int:

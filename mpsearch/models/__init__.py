@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import nn
 
-from mpsearch.core import UnknownModelError
+from mpsearch.core import DEFAULT_OPTIONS, UnknownModelError
 
 
 @dataclass
@@ -15,7 +16,9 @@ class ZooModel:
     """A model with calibration data, held-out evaluation data and its quality measure.
 
     ``loss`` names the label-free loss against the full-precision output ("kl" for logits, "cosine" for
-    embeddings); the metric derived from it is higher-is-better ("neg_kl" or "cosine").
+    embeddings); the metric is ``perplexity`` for causal LMs (lower is better), else derived from the loss
+    ("neg_kl" or "cosine", higher is better). ``options``: what a search over this model considers by
+    default.
     """
 
     name: str
@@ -23,10 +26,31 @@ class ZooModel:
     calibration: list
     evaluation: list
     loss: str
+    options: tuple[str, ...] = DEFAULT_OPTIONS
 
     @property
     def metric_name(self) -> str:
+        from mpsearch.outputs import is_causal_lm
+
+        if is_causal_lm(self.model):
+            return "perplexity"
         return "neg_kl" if self.loss == "kl" else "cosine"
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' load reports and progress bars off while a zoo model loads."""
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def _digits(n_calib: int, n_eval: int) -> ZooModel:
@@ -44,6 +68,13 @@ def _minilm(n_calib: int, n_eval: int) -> ZooModel:
     return ZooModel("minilm-l6", load_minilm(), tokenize(calib), tokenize(evaluation), "cosine")
 
 
+def _smollm2(n_calib: int, n_eval: int) -> ZooModel:
+    from mpsearch.models.smollm2 import OPTIONS, load_smollm2, text_batches
+
+    calib, evaluation = text_batches(n_calib, n_eval)
+    return ZooModel("smollm2-135m", load_smollm2(), calib, evaluation, "kl", OPTIONS)
+
+
 def _efficientnet(n_calib: int, n_eval: int) -> ZooModel:
     from mpsearch.models.efficientnet import image_batches, load_efficientnet_lite0
 
@@ -56,6 +87,7 @@ ZOO: dict[str, tuple[Callable[[int, int], ZooModel], int, int]] = {
     "digits-cnn": (_digits, 256, 397),
     "minilm-l6": (_minilm, 32, 128),
     "efficientnet-lite0": (_efficientnet, 16, 32),
+    "smollm2-135m": (_smollm2, 16, 64),  # sequences of 256 tokens
 }
 
 

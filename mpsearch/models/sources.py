@@ -2,119 +2,36 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import re
-import warnings
+import hashlib
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 
-# Standard-library modules whose docstrings are read as English prose, in this fixed order.
-_DOC_MODULES = (
-    "argparse",
-    "asyncio",
-    "bisect",
-    "calendar",
-    "collections",
-    "concurrent.futures",
-    "contextlib",
-    "csv",
-    "dataclasses",
-    "datetime",
-    "decimal",
-    "difflib",
-    "email.message",
-    "enum",
-    "fractions",
-    "ftplib",
-    "functools",
-    "gzip",
-    "heapq",
-    "http.client",
-    "http.server",
-    "imaplib",
-    "inspect",
-    "ipaddress",
-    "itertools",
-    "json",
-    "logging",
-    "mailbox",
-    "multiprocessing",
-    "numbers",
-    "optparse",
-    "os",
-    "pathlib",
-    "pickle",
-    "pprint",
-    "queue",
-    "random",
-    "re",
-    "sched",
-    "shelve",
-    "shutil",
-    "smtplib",
-    "socket",
-    "socketserver",
-    "statistics",
-    "string",
-    "subprocess",
-    "tarfile",
-    "tempfile",
-    "textwrap",
-    "threading",
-    "timeit",
-    "tokenize",
-    "traceback",
-    "typing",
-    "unittest",
-    "urllib.parse",
-    "urllib.request",
-    "uuid",
-    "warnings",
-    "weakref",
-    "xml.dom.minidom",
-    "zipfile",
-)
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-_PROSE = re.compile(r"^[A-Z][A-Za-z0-9 ,;:'()\-/]+[.!?]$")
+from mpsearch.core import MpsearchError
+
+CORPUS = Path(__file__).with_name("data") / "corpus.txt"
+CORPUS_SHA256 = "a1d92630a098a23cd7095e3692be6e4ea1ef8e29d0056f7a3dfca3dd76bd5242"
 
 
-def _docstrings():
-    for modname in _DOC_MODULES:
-        try:
-            mod = importlib.import_module(modname)
-        except ImportError:
-            continue
-        yield inspect.getdoc(mod) or ""
-        for name in sorted(vars(mod)):
-            obj = vars(mod)[name]
-            if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
-                continue
-            with warnings.catch_warnings():  # some members (typing.io, typing.re) warn when touched
-                warnings.simplefilter("ignore", DeprecationWarning)
-                yield inspect.getdoc(obj) or ""
-
-
-def stdlib_sentences(min_words: int = 6, max_words: int = 40) -> list[str]:
-    """Prose sentences from standard-library docstrings, deduplicated, in a fixed order."""
-    seen, out = set(), []
-    for doc in _docstrings():
-        for para in doc.split("\n\n"):
-            text = " ".join(para.split())
-            for sentence in _SENTENCE_END.split(text):
-                n = len(sentence.split())
-                if min_words <= n <= max_words and _PROSE.match(sentence) and sentence not in seen:
-                    seen.add(sentence)
-                    out.append(sentence)
-    return out
+@lru_cache(maxsize=1)
+def corpus_sentences() -> tuple[str, ...]:
+    """The pinned English corpus (experiments/make_corpus.py): 2689 prose sentences from CPython's own
+    documentation, one per line, identical on every Python (checked against ``CORPUS_SHA256``)."""
+    raw = CORPUS.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != CORPUS_SHA256:
+        raise MpsearchError(f"the text corpus {CORPUS} was modified", "restore it (git checkout) or reinstall mpsearch")
+    return tuple(raw.decode().splitlines())
 
 
 def split_sentences(n_calib: int, n_eval: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """Disjoint calibration and evaluation sentences, shuffled with ``seed``."""
-    sentences = stdlib_sentences()
+    sentences = corpus_sentences()
     if len(sentences) < n_calib + n_eval:
-        raise ValueError(f"only {len(sentences)} sentences available, {n_calib + n_eval} requested")
+        raise MpsearchError(
+            f"only {len(sentences)} sentences available, {n_calib + n_eval} requested", "ask for fewer samples"
+        )
     order = np.random.default_rng(seed).permutation(len(sentences))
     chosen = [sentences[i] for i in order[: n_calib + n_eval]]
     return chosen[:n_calib], chosen[n_calib:]

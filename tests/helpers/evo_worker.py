@@ -11,7 +11,7 @@ from solvers import Evolutionary, Problem
 
 storage, worker, n_trials = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 zoo = load("digits-cnn", n_calib=64)
-table = estimate(zoo.model, zoo.calibration, "sqnr", loss_fn="kl", progress=False)
+table = estimate(zoo.model, zoo.calibration, "sqnr", loss_fn="kl", estimator_params={"progress": False})
 fitness = PlanFitness(zoo.model, zoo.calibration, "kl")
 solver = Evolutionary(fitness, n_trials=n_trials, storage=storage, study_name="shared", seed=worker)
 result = solver.solve(Problem(table, Budget(avg_bits=4.0)))
