@@ -60,7 +60,9 @@ def run(zoo: ZooModel, estimators: list[str], trials: int, out: Path) -> list[di
     }
     tables = {}
     for est in estimators:
-        tables[est] = estimate(zoo.model, zoo.calibration, est, SEARCH_OPTIONS, zoo.loss, estimator_params={"progress": False})
+        tables[est] = estimate(
+            zoo.model, zoo.calibration, est, SEARCH_OPTIONS, zoo.loss, estimator_params={"progress": False}
+        )
         for label, limit in budgets.items():
             result = solve(tables[est], Budget(size_bytes=limit), "dp")
             m = evaluate(zoo.model, result.plan, zoo.evaluation, zoo.loss)

@@ -6,9 +6,11 @@ validated (names and values) before any model copy or forward pass.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
+import torch
 from torch import nn
 
 from mpsearch.core import (
@@ -24,7 +26,7 @@ from mpsearch.core import (
 )
 from mpsearch.data import as_batches
 from mpsearch.layers import discover
-from mpsearch.outputs import OutputFn, evaluating, is_causal_lm, perplexity, resolve_objective
+from mpsearch.outputs import OutputFn, evaluating, is_causal_lm, nll_sum, raw_call, reduce_output, resolve_objective
 from mpsearch.quant import apply_plan
 from mpsearch.quant.apply import resolve_plan
 
@@ -257,17 +259,27 @@ def evaluate(
     if loss is not None and loss not in ("kl", "cosine"):
         raise MpsearchError(f"unknown loss {loss!r}", "use 'kl' or 'cosine'")
     sizes = plan_size(model, plan)
-    with evaluating(model):
+    lm = output_fn is None and is_causal_lm(model)
+    losses, nll = [], {"fp": [0.0, 0], "q": [0.0, 0]}
+    with evaluating(model), torch.no_grad():
         objective = resolve_objective(loss, output_fn, model, batches[0])
-        reference = objective.references(model, batches)
         quantized = apply_plan(model, plan).eval()
-        value = objective.mean(quantized, batches, reference)
-        out = {**sizes, "loss_name": objective.name, "loss": value}
-        if output_fn is None and is_causal_lm(model):
-            out.update(perplexity=perplexity(quantized, batches), perplexity_fp=perplexity(model, batches))
-            return {**out, "metric_name": "perplexity", "metric": out["perplexity"], "higher_is_better": False}
+        for batch in batches:  # one forward of each model per batch serves the loss and the perplexity
+            raw = {"fp": raw_call(model, batch), "q": raw_call(quantized, batch)}
+            ref, out = (reduce_output(raw[k], batch, output_fn) for k in ("fp", "q"))
+            losses.append(float(objective.loss(out, ref)))
+            for key in nll if lm else ():
+                total, count = nll_sum(None, batch, raw[key])
+                nll[key][0] += total
+                nll[key][1] += count
+    value = float(np.mean(losses))
+    result = {**sizes, "loss_name": objective.name, "loss": value}
+    if lm:
+        ppl = {k: math.exp(total / max(count, 1)) for k, (total, count) in nll.items()}
+        result.update(perplexity=ppl["q"], perplexity_fp=ppl["fp"])
+        return {**result, "metric_name": "perplexity", "metric": ppl["q"], "higher_is_better": False}
     metric_name, metric = ("neg_kl", -value) if objective.name == "kl" else ("cosine", 1.0 - value)
-    return {**out, "metric_name": metric_name, "metric": metric, "higher_is_better": True}
+    return {**result, "metric_name": metric_name, "metric": metric, "higher_is_better": True}
 
 
 def better(a: dict, b: dict | None) -> bool:

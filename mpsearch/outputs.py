@@ -207,9 +207,10 @@ def _input_ids(batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def nll_sum(model: nn.Module, batch) -> tuple[float, int]:
-    """(summed next-token negative log-likelihood, number of predicted tokens) on one batch; padding excluded."""
-    logits, _ = select(raw_call(model, batch))
+def nll_sum(model: nn.Module, batch, output=None) -> tuple[float, int]:
+    """(summed next-token negative log-likelihood, number of predicted tokens) on one batch; padding excluded.
+    ``output``: the model's raw output on ``batch`` when the caller has it already."""
+    logits, _ = select(raw_call(model, batch) if output is None else output)
     ids = _input_ids(batch).to(logits.device)
     if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
         raise MpsearchError(

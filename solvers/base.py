@@ -18,6 +18,7 @@ class Solver(Configurable, ABC):
 
     component = "solver"
     name: str = "solver"
+    exact: bool = False  # whether it proves optimality (conformance suites check exact solvers by brute force)
 
     def solve(self, problem: Problem) -> SearchResult:
         self.validate_params()

@@ -15,6 +15,7 @@ from solvers.problem import Problem
 class BruteForce(Solver):
     """Enumerate every plan. ``max_plans`` guards against accidental use on large problems."""
 
+    exact = True  # proves optimality (status "optimal") when it returns one
     name = "bruteforce"
 
     _parameter_constraints = {"max_plans": [Interval(int, 1)]}

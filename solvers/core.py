@@ -195,6 +195,7 @@ class CoreDP(Solver):
     """Exact solver for any number of constraints (see the module docstring). Ties are honoured. ``extra``
     reports the core's size (``core_units``) and the largest state list (``peak_states``)."""
 
+    exact = True  # proves optimality (status "optimal") when it returns one
     name = "core"
 
     _parameter_constraints = {"max_states": [Interval(int, 1)]}

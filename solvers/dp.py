@@ -101,6 +101,7 @@ def integerize(problem: Problem, max_buckets: int, max_cells: int) -> Integerize
 class DP(Solver):
     """Exact DP on one constraint (any of avg_bits, size_bytes, bops, latency). Ties are honoured."""
 
+    exact = True  # proves optimality (status "optimal") when it returns one
     name = "dp"
 
     _parameter_constraints = {"max_buckets": [Interval(int, 1)], "max_cells": [Interval(int, 1)]}

@@ -110,8 +110,8 @@ class Evolutionary(Solver):
     ``fitness(plan) -> float`` (lower is better); ``n_trials`` trials in this call (the study may hold more
     from earlier runs or other workers); ``timeout`` seconds at most; ``warm_start`` a solver name ("core",
     "ilp") whose optimum seeds the search; ``storage`` an Optuna storage URL (default: SQLite file
-    ``run_dir/evolutionary.db``); ``study_name`` (default: derived from the table and budget, so a re-run
-    resumes the same study).
+    ``run_dir/evolutionary.db``; ":memory:" keeps it in this process only); ``study_name`` (default: derived
+    from the table and budget, so a re-run resumes the same study).
     """
 
     name = "evolutionary"
@@ -179,7 +179,7 @@ class Evolutionary(Solver):
             storage = f"sqlite:///{Path(self.run_dir) / 'evolutionary.db'}"
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         sampler = _make_sampler(problem, start_choice, self.seed, self.n_mutations, self.tournament)
-        study = _open_study(self.study_name_for(problem), storage, sampler)
+        study = _open_study(self.study_name_for(problem), None if storage == ":memory:" else storage, sampler)
 
         def objective(trial):
             choice = np.array(

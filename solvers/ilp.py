@@ -44,6 +44,7 @@ def _infeasible():
 class ILP(Solver):
     """Exact integer program; see the module docstring for the backends."""
 
+    exact = True  # proves optimality (status "optimal") when it returns one
     name = "ilp"
 
     _parameter_constraints = {

@@ -45,8 +45,61 @@ def test_apply_plan_on_zoo_model_keeps_the_original(digits):
 
 
 def test_search_under_a_bops_budget_uses_the_measured_macs(digits):
-    table = mpsearch.estimate(digits.model, digits.calibration, "sqnr", loss_fn="kl", estimator_params={"progress": False})
+    table = mpsearch.estimate(
+        digits.model, digits.calibration, "sqnr", loss_fn="kl", estimator_params={"progress": False}
+    )
     int4_bops = table.uniform_cost("int4", "bops")
     result = mpsearch.search(digits.model, iter(digits.calibration), mpsearch.Budget(bops=int4_bops), loss_fn="kl")
     assert result.constraints["bops"].value <= int4_bops
     assert result.constraints["bops"].value > table.uniform_cost("int3", "bops")  # the budget was used
+
+
+class CountingModel(torch.nn.Module):
+    """Counts forward passes and deep copies: a wrong parameter must be refused before either happens."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+        self.forwards = 0
+        self.copies = 0
+
+    def forward(self, x):
+        self.forwards += 1
+        return self.fc(x)
+
+    def __deepcopy__(self, memo):
+        self.copies += 1
+        raise AssertionError("copied")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_probes": 4}, r"search\(\) has no parameter 'max_probes'; estimator parameters go in estimator_params"),
+        ({"estimator_params": {"max_probes": 0}}, r"parameter 'max_probes' must be a whole number >= 1, got 0"),
+        ({"estimator_params": {"probes": 4}}, r"estimator 'hessian' has no parameter 'probes'; its parameters are"),
+        ({"estimator_params": {"method": "lanczos"}}, r"'method' must be one of 'hutchinson', 'hutchpp'"),
+        ({"solver": "ilp", "solver_params": {"backend": "gurobi"}}, r"solver 'ilp': parameter 'backend' must be"),
+        ({"solver": "evolutionary", "solver_params": {"n_trials": -1}}, r"'n_trials' must be a whole number >= 1"),
+    ],
+)
+def test_parameters_are_validated_before_any_copy_or_forward(kwargs, message):
+    model = CountingModel()
+    with pytest.raises(MpsearchError, match=message):
+        mpsearch.search(model, [torch.randn(2, 4)], estimator="hessian", **kwargs)
+    assert model.forwards == 0 and model.copies == 0
+
+
+def test_estimator_and_solver_params_reach_their_targets(digits):
+    result = mpsearch.search(
+        digits.model,
+        digits.calibration[:1],
+        mpsearch.Budget(avg_bits=5.0),
+        estimator="hessian",
+        solver="ilp",
+        loss_fn="kl",
+        estimator_params={"min_probes": 2, "max_probes": 3, "progress": False},
+        solver_params={"backend": "highs"},
+    )
+    assert result.extra["table"].meta["params"]["max_probes"] == 3
+    assert result.plan.provenance["solver_params"]["backend"] == "highs"

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import mpsearch
-from mpsearch.outputs import Objective, cosine_distance
 from mpsearch.cli import main
 from mpsearch.core import BitPlan, MpsearchError
 from mpsearch.export import export, gptqmodel_dynamic, hqq_dynamic_config, to_llama_cpp
+from mpsearch.outputs import Objective, cosine_distance
 
 
 @pytest.fixture(scope="module")

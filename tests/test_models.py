@@ -1,10 +1,10 @@
 import torch
 
-from mpsearch.outputs import raw_call
 from mpsearch.layers import discover
 from mpsearch.models import ZOO, load
 from mpsearch.models.digits import accuracy, load_digits_cnn
 from mpsearch.models.sources import CORPUS, corpus_sentences, split_sentences
+from mpsearch.outputs import raw_call
 
 
 def test_digits_cnn_is_trained_and_cached(digits):

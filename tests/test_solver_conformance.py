@@ -7,10 +7,18 @@ from hypothesis import strategies as st
 from test_solvers import random_table
 
 from mpsearch.core import Budget, InfeasibleBudgetError
-from solvers import DP, ILP, BruteForce, CoreDP, Greedy, Pareto, Problem
+from mpsearch.testing import solver_instances
+from solvers import DP, REGISTRY, BruteForce, Greedy, Pareto, Problem
 
-EXACT = [DP(), CoreDP(), ILP("cbc"), ILP("highs"), ILP("cpsat")]
-ALL = [*EXACT, Greedy()]
+ALL = solver_instances()  # every registered solver: a new one cannot escape this suite
+EXACT = [s for s in ALL if s.exact and not isinstance(s, BruteForce)]
+
+
+def test_registry_is_covered():
+    assert {s.name for s in ALL} == set(REGISTRY)
+    assert {s.name for s in EXACT} == {"dp", "core", "ilp"}
+
+
 ids = lambda s: f"{s.name}-{getattr(s, 'backend', '')}"  # noqa: E731
 
 
