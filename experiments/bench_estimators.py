@@ -23,8 +23,8 @@ import time
 import torch
 from scipy.stats import spearmanr
 
-from mpsearch.data import LOSSES
 from mpsearch.models import load
+from mpsearch.outputs import resolve_objective
 from sensitivity import REGISTRY, HessianTrace, Measured
 from sensitivity.hessian import HessianVectorProduct, trainable_weights
 from sensitivity.hutchinson import rademacher
@@ -45,7 +45,7 @@ def loop_hvp_seconds(model, batches, loss, n_layers: int, n_probes: int, seed: i
     work = copy.deepcopy(model).eval()
     layers, _ = discover(work)
     params = trainable_weights(work, layers)
-    hvp = HessianVectorProduct(work, batches, LOSSES[loss], params)
+    hvp = HessianVectorProduct(work, batches, resolve_objective(loss, None), params)
     gen = torch.Generator().manual_seed(seed)
     step = max(1, len(params) // n_layers)
     for idx in range(0, len(params), step)[:n_layers]:

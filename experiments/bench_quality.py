@@ -141,7 +141,12 @@ def plot(name: str, rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(ZOO), help="zoo names or module:function")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=[m for m in ZOO if m != "smollm2-135m"],  # the LLM has its own benchmark: bench_llm.py
+        help="zoo names or module:function",
+    )
     p.add_argument("--estimators", nargs="+", default=None)
     p.add_argument("--trials", type=int, default=None, help="Evolutionary trials (0: skip)")
     p.add_argument("--quick", action="store_true", help="fisher only, 8 evolutionary trials")

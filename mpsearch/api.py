@@ -30,6 +30,10 @@ from mpsearch.outputs import OutputFn, evaluating, is_causal_lm, nll_sum, raw_ca
 from mpsearch.quant import apply_plan
 from mpsearch.quant.apply import resolve_plan
 
+# The estimator with the best measured fidelity to Measured on the real models (README: Spearman 0.97 on
+# smollm2-135m, 0.99 minilm-l6, 0.96 efficientnet-lite0); SQNR's plans on smollm2 were worse than uniform.
+DEFAULT_ESTIMATOR = "fisher"
+
 
 def _resolve_model(model, data, loss_fn, options):
     """A zoo name becomes (module, calibration data, loss, options, name); a module passes through."""
@@ -87,7 +91,7 @@ def make_solver(solver, solver_params: dict | None = None):
 def estimate(
     model: nn.Module | str,
     data: Iterable | None = None,
-    estimator="sqnr",
+    estimator=DEFAULT_ESTIMATOR,
     options: Iterable[str] | None = None,
     loss_fn=None,
     *,
@@ -95,18 +99,22 @@ def estimate(
     include=None,
     exclude=None,
     estimator_params: dict | None = None,
+    cache: bool = True,
     **extra,
 ) -> CostTable:
     """Build a cost table with an estimator (a name from sensitivity.REGISTRY or an Estimator).
 
     ``model``: an nn.Module (any transformers model as it comes; ``data`` required) or a zoo name.
     ``loss_fn``: None (KL for logits, cosine for embeddings), "kl", "cosine" or f(output, reference);
-    ``output_fn(output, batch)``: overrides the output convention; ``include``/``exclude``: FQN patterns.
+    ``output_fn(output, batch)``: overrides the output convention; ``include``/``exclude``: FQN patterns;
+    ``cache``: reuse/store the table in the on-disk cache.
     """
     _no_extra("estimate", extra)
     est = make_estimator(estimator, estimator_params)
     module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options)
-    table = est.estimate(module, data, options, loss_fn, output_fn=output_fn, include=include, exclude=exclude)
+    table = est.estimate(
+        module, data, options, loss_fn, cache=cache, output_fn=output_fn, include=include, exclude=exclude
+    )
     if name:
         table.meta["model"] = name
     return table
@@ -139,7 +147,7 @@ def search(
     model: nn.Module | str,
     data: Iterable | None = None,
     budget: Budget | None = None,
-    estimator="sqnr",
+    estimator=DEFAULT_ESTIMATOR,
     solver="core",
     options: Iterable[str] | None = None,
     loss_fn=None,
@@ -160,10 +168,7 @@ def search(
     """
     _no_extra("search", extra)
     budget = budget or Budget(avg_bits=4.0)
-    est = make_estimator(estimator, estimator_params)
-    solver_params = dict(solver_params or {})
-    needs_fitness = solver == "evolutionary" and "fitness" not in solver_params
-    slv = make_solver(solver, {**solver_params, "fitness": _placeholder} if needs_fitness else solver_params)
+    est, slv, needs_fitness = search_components(estimator, solver, estimator_params, solver_params)
     module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options)
     parse_options(options)
     data = as_batches(data)  # iterated several times below
@@ -183,9 +188,18 @@ def search(
     return result
 
 
+def search_components(estimator, solver, estimator_params: dict | None = None, solver_params: dict | None = None):
+    """(estimator, solver, needs_fitness), both validated. An "evolutionary" solver without a ``fitness``
+    gets a stand-in that ``search`` replaces by a PlanFitness on the calibration data."""
+    est = make_estimator(estimator, estimator_params)
+    solver_params = dict(solver_params or {})
+    needs_fitness = solver == "evolutionary" and "fitness" not in solver_params
+    slv = make_solver(solver, {**solver_params, "fitness": _placeholder} if needs_fitness else solver_params)
+    return est, slv, needs_fitness
+
+
 def _placeholder(plan) -> float:
-    """Stands in for the evolutionary fitness while parameters are validated (replaced before solving)."""
-    raise RuntimeError("placeholder fitness called")
+    raise RuntimeError("the evolutionary fitness was not set")
 
 
 def pareto(

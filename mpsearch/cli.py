@@ -78,10 +78,8 @@ def cmd_search(args) -> int:
     if args.solver == "evolutionary":
         solver_params.setdefault("n_trials", args.trials)
     estimator_params = _params(args.estimator_params, "--estimator-params")
-    api.make_estimator(args.estimator, estimator_params)  # wrong names or values fail before loading the model
-    api.make_solver(
-        args.solver, {**solver_params, "fitness": api._placeholder} if args.solver == "evolutionary" else solver_params
-    )
+    # wrong names or values fail before the model is loaded
+    api.search_components(args.estimator, args.solver, estimator_params, solver_params)
     _status(f"searching {args.model} with {args.estimator} + {args.solver} ...")
     result = api.search(
         args.model,
@@ -233,6 +231,7 @@ def cmd_export(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     import sensitivity.base  # noqa: F401  (only to fail early if torch is missing)
+    from mpsearch import api
     from mpsearch.models import ZOO
     from sensitivity import REGISTRY as ESTIMATORS
     from solvers import REGISTRY as SOLVERS
@@ -245,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--avg-bits", type=float, help="budget: mean effective bits per weight")
     s.add_argument("--size-bytes", type=float, help="budget: bytes of the quantized weights")
     s.add_argument("--bops", type=float, help="budget: bit operations per sample")
-    s.add_argument("--estimator", default="sqnr", help=f"one of {sorted(ESTIMATORS)}")
+    s.add_argument("--estimator", default=api.DEFAULT_ESTIMATOR, help=f"one of {sorted(ESTIMATORS)}")
     s.add_argument("--solver", default="core", help=f"one of {sorted(SOLVERS)} (core: the fastest exact one)")
     s.add_argument("--trials", type=int, default=100, help="evolutionary: trials on the real model")
     s.add_argument(

@@ -21,7 +21,7 @@ from mpsearch.core import DEFAULT_OPTIONS, CostTable, LayerInfo, MpsearchError, 
 from mpsearch.core.params import Configurable
 from mpsearch.data import as_batches, cache_root, data_fingerprint
 from mpsearch.layers import Unit, discover, find_units, model_fingerprint
-from mpsearch.outputs import LossFn, Objective, OutputFn, resolve_objective
+from mpsearch.outputs import LossFn, Objective, OutputFn, evaluating, resolve_objective
 from mpsearch.quant import quantize_weight
 
 
@@ -62,14 +62,14 @@ class Estimator(Configurable, ABC):
             raise MpsearchError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass an nn.Module")
         batches = as_batches(data)
         opts = parse_options(options)
-        work = copy.deepcopy(model).eval()
-        layers, ties = discover(work, example=batches[0], include=include, exclude=exclude)
+        layers, ties = discover(model, example=batches[0], include=include, exclude=exclude)
         if not layers:
             raise MpsearchError(
                 "the model has no quantizable layers",
                 "use a model with Linear, Conv or transformers Conv1D layers, or loosen include=/exclude=",
             )
-        objective = resolve_objective(loss_fn, output_fn, work, batches[0])
+        with evaluating(model):
+            objective = resolve_objective(loss_fn, output_fn, model, batches[0])
         meta = {
             "estimator": self.name,
             "params": {k: v for k, v in self.get_params().items() if _jsonable(v) and k != "progress"},
@@ -87,6 +87,7 @@ class Estimator(Configurable, ABC):
         path = table_cache_path(meta) if cache and named else None
         if path is not None and path.exists():
             return CostTable.from_parquet(path)
+        work = copy.deepcopy(model).eval()
         extra = self._estimate(work, batches, layers, opts, objective)
         frame = cost_rows(layers, opts).merge(extra, on=["layer", "option"], how="left", validate="one_to_one")
         table = CostTable(frame, meta)

@@ -90,7 +90,8 @@ class Fisher(Estimator):
         gen = torch.Generator(device=model_device(model)).manual_seed(self.seed)
         fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         seen = 0
-        bar = tqdm(total=self.max_samples, desc="fisher samples", disable=not self.progress, leave=False)
+        total = min(self.max_samples, sum(n_samples(b) for b in batches))
+        bar = tqdm(total=total, desc="fisher samples", disable=not self.progress, leave=False)
         for batch in batches:
             for i in range(min(n_samples(batch), self.max_samples - seen)):
                 with torch.enable_grad():

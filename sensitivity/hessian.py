@@ -88,8 +88,9 @@ class HessianTrace(Estimator):
     """damage = tr(H_l) / n_l * ||Q(W_l) - W_l||^2, traces from Hutchinson or Hutch++ probes.
 
     ``method``: "hutchinson" (Rademacher probes, adaptive: stops once every layer's relative standard error
-    is below ``rtol``, between ``min_probes`` and ``max_probes``) or "hutchpp" (``sketch`` sketch vectors
-    and ``max_probes`` residual probes). The loss is the label-free loss against the full-precision output
+    is below ``rtol``, between ``min_probes`` and ``max_probes``; probes come in rounds of ``round_size``
+    that share one graph per batch) or "hutchpp" (``sketch`` sketch vectors and ``max_probes`` residual
+    probes). The loss is the label-free loss against the full-precision output
     (KL or cosine), whose gradient vanishes at the full-precision weights, so its Hessian is the curvature
     that quantization noise meets. Columns: hessian_trace, hessian_trace_std, perturbation. After a run,
     ``stats_`` holds the number of products and their time.
@@ -160,13 +161,16 @@ class HessianTrace(Estimator):
         rows = []
         for i, info in enumerate(layers):
             trace, std = float(est.trace[i]), float(est.stderr[i])
+            # the label-free loss sits at its minimum (zero gradient), where H is positive semi-definite and
+            # every block trace >= 0: a negative estimate is probe noise, not a layer that gains from noise
+            curvature = max(trace, 0.0)
             for opt in options:
                 d = perturb[info.name, opt.name]
                 rows.append(
                     {
                         "layer": info.name,
                         "option": opt.name,
-                        "damage": trace / info.n_params * d,
+                        "damage": curvature / info.n_params * d,
                         "damage_std": std / info.n_params * d,
                         "hessian_trace": trace,
                         "hessian_trace_std": std,

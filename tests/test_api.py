@@ -25,6 +25,7 @@ def test_search_accepts_zoo_names_and_solver_choice():
     default = mpsearch.search("digits-cnn", budget=mpsearch.Budget(avg_bits=5.0))
     assert dp.objective == pytest.approx(ilp.objective, rel=1e-9)
     assert default.plan.provenance["solver"] == "core" and default.objective == pytest.approx(dp.objective, rel=1e-9)
+    assert default.extra["table"].meta["estimator"] == "fisher"  # the best measured ranker (README)
     assert dp.plan.provenance["model"] == "digits-cnn"
 
 

@@ -101,6 +101,42 @@ def test_bad_inputs_give_one_line_errors(digits_plan, capsys, tmp_path):
         capsys, "evaluate", "--model", "digits-cnn", "--plan", str(tmp_path / "none.json")
     )
     assert "required" in _error(capsys, "search")
+    # parameters: wrong JSON, wrong names and values, patterns matching nothing
+    assert "--estimator-params is not valid JSON" in _error(
+        capsys, "search", "--model", "digits-cnn", "--estimator-params", "{max_probes: 4}"
+    )
+    msg = _error(
+        capsys, "search", "--model", "digits-cnn", "--estimator", "hessian", "--estimator-params", '{"probes": 4}'
+    )
+    assert "estimator 'hessian' has no parameter 'probes'; its parameters are method, min_probes" in msg
+    msg = _error(capsys, "search", "--model", "digits-cnn", "--solver", "ilp", "--solver-params", '{"backend": "x"}')
+    assert "solver 'ilp': parameter 'backend' must be one of 'cbc', 'highs', 'cpsat', got 'x'" in msg
+    assert "exclude pattern 'lm_head' matches no quantizable layer" in _error(
+        capsys, "search", "--model", "digits-cnn", "--exclude", "lm_head"
+    )
+
+
+def test_search_with_parameters_and_layer_patterns(capsys, tmp_path):
+    path = tmp_path / "p.json"
+    code, out, _ = run(
+        capsys,
+        "search",
+        "--model",
+        "digits-cnn",
+        "--estimator",
+        "hessian",
+        "--estimator-params",
+        '{"min_probes": 2, "max_probes": 2}',
+        "--exclude",
+        "classifier.*",
+        "--avg-bits",
+        "4.5",
+        "--out",
+        str(path),
+    )
+    assert code == 0
+    plan = json.loads(path.read_text())["plan"]
+    assert set(plan) == {"features.0", "features.2", "features.5"}  # the classifier stays in full precision
 
 
 @pytest.mark.parametrize("estimator", ["sqnr", "hessian", "fisher", "entropy", "relevance", "measured"])

@@ -50,3 +50,25 @@ def test_hessian_goes_through_sdpa_without_touching_the_attention_setting(name):
     (g,) = torch.autograd.grad(logits.float().pow(2).sum(), params, create_graph=True)
     with pytest.raises(RuntimeError, match="not implemented"):
         torch.autograd.grad(g.sum(), params)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fitness_and_evolutionary_search_on_transformers_models(name):
+    import mpsearch
+    from mpsearch.fitness import PlanFitness
+
+    model, data = MODELS[name]()
+    plan = mpsearch.uniform_plan(model, "int4")
+    fitness = PlanFitness(model, data)
+    assert fitness(plan) == pytest.approx(mpsearch.evaluate(model, plan, data)["loss"], rel=1e-5)
+    assert fitness(mpsearch.uniform_plan(model, "int8")) < fitness(plan)
+    budget = mpsearch.Budget(avg_bits=6.0)
+    result = mpsearch.search(
+        model,
+        data,
+        budget,
+        solver="evolutionary",
+        options=["int4", "int8"],
+        solver_params={"n_trials": 3, "storage": ":memory:"},
+    )
+    assert result.constraints["avg_bits"].value <= 6.0 and result.extra["fitness"] <= result.extra["start_fitness"]

