@@ -125,3 +125,40 @@ def test_bad_inputs(small):
         get_estimator("hessian2")
     with pytest.raises(MpsearchError, match="no quantizable layers"):
         SQNR().estimate(nn.ReLU(), data)
+
+
+def test_sqnr_gram_statistics_match_direct_noise_on_a_llama_with_shared_inputs_and_tied_embeddings():
+    # q/k/v (and gate/up) read one tensor and share one X^T X; the tied lm_head also counts the embedding's
+    # lookup noise: check every unit against ||X dW^T||^2 / ||Y||^2 computed directly
+    from mpsearch.testing import tiny_transformers
+
+    model, data = tiny_transformers()["llama"]()
+    table = SQNR(progress=False).estimate(model, data, ["int3"], cache=False)
+    inputs, outs = {}, {}
+
+    def record(name):
+        def hook(mod, args, output):
+            inputs[name], outs[name] = args[0], output
+
+        return hook
+
+    hooks = [
+        m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Embedding)
+    ]
+    with torch.no_grad():
+        model(**data[0])
+    for h in hooks:
+        h.remove()
+    got = table.frame.set_index("layer")["output_nsr"]
+    w = model.lm_head.weight.detach()
+    dw = quantize_weight(w, "int3") - w
+    with torch.no_grad():
+        for name in [n for n in got.index if n != "lm_head"]:
+            weight = model.get_submodule(name).weight
+            delta = quantize_weight(weight, "int3") - weight
+            expected = (inputs[name] @ delta.T).double().pow(2).sum() / outs[name].double().pow(2).sum()
+            assert got[name] == pytest.approx(float(expected), rel=1e-4), name
+        head = (inputs["lm_head"] @ dw.T).double().pow(2).sum() / outs["lm_head"].double().pow(2).sum()
+        emb = dw[data[0]["input_ids"]].double().pow(2).sum() / outs["model.embed_tokens"].double().pow(2).sum()
+    assert got["lm_head"] == pytest.approx(float(head + emb), rel=1e-4)
+    assert float(emb) > 0.01 * float(head)  # the embedding's share is not negligible here
