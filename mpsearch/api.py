@@ -205,7 +205,7 @@ def _placeholder(plan) -> float:
 def pareto(
     model: nn.Module | str,
     data: Iterable | None = None,
-    estimator="hessian",
+    estimator=DEFAULT_ESTIMATOR,
     options: Iterable[str] | None = None,
     axis: str = "size_bytes",
     loss_fn=None,
@@ -283,7 +283,7 @@ def evaluate(
             ref, out = (reduce_output(raw[k], batch, output_fn) for k in ("fp", "q"))
             losses.append(float(objective.loss(out, ref)))
             for key in nll if lm else ():
-                total, count = nll_sum(None, batch, raw[key])
+                total, count = nll_sum(raw[key], batch)
                 nll[key][0] += total
                 nll[key][1] += count
     value = float(np.mean(losses))

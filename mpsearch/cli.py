@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("pareto", help="the predicted damage vs size front, as CSV and a plot")
     f.add_argument("--model", required=True)
-    f.add_argument("--estimator", default="hessian")
+    f.add_argument("--estimator", default=api.DEFAULT_ESTIMATOR)
     f.add_argument("--options", help="comma-separated options (default: the model's)")
     f.add_argument("--estimator-params", help="estimator parameters as JSON")
     f.add_argument("--include", help="comma-separated FQN patterns of layers to quantize")

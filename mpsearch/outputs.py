@@ -207,10 +207,10 @@ def _input_ids(batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def nll_sum(model: nn.Module, batch, output=None) -> tuple[float, int]:
-    """(summed next-token negative log-likelihood, number of predicted tokens) on one batch; padding excluded.
-    ``output``: the model's raw output on ``batch`` when the caller has it already."""
-    logits, _ = select(raw_call(model, batch) if output is None else output)
+def nll_sum(output, batch) -> tuple[float, int]:
+    """(summed next-token negative log-likelihood, number of predicted tokens) of a causal LM's raw output on
+    one batch; padding excluded."""
+    logits, _ = select(output)
     ids = _input_ids(batch).to(logits.device)
     if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
         raise MpsearchError(
@@ -229,7 +229,8 @@ def perplexity(model: nn.Module, batches: list) -> float:
     """exp(mean next-token NLL) over every real token of the batches."""
     total, count = 0.0, 0
     for batch in batches:
-        s, n = nll_sum(model, batch)
+        with torch.no_grad():
+            s, n = nll_sum(raw_call(model, batch), batch)
         total, count = total + s, count + n
     if count == 0:
         raise MpsearchError("no tokens to predict in the evaluation data", "give sequences of at least 2 tokens")
