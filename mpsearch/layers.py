@@ -6,7 +6,8 @@ out: ``nn.Linear``, ``nn.Conv1d/2d`` (incl. depthwise), transformers' ``Conv1D``
 so its output channels are dim 1) and, optionally, ``nn.Embedding``. Modules that share one tensor (a tied
 ``lm_head`` and ``embed_tokens``) form ONE unit named after the first non-embedding module, with the others
 as ``aliases``: it is counted once in every budget and quantized once. ``include``/``exclude`` select units
-by FQN pattern (shell-style, or a regular expression after ``re:``), matched against every name of a unit.
+by FQN pattern (shell-style, or a regular expression after ``re:``), matched against every name of a unit;
+an untied embedding joins only when an ``include`` pattern names it (or with ``include_embeddings=True``).
 """
 
 from __future__ import annotations
@@ -90,8 +91,9 @@ class Unit:
         return (self.name, *self.aliases)
 
 
-def find_units(model: nn.Module, include_embeddings: bool = True) -> list[Unit]:
-    """Every quantizable weight of ``model`` in module order, shared tensors merged into one unit."""
+def find_units(model: nn.Module) -> list[Unit]:
+    """Every quantizable weight of ``model`` (embeddings too) in module order, shared tensors merged into one
+    unit."""
     groups: dict[int, list[tuple[str, nn.Module, LayerType]]] = {}
     position = {}
     for name, module in model.named_modules():
@@ -102,8 +104,6 @@ def find_units(model: nn.Module, include_embeddings: bool = True) -> list[Unit]:
     units = []
     for group in groups.values():
         main = next((g for g in group if not g[2].optional), group[0])
-        if main[2].optional and not include_embeddings:
-            continue
         units.append(Unit(main[0], main[1], main[2], tuple(g[0] for g in group if g is not main)))
     return sorted(units, key=lambda u: position[u.name])
 
@@ -119,10 +119,11 @@ def _matches(pattern: str, name: str) -> bool:
     return fnmatchcase(name, pattern)
 
 
-def select_units(units: list[Unit], include=None, exclude=None) -> list[Unit]:
+def select_units(units: list[Unit], include=None, exclude=None, include_embeddings: bool = False) -> list[Unit]:
     """Keep units with a name matching an ``include`` pattern (all when None) and none matching ``exclude``.
-    A pattern that matches no unit is an error: nothing is silently skipped."""
-    chosen = units
+    An embedding of its own (not tied to a Linear) is kept only with ``include_embeddings`` or when an
+    ``include`` pattern names it. A pattern that matches no unit is an error: nothing is silently skipped."""
+    chosen = [u for u in units if include_embeddings or include is not None or not u.type.optional]
     for label, patterns, keep in (("include", include, True), ("exclude", exclude, False)):
         if patterns is None:
             continue
@@ -189,7 +190,7 @@ def discover(
     siblings (q/k/v, gate/up; Llama, Qwen2 and BERT naming; GPT-2's c_attn is one module already) when
     ``tie_fused``. The model is not modified (hooks are removed, no gradients are taken).
     """
-    units = select_units(find_units(model, include_embeddings), include, exclude)
+    units = select_units(find_units(model), include, exclude, include_embeddings)
     macs = _macs(model, units, example) if example is not None and units else {}
     layers = [
         LayerInfo(u.name, tuple(u.weight.shape), _kind(u), macs.get(u.name), u.aliases, u.type.transposed)

@@ -124,3 +124,11 @@ def test_tied_embedding_is_one_unit_quantized_once_and_counted_once():
     assert size["avg_bits"] == mpsearch.plan_size(model, {"transformer.wte": "int4", **plan.assignments})["avg_bits"]
     with __import__("pytest").raises(mpsearch.InvalidPlanError, match="shares its weight"):
         mpsearch.apply_plan(model, {"lm_head": "int4", "transformer.wte": "int8"})
+
+
+def test_an_untied_embedding_joins_only_when_an_include_pattern_names_it():
+    model = Mixed()
+    assert "emb" not in [i.name for i in discover(model)[0]]
+    assert [i.name for i in discover(model, include=["emb", "head"])[0]] == ["emb", "head"]
+    assert "emb" in [i.name for i in discover(model, include="*")[0]]
+    assert "emb" not in [i.name for i in discover(model, include_embeddings=True, exclude="emb")[0]]
