@@ -26,7 +26,8 @@ from scipy.stats import spearmanr
 from mpsearch.models import load
 from mpsearch.outputs import resolve_objective
 from sensitivity import REGISTRY, HessianTrace, Measured
-from sensitivity.hessian import HessianVectorProduct, trainable_weights
+from sensitivity.base import trainable_weights
+from sensitivity.hessian import HessianVectorProduct
 from sensitivity.hutchinson import rademacher
 
 CALIB = {"digits-cnn": 256, "minilm-l6": 32, "efficientnet-lite0": 8}

@@ -25,8 +25,8 @@ from mpsearch.core import (
     parse_options,
 )
 from mpsearch.data import as_batches
-from mpsearch.layers import discover
-from mpsearch.outputs import OutputFn, evaluating, is_causal_lm, nll_sum, raw_call, reduce_output, resolve_objective
+from mpsearch.layers import discover, require_layers
+from mpsearch.outputs import OutputFn, evaluating, metric_of, nll_sum, raw_call, reduce_output, resolve_objective
 from mpsearch.quant import apply_plan
 from mpsearch.quant.apply import resolve_plan
 
@@ -58,34 +58,33 @@ def _no_extra(function: str, extra: dict) -> None:
         )
 
 
+def _component(obj, params: dict | None, kind: str, package):
+    """A validated estimator or solver (``kind``) from a name in ``package.REGISTRY`` (+ params) or an instance."""
+    if isinstance(obj, str):
+        return getattr(package, f"get_{kind}")(obj, **(params or {}))
+    base = getattr(package, kind.capitalize())
+    if not isinstance(obj, base):
+        raise MpsearchError(
+            f"{kind} {obj!r} is not an instance of {base.__name__}", f"use one of {sorted(package.REGISTRY)}"
+        )
+    if params:
+        raise MpsearchError(f"{kind}_params given with a {kind} instance", "set them on the instance")
+    obj.validate_params()
+    return obj
+
+
 def make_estimator(estimator, estimator_params: dict | None = None):
     """An Estimator from a registry name (+ params) or an instance, validated."""
     import sensitivity
 
-    if isinstance(estimator, str):
-        return sensitivity.get_estimator(estimator, **(estimator_params or {}))
-    if not isinstance(estimator, sensitivity.Estimator):
-        raise MpsearchError(
-            f"estimator {estimator!r} is not an estimator", f"use one of {sorted(sensitivity.REGISTRY)}"
-        )
-    if estimator_params:
-        raise MpsearchError("estimator_params given with an Estimator instance", "set them on the instance")
-    estimator.validate_params()
-    return estimator
+    return _component(estimator, estimator_params, "estimator", sensitivity)
 
 
 def make_solver(solver, solver_params: dict | None = None):
     """A Solver from a registry name (+ params) or an instance, validated."""
     import solvers
 
-    if isinstance(solver, str):
-        return solvers.get_solver(solver, **(solver_params or {}))
-    if not isinstance(solver, solvers.Solver):
-        raise MpsearchError(f"solver {solver!r} is not a solver", f"use one of {sorted(solvers.REGISTRY)}")
-    if solver_params:
-        raise MpsearchError("solver_params given with a Solver instance", "set them on the instance")
-    solver.validate_params()
-    return solver
+    return _component(solver, solver_params, "solver", solvers)
 
 
 def estimate(
@@ -127,9 +126,7 @@ def check_budget(
     import solvers
 
     layers, ties = discover(model, example=example, include=include, exclude=exclude)
-    if not layers:
-        raise MpsearchError("the model has no quantizable layers", "use a model with Linear or Conv layers")
-    frame = cost_rows(layers, parse_options(options)).assign(damage=0.0)
+    frame = cost_rows(require_layers(layers), parse_options(options)).assign(damage=0.0)
     solvers.Problem(CostTable(frame, {"ties": ties}), budget)
 
 
@@ -273,10 +270,11 @@ def evaluate(
     if loss is not None and loss not in ("kl", "cosine"):
         raise MpsearchError(f"unknown loss {loss!r}", "use 'kl' or 'cosine'")
     sizes = plan_size(model, plan)
-    lm = output_fn is None and is_causal_lm(model)
     losses, nll = [], {"fp": [0.0, 0], "q": [0.0, 0]}
     with evaluating(model), torch.no_grad():
         objective = resolve_objective(loss, output_fn, model, batches[0])
+        metric_name, higher = metric_of(model, objective.name, output_fn)
+        lm = metric_name == "perplexity"
         quantized = apply_plan(model, plan).eval()
         for batch in batches:  # one forward of each model per batch serves the loss and the perplexity
             raw = {"fp": raw_call(model, batch), "q": raw_call(quantized, batch)}
@@ -291,9 +289,10 @@ def evaluate(
     if lm:
         ppl = {k: math.exp(total / max(count, 1)) for k, (total, count) in nll.items()}
         result.update(perplexity=ppl["q"], perplexity_fp=ppl["fp"])
-        return {**result, "metric_name": "perplexity", "metric": ppl["q"], "higher_is_better": False}
-    metric_name, metric = ("neg_kl", -value) if objective.name == "kl" else ("cosine", 1.0 - value)
-    return {**result, "metric_name": metric_name, "metric": metric, "higher_is_better": True}
+        metric = ppl["q"]
+    else:
+        metric = -value if metric_name == "neg_kl" else 1.0 - value
+    return {**result, "metric_name": metric_name, "metric": metric, "higher_is_better": higher}
 
 
 def better(a: dict, b: dict | None) -> bool:

@@ -207,6 +207,16 @@ def discover(
     return layers, ties
 
 
+def require_layers(layers: list[LayerInfo]) -> list[LayerInfo]:
+    """The discovered layers, or a one-line error when there are none."""
+    if not layers:
+        raise MpsearchError(
+            "the model has no quantizable layers",
+            "use a model with Linear, Conv or transformers Conv1D layers, or loosen include=/exclude=",
+        )
+    return layers
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """Hash of the state dict (names, shapes, dtypes, values)."""
     h = hashlib.sha256()

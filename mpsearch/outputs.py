@@ -195,6 +195,14 @@ def is_causal_lm(model: nn.Module) -> bool:
     )
 
 
+def metric_of(model: nn.Module, loss_name: str, output_fn: OutputFn | None = None) -> tuple[str, bool]:
+    """(name, higher is better) of the metric ``mpsearch.evaluate`` reports for this model and loss:
+    perplexity for causal LMs, else -KL ("neg_kl") or mean cosine similarity ("cosine")."""
+    if output_fn is None and is_causal_lm(model):
+        return "perplexity", False
+    return ("neg_kl", True) if loss_name == "kl" else ("cosine", True)
+
+
 def _input_ids(batch) -> torch.Tensor:
     if isinstance(batch, Mapping) and "input_ids" in batch:
         return batch["input_ids"]

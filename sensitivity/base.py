@@ -20,7 +20,7 @@ from torch import nn
 from mpsearch.core import DEFAULT_OPTIONS, CostTable, LayerInfo, MpsearchError, Option, cost_rows, parse_options
 from mpsearch.core.params import Configurable
 from mpsearch.data import as_batches, cache_root, data_fingerprint
-from mpsearch.layers import Unit, discover, find_units, model_fingerprint
+from mpsearch.layers import Unit, discover, find_units, model_fingerprint, require_layers
 from mpsearch.outputs import LossFn, Objective, OutputFn, evaluating, resolve_objective
 from mpsearch.quant import quantize_weight
 
@@ -63,11 +63,7 @@ class Estimator(Configurable, ABC):
         batches = as_batches(data)
         opts = parse_options(options)
         layers, ties = discover(model, example=batches[0], include=include, exclude=exclude)
-        if not layers:
-            raise MpsearchError(
-                "the model has no quantizable layers",
-                "use a model with Linear, Conv or transformers Conv1D layers, or loosen include=/exclude=",
-            )
+        require_layers(layers)
         with evaluating(model):
             objective = resolve_objective(loss_fn, output_fn, model, batches[0])
         meta = {
@@ -134,6 +130,18 @@ def units_for(model: nn.Module, layers: list[LayerInfo]) -> list[Unit]:
     """The model's units for the table's layers, in the layers' order."""
     units = {u.name: u for u in find_units(model)}
     return [units[info.name] for info in layers]
+
+
+def trainable_weights(model: nn.Module, layers: list[LayerInfo]) -> list[nn.Parameter]:
+    """Gradients only for the layers' weights, in the layers' order (``model`` is the estimator's private
+    copy). A shared weight is one parameter, so its gradient gathers every use."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for unit in units_for(model, layers):
+        unit.module.weight.requires_grad_(True)
+        params.append(unit.module.weight)
+    return params
 
 
 def weight_perturbations(model: nn.Module, layers: list[LayerInfo], options: list[Option]) -> dict:

@@ -13,7 +13,7 @@ from mpsearch.core import LayerInfo, MpsearchError, Option
 from mpsearch.core.params import Interval
 from mpsearch.outputs import Objective, model_device
 from mpsearch.quant import quantize_weight
-from sensitivity.base import Estimator, units_for
+from sensitivity.base import Estimator, trainable_weights, units_for
 
 
 def n_samples(batch) -> int:
@@ -81,12 +81,8 @@ class Fisher(Estimator):
             raise MpsearchError(
                 "Fisher needs loss 'kl' (logits) or 'cosine' (embeddings)", "pass loss_fn='kl' or 'cosine'"
             )
-        for p in model.parameters():
-            p.requires_grad_(False)
+        params = trainable_weights(model, layers)
         units = units_for(model, layers)
-        params = [u.module.weight for u in units]
-        for p in params:
-            p.requires_grad_(True)
         gen = torch.Generator(device=model_device(model)).manual_seed(self.seed)
         fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         seen = 0

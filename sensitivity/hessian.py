@@ -10,10 +10,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from mpsearch.core import LayerInfo, MpsearchError
+from mpsearch.core import MpsearchError
 from mpsearch.core.params import Interval, OneOf
 from mpsearch.outputs import Objective, model_device
-from sensitivity.base import Estimator, units_for, weight_perturbations
+from sensitivity.base import Estimator, trainable_weights, weight_perturbations
 from sensitivity.hutchinson import _block_dots, hutchinson, hutchpp, seeded_probes
 
 
@@ -71,17 +71,6 @@ class HessianVectorProduct:
         self._per_batch(use)
         self.count += count
         return dots
-
-
-def trainable_weights(model: nn.Module, layers: list[LayerInfo]) -> list[nn.Parameter]:
-    """Gradients only for the layers' weights (``model`` is the estimator's private copy)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = []
-    for unit in units_for(model, layers):
-        unit.module.weight.requires_grad_(True)
-        params.append(unit.module.weight)
-    return params
 
 
 class HessianTrace(Estimator):

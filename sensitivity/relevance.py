@@ -7,7 +7,7 @@ from torch import nn
 
 from mpsearch.core import LayerInfo, Option
 from mpsearch.outputs import LOSSES, Objective
-from sensitivity.base import Estimator, units_for
+from sensitivity.base import Estimator, trainable_weights, units_for
 from sensitivity.sqnr import noise_ratios
 
 
@@ -84,8 +84,7 @@ class Relevance(Estimator):
     def _estimate(
         self, model: nn.Module, batches: list, layers: list[LayerInfo], options: list[Option], objective: Objective
     ):
-        for p in model.parameters():
-            p.requires_grad_(False)
+        trainable_weights(model, layers)  # no other parameter needs a gradient
         units = units_for(model, layers)
         names = [n for u in units for n in u.names]  # a shared weight gathers the relevance of all its uses
         rel = layer_relevance(model, batches, names, _score(objective.name), objective)

@@ -104,3 +104,16 @@ def test_estimator_and_solver_params_reach_their_targets(digits):
     )
     assert result.extra["table"].meta["params"]["max_probes"] == 3
     assert result.plan.provenance["solver_params"]["backend"] == "highs"
+
+
+def test_instances_are_validated_and_not_mixed_with_params():
+    import sensitivity
+    import solvers
+    from mpsearch.api import make_estimator, make_solver
+
+    with pytest.raises(MpsearchError, match=r"estimator 3 is not an instance of Estimator; use one of \["):
+        make_estimator(3)
+    with pytest.raises(MpsearchError, match="solver_params given with a solver instance"):
+        make_solver(solvers.CoreDP(), {"max_states": 4})
+    with pytest.raises(MpsearchError, match=r"parameter 'max_probes' must be a whole number >= 1, got 0"):
+        make_estimator(sensitivity.HessianTrace(max_probes=0))

@@ -30,11 +30,9 @@ class ZooModel:
 
     @property
     def metric_name(self) -> str:
-        from mpsearch.outputs import is_causal_lm
+        from mpsearch.outputs import metric_of
 
-        if is_causal_lm(self.model):
-            return "perplexity"
-        return "neg_kl" if self.loss == "kl" else "cosine"
+        return metric_of(self.model, self.loss)[0]
 
 
 @contextmanager
