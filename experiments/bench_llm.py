@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from memory import PeakMemory  # experiments/memory.py
 
 MODEL = "smollm2-135m"
 N_CALIB, N_EVAL = 16, 64
@@ -39,13 +40,6 @@ ESTIMATORS = ("sqnr", "hessian", "fisher", "entropy", "relevance", "measured")
 BUDGETS = (0.875, 1.0)
 
 
-def _rss(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def child(args) -> int:
     """Run one estimator on the zoo model; write its table; print its cost row."""
     import mpsearch
@@ -53,8 +47,9 @@ def child(args) -> int:
 
     zoo = mpsearch.load_model(MODEL, n_calib=N_CALIB, n_eval=1)
     weight_bytes = sum(p.numel() * p.element_size() for p in zoo.model.parameters())
-    loaded = _rss("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    memory = PeakMemory("cpu")
+    loaded = memory.now()
+    memory.reset()
     params = {"progress": False}
     if args.child == "hessian":
         params.update(min_probes=args.hessian_probes, max_probes=args.hessian_probes)
@@ -62,7 +57,7 @@ def child(args) -> int:
     start = time.perf_counter()
     table = mpsearch.estimate(zoo.model, zoo.calibration, args.child, options, estimator_params=params, cache=False)
     wall = time.perf_counter() - start
-    peak = _rss("VmHWM")
+    peak = memory.peak()
     table.to_parquet(Path(args.tables) / f"{args.child}.parquet")
     row = {
         "kind": "estimator",

@@ -36,6 +36,7 @@ _LAZY = {
     "pareto": "mpsearch.api",
     "uniform_plan": "mpsearch.api",
     "apply_plan": "mpsearch.quant",
+    "quantized": "mpsearch.quant",
     "quantize_weight": "mpsearch.quant",
     "discover": "mpsearch.layers",
     "load_model": "mpsearch.models",

@@ -27,26 +27,31 @@ from mpsearch.core import (
 from mpsearch.data import as_batches
 from mpsearch.layers import discover, require_layers
 from mpsearch.outputs import OutputFn, evaluating, metric_of, nll_sum, raw_call, reduce_output, resolve_objective
-from mpsearch.quant import apply_plan
-from mpsearch.quant.apply import resolve_plan
+from mpsearch.quant.apply import quantized_weights, resolve_plan, swapped
 
 # The estimator with the best measured fidelity to Measured on the real models (README: Spearman 0.97 on
 # smollm2-135m, 0.99 minilm-l6, 0.96 efficientnet-lite0); SQNR's plans on smollm2 were worse than uniform.
 DEFAULT_ESTIMATOR = "fisher"
 
 
-def _resolve_model(model, data, loss_fn, options):
-    """A zoo name becomes (module, calibration data, loss, options, name); a module passes through."""
+def _resolve_model(model, data, loss_fn, options, device=None):
+    """A zoo name becomes (module, calibration data, loss, options, name), loaded onto ``device``; a module
+    passes through and is used where it lives."""
     if isinstance(model, str):
         from mpsearch.models import load
 
-        zoo = load(model)
+        zoo = load(model, device=device)
         data = zoo.calibration if data is None else data
         return zoo.model, data, loss_fn or zoo.loss, options or zoo.options, model
     if not isinstance(model, nn.Module):
         raise MpsearchError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass an nn.Module")
     if data is None:
         raise MpsearchError("no calibration data given", "pass data= (an iterable of batches)")
+    if device is not None:
+        raise MpsearchError(
+            "device= is for zoo model names; a model you pass runs where it lives",
+            "move it first (model.to('cuda')) and leave device unset",
+        )
     return model, data, loss_fn, options or DEFAULT_OPTIONS, None
 
 
@@ -99,6 +104,7 @@ def estimate(
     exclude=None,
     estimator_params: dict | None = None,
     cache: bool = True,
+    device: str | None = None,
     **extra,
 ) -> CostTable:
     """Build a cost table with an estimator (a name from sensitivity.REGISTRY or an Estimator).
@@ -106,11 +112,12 @@ def estimate(
     ``model``: an nn.Module (any transformers model as it comes; ``data`` required) or a zoo name.
     ``loss_fn``: None (KL for logits, cosine for embeddings), "kl", "cosine" or f(output, reference);
     ``output_fn(output, batch)``: overrides the output convention; ``include``/``exclude``: FQN patterns;
-    ``cache``: reuse/store the table in the on-disk cache.
+    ``cache``: reuse/store the table in the on-disk cache; ``device``: where a zoo model is loaded (default:
+    CUDA when available); a module runs where it lives.
     """
     _no_extra("estimate", extra)
     est = make_estimator(estimator, estimator_params)
-    module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options)
+    module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options, device)
     table = est.estimate(
         module, data, options, loss_fn, cache=cache, output_fn=output_fn, include=include, exclude=exclude
     )
@@ -154,11 +161,13 @@ def search(
     exclude=None,
     estimator_params: dict | None = None,
     solver_params: dict | None = None,
+    device: str | None = None,
     **extra,
 ) -> SearchResult:
     """Estimate sensitivities and solve for the best plan under ``budget`` (default: avg 4 bits).
 
-    ``model``: an nn.Module (then ``data`` is required) or a zoo name such as ``"smollm2-135m"``.
+    ``model``: an nn.Module (then ``data`` is required; it runs where it lives) or a zoo name such as
+    ``"smollm2-135m"`` (loaded onto ``device``, default CUDA when available).
     Parameters are checked before any work: ``estimator_params`` go to the estimator, ``solver_params`` to
     the solver; "evolutionary" gets a PlanFitness on ``data`` unless ``solver_params`` has ``fitness``.
     The cost table is kept in ``result.extra["table"]``.
@@ -166,7 +175,7 @@ def search(
     _no_extra("search", extra)
     budget = budget or Budget(avg_bits=4.0)
     est, slv, needs_fitness = search_components(estimator, solver, estimator_params, solver_params)
-    module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options)
+    module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options, device)
     parse_options(options)
     data = as_batches(data)  # iterated several times below
     example = data[0] if budget.bops is not None else None
@@ -259,7 +268,9 @@ def plan_size(model: nn.Module, plan: BitPlan | dict) -> dict:
 def evaluate(
     model: nn.Module, plan: BitPlan | dict, data: Iterable, loss: str | None = None, output_fn: OutputFn | None = None
 ) -> dict:
-    """Quantize a copy with ``plan`` and measure it against the full-precision model on ``data``.
+    """Measure ``plan`` against the full-precision model on ``data``, where the model lives, without copying
+    it: per batch, one forward with its own weights and one with the plan's quantized weights swapped in
+    (``mpsearch.quant.swapped``; the only memory beside the model is the planned weights' quantized values).
 
     ``loss``: None (decided from the output: "kl" for logits, "cosine" for embeddings), "kl" or "cosine".
     Metric: ``perplexity`` on the data for causal LMs (lower is better; ``perplexity_fp`` beside it), else
@@ -275,9 +286,11 @@ def evaluate(
         objective = resolve_objective(loss, output_fn, model, batches[0])
         metric_name, higher = metric_of(model, objective.name, output_fn)
         lm = metric_name == "perplexity"
-        quantized = apply_plan(model, plan).eval()
+        q_weights = quantized_weights(model, plan)
         for batch in batches:  # one forward of each model per batch serves the loss and the perplexity
-            raw = {"fp": raw_call(model, batch), "q": raw_call(quantized, batch)}
+            raw = {"fp": raw_call(model, batch)}
+            with swapped(model, q_weights):
+                raw["q"] = raw_call(model, batch)
             ref, out = (reduce_output(raw[k], batch, output_fn) for k in ("fp", "q"))
             losses.append(float(objective.loss(out, ref)))
             for key in nll if lm else ():

@@ -55,12 +55,12 @@ def _params(text: str | None, flag: str) -> dict:
     return value
 
 
-def _load(name: str):
-    from mpsearch.models import ZOO, load
+def _load(name: str, device: str | None = None):
+    from mpsearch.models import ZOO, load, resolve_device
 
-    if name in ZOO:  # unknown names fail in load() before any status line
-        _status(f"loading {name} ...")
-    return load(name)
+    if name in ZOO:  # unknown names (and devices) fail before any status line
+        _status(f"loading {name} on {resolve_device(device)} ...")
+    return load(name, device=device)
 
 
 def _budget(args):
@@ -78,6 +78,9 @@ def cmd_search(args) -> int:
     if args.solver == "evolutionary":
         solver_params.setdefault("n_trials", args.trials)
     estimator_params = _params(args.estimator_params, "--estimator-params")
+    from mpsearch.models import resolve_device
+
+    resolve_device(args.device)
     # wrong names or values fail before the model is loaded
     api.search_components(args.estimator, args.solver, estimator_params, solver_params)
     _status(f"searching {args.model} with {args.estimator} + {args.solver} ...")
@@ -91,6 +94,7 @@ def cmd_search(args) -> int:
         exclude=_patterns(args.exclude),
         estimator_params=estimator_params,
         solver_params=solver_params,
+        device=args.device,
     )
     table = result.extra["table"]
     frame = result.plan.to_frame(table)[["layer", "option", "bits", "n_params", "damage"]]
@@ -118,7 +122,7 @@ def cmd_evaluate(args) -> int:
             f"plan {args.plan} was made for model {made_for!r}, not {args.model!r}",
             f"use --model {made_for} or search a plan for {args.model}",
         )
-    zoo = _load(args.model)
+    zoo = _load(args.model, args.device)
     plan.check_layers([info.name for info in discover(zoo.model)[0]], f"model {args.model!r}")
     _status("measuring the planned model ...")
     measured = api.evaluate(zoo.model, plan, zoo.evaluation, zoo.loss)
@@ -156,7 +160,7 @@ def cmd_pareto(args) -> int:
         raise MpsearchError(
             "pareto writes nothing without --out or --plot", "pass --out front.csv and/or --plot front.png"
         )
-    zoo = _load(args.model)
+    zoo = _load(args.model, args.device)
     _status(f"estimating sensitivities ({args.estimator}) ...")
     table = api.estimate(
         zoo.model,
@@ -229,6 +233,9 @@ def cmd_export(args) -> int:
     return 0
 
 
+DEVICE_HELP = "where the zoo model runs: auto (default: cuda when available, else cpu), cpu, cuda, cuda:N, mps"
+
+
 def build_parser() -> argparse.ArgumentParser:
     import sensitivity.base  # noqa: F401  (only to fail early if torch is missing)
     from mpsearch import api
@@ -254,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--solver-params", help="solver parameters as JSON")
     s.add_argument("--include", help="comma-separated FQN patterns of layers to quantize (default: all)")
     s.add_argument("--exclude", help="comma-separated FQN patterns of layers to leave alone, e.g. lm_head")
+    s.add_argument("--device", help=DEVICE_HELP)
     s.add_argument("--out", help="write the plan JSON here")
     s.add_argument("--table", help="write the cost table (Parquet) here")
     s.set_defaults(func=cmd_search)
@@ -266,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--include", help="comma-separated FQN patterns of layers to quantize")
     f.add_argument("--exclude", help="comma-separated FQN patterns of layers to leave alone")
     f.add_argument("--axis", default="size_bytes", help="size_bytes or avg_bits")
+    f.add_argument("--device", help=DEVICE_HELP)
     f.add_argument("--out", help="front CSV: plan_id, cost, predicted damage (and measured metric)")
     f.add_argument("--plot", help="PNG of the front with the uniform options marked")
     f.add_argument(
@@ -294,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="measure a plan against full precision and the uniform baseline")
     e.add_argument("--model", required=True)
+    e.add_argument("--device", help=DEVICE_HELP)
     e.add_argument("--plan", required=True, help="plan JSON from `mpsearch search --out`")
     e.set_defaults(func=cmd_evaluate)
     return parser

@@ -53,3 +53,20 @@ def data_fingerprint(batches: list) -> str:
         for t in _tensors(batch):
             hash_tensor(h, t)
     return h.hexdigest()[:16]
+
+
+def n_samples(batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    first = next(v for v in (batch.values() if isinstance(batch, Mapping) else batch) if isinstance(v, torch.Tensor))
+    return int(first.shape[0])
+
+
+def take(batch, i: int):
+    """Sample ``i`` of a batch, keeping the batch dimension (non-tensor entries pass through)."""
+    pick = lambda t: t[i : i + 1] if isinstance(t, torch.Tensor) else t  # noqa: E731
+    if isinstance(batch, torch.Tensor):
+        return pick(batch)
+    if isinstance(batch, Mapping):
+        return {k: pick(v) for k, v in batch.items()}
+    return type(batch)(pick(t) for t in batch)

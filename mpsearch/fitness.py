@@ -2,43 +2,43 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from mpsearch.core import BitPlan
 from mpsearch.data import as_batches
-from mpsearch.outputs import OutputFn, resolve_objective
-from mpsearch.quant import quantize_weight
+from mpsearch.outputs import OutputFn, evaluating, resolve_objective
+from mpsearch.quant import quantize_weight, swapped
 from mpsearch.quant.apply import resolve_plan
 
 
 class PlanFitness:
     """``fitness(plan)`` = mean label-free loss (``loss``: "kl", "cosine", or None to decide from the output)
     of the plan-quantized model against the full-precision outputs, through the output convention
-    (``output_fn`` overrides it). Works on one private copy; between calls only the units whose option
-    changed are re-quantized (from their original weights), so a trial costs one forward pass over the
-    batches. ``calls`` counts evaluations."""
+    (``output_fn`` overrides it). Works on the caller's model, never a copy: each call swaps the planned
+    quantized weights in for its forward passes (``mpsearch.quant.swapped``) and puts the originals back, so
+    the model is unchanged between calls. Quantized weights are kept per (layer, option) in use and only
+    layers whose option changed are re-quantized, so a trial costs one forward pass over the batches; the
+    memory beside the model is the current plan's quantized weights. ``calls`` counts evaluations."""
 
     def __init__(self, model: nn.Module, data, loss: str | None = None, output_fn: OutputFn | None = None) -> None:
         self.batches = as_batches(data)
-        self.model = copy.deepcopy(model).eval()
-        self.objective = resolve_objective(loss, output_fn, self.model, self.batches[0])
-        self.reference = self.objective.references(self.model, self.batches)
-        self._original: dict = {}
-        self._current: dict = {}  # unit -> option now applied (absent: full precision)
+        self.model = model
+        with evaluating(model), torch.no_grad():
+            self.objective = resolve_objective(loss, output_fn, model, self.batches[0])
+            self.reference = self.objective.references(model, self.batches)
+        self._current: dict = {}  # unit -> (option, quantized weight) of the latest plan
         self.calls = 0
 
     @torch.no_grad()
     def __call__(self, plan: BitPlan) -> float:
         wanted = resolve_plan(self.model, plan)
-        for unit in set(self._current) | set(wanted):
-            option = wanted.get(unit)
-            if self._current.get(unit) == option:
-                continue
-            original = self._original.setdefault(unit, unit.weight.detach().clone())
-            unit.weight.copy_(original if option is None else quantize_weight(original, option))
-            self._current[unit] = option
+        self._current = {
+            unit: self._current[unit]
+            if unit in self._current and self._current[unit][0] == option
+            else (option, quantize_weight(unit.weight, option))
+            for unit, option in wanted.items()
+        }
         self.calls += 1
-        return self.objective.mean(self.model, self.batches, self.reference)
+        with evaluating(self.model), swapped(self.model, {u: q for u, (_, q) in self._current.items()}):
+            return self.objective.mean(self.model, self.batches, self.reference)

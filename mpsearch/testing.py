@@ -63,8 +63,9 @@ def solver_instances() -> list:
 
 
 def snapshot(model: nn.Module) -> dict:
-    """Everything an estimator must leave as it was: weights and buffers (bytes), ``training`` flags,
-    ``requires_grad``, gradients, hooks and the attention implementation of every transformers config."""
+    """Everything an estimator must leave as it was: weights and buffers (bytes, and the very Parameter
+    objects), ``training`` flags, ``requires_grad``, gradients, module and tensor hooks and the attention
+    implementation of every transformers config."""
     from mpsearch.data import hash_tensor
 
     state = {}
@@ -84,8 +85,14 @@ def snapshot(model: nn.Module) -> dict:
         for name, m in model.named_modules()
         if getattr(m, "config", None) is not None
     }
+    tensor_hooks = {
+        name: tuple(len(getattr(p, attr) or {}) for attr in ("_backward_hooks", "_post_accumulate_grad_hooks"))
+        for name, p in model.named_parameters()
+    }
     return {
         "state": state,
+        "parameter_ids": {name: id(p) for name, p in model.named_parameters()},
+        "tensor_hooks": tensor_hooks,
         "training": {name: m.training for name, m in model.named_modules()},
         "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
         "grad": {name: p.grad is None for name, p in model.named_parameters()},

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import json
 import os
 import platform
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +21,9 @@ from mpsearch.core import DEFAULT_OPTIONS, CostTable, LayerInfo, MpsearchError, 
 from mpsearch.core.params import Configurable
 from mpsearch.data import as_batches, cache_root, data_fingerprint
 from mpsearch.layers import Unit, discover, find_units, model_fingerprint, require_layers
-from mpsearch.outputs import LossFn, Objective, OutputFn, evaluating, resolve_objective
-from mpsearch.quant import quantize_weight
+from mpsearch.outputs import LossFn, Objective, OutputFn, evaluating, model_device, resolve_objective
+from mpsearch.quant import quantization_error
+from sensitivity.sums import dot64
 
 
 class Estimator(Configurable, ABC):
@@ -30,12 +31,15 @@ class Estimator(Configurable, ABC):
 
     Constructor arguments are stored verbatim (scikit-learn style), checked by ``validate_params`` against
     ``_parameter_constraints`` before any work, and recorded in the table's metadata. ``estimate`` works on
-    a private deep copy of the model, so the caller's weights, ``training`` flag, ``requires_grad`` flags,
-    hooks and attention implementation are never touched.
+    the caller's model itself, where it lives (CPU, CUDA, MPS), never on a copy: ``borrowed`` puts it in
+    eval mode with gradients off and restores every ``training``/``requires_grad`` flag and ``.grad`` on
+    exit; quantized weights are only swapped in (``mpsearch.quant.swapped``), never written; hooks are
+    removed in ``finally``. So the model is byte-identical afterwards, also when an estimator fails.
     """
 
     component = "estimator"
     name: str = "estimator"
+    memory_hint: str = "use fewer or smaller calibration batches"  # what to lower after an out-of-memory
 
     def estimate(
         self,
@@ -62,6 +66,18 @@ class Estimator(Configurable, ABC):
             raise MpsearchError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass an nn.Module")
         batches = as_batches(data)
         opts = parse_options(options)
+        try:
+            return self._table(model, batches, opts, loss_fn, cache, output_fn, include, exclude)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not _out_of_memory(err):
+                raise
+            raise MpsearchError(
+                f"estimator {self.name!r} ran out of memory on {model_device(model)} (the model is unchanged)",
+                self.memory_hint,
+            ) from err
+
+    def _table(self, model, batches, opts, loss_fn, cache, output_fn, include, exclude) -> CostTable:
+        """Discover the layers, resolve the loss, use the cached table or run ``_estimate``."""
         layers, ties = discover(model, example=batches[0], include=include, exclude=exclude)
         require_layers(layers)
         with evaluating(model):
@@ -83,8 +99,8 @@ class Estimator(Configurable, ABC):
         path = table_cache_path(meta) if cache and named else None
         if path is not None and path.exists():
             return CostTable.from_parquet(path)
-        work = copy.deepcopy(model).eval()
-        extra = self._estimate(work, batches, layers, opts, objective)
+        with borrowed(model):
+            extra = self._estimate(model, batches, layers, opts, objective)
         frame = cost_rows(layers, opts).merge(extra, on=["layer", "option"], how="left", validate="one_to_one")
         table = CostTable(frame, meta)
         if path is not None:
@@ -98,7 +114,32 @@ class Estimator(Configurable, ABC):
     def _estimate(
         self, model: nn.Module, batches: list, layers: list[LayerInfo], options: list[Option], objective: Objective
     ) -> pd.DataFrame:
-        """Return a frame with columns layer, option, damage (and raw columns). ``model`` is a private copy."""
+        """Return a frame with columns layer, option, damage (and raw columns). ``model`` is the caller's,
+        borrowed: set ``requires_grad`` or hooks freely (restored / removed afterwards), but never write a
+        weight — swap quantized ones in with ``mpsearch.quant.swapped``."""
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """CUDA/MPS raise torch.OutOfMemoryError; the CPU allocator raises RuntimeError("... can't allocate memory")."""
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err) or "out of memory" in str(err)
+
+
+@contextmanager
+def borrowed(model: nn.Module) -> Iterator[nn.Module]:
+    """The caller's model for one estimate: eval mode and no parameter requiring a gradient inside; on exit
+    (also on error) every module's ``training`` flag and every parameter's ``requires_grad`` and ``.grad`` are
+    what they were."""
+    saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    with evaluating(model):
+        try:
+            for p, _, _ in saved:
+                p.requires_grad_(False)
+                p.grad = None
+            yield model
+        finally:
+            for p, flag, grad in saved:
+                p.requires_grad_(flag)
+                p.grad = grad
 
 
 @functools.lru_cache(maxsize=1)
@@ -133,10 +174,8 @@ def units_for(model: nn.Module, layers: list[LayerInfo]) -> list[Unit]:
 
 
 def trainable_weights(model: nn.Module, layers: list[LayerInfo]) -> list[nn.Parameter]:
-    """Gradients only for the layers' weights, in the layers' order (``model`` is the estimator's private
-    copy). A shared weight is one parameter, so its gradient gathers every use."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    """Gradients only for the layers' weights, in the layers' order (``model`` is ``borrowed``: every other
+    parameter has requires_grad off). A shared weight is one parameter, so its gradient gathers every use."""
     params = []
     for unit in units_for(model, layers):
         unit.module.weight.requires_grad_(True)
@@ -151,5 +190,5 @@ def weight_perturbations(model: nn.Module, layers: list[LayerInfo], options: lis
         for unit in units_for(model, layers):
             w = unit.weight
             for opt in options:
-                out[unit.name, opt.name] = float((quantize_weight(w, opt) - w).double().pow(2).sum())
+                out[unit.name, opt.name] = dot64(quantization_error(w, opt))
     return out

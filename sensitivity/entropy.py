@@ -13,6 +13,7 @@ from mpsearch.core import LayerInfo, Option
 from mpsearch.core.params import Interval
 from mpsearch.outputs import Objective, model_device, raw_call
 from sensitivity.base import Estimator, units_for, weight_perturbations
+from sensitivity.sums import dot64
 
 
 def histogram_entropy(values: torch.Tensor, bins: int) -> float:
@@ -38,6 +39,7 @@ class Entropy(Estimator):
     """
 
     name = "entropy"
+    memory_hint = "lower max_values (activation values kept per layer) or use smaller calibration batches"
     _parameter_constraints = {
         "bins": [Interval(int, 2)],
         "max_values": [Interval(int, 1)],
@@ -64,7 +66,8 @@ class Entropy(Estimator):
                 x = inputs[0].reshape(-1)
                 keep = max(1, self.max_values // len(batches))
                 if x.numel() > keep:
-                    x = x[torch.randint(0, x.numel(), (keep,), generator=gen, device=x.device)]
+                    pick = torch.randint(0, x.numel(), (keep,), generator=gen, device=gen.device)
+                    x = x[pick.to(x.device)]
                 collected[name].append(x)
 
             return fn
@@ -80,7 +83,7 @@ class Entropy(Estimator):
         h_w = {u.name: histogram_entropy(u.weight, self.bins) for u in units}
         mean_h = float(np.mean(list(h_act.values())))
         perturb = weight_perturbations(model, layers, options)
-        energy = {u.name: float(u.weight.double().pow(2).sum()) for u in units}
+        energy = {u.name: dot64(u.weight) for u in units}
         frame = pd.DataFrame(
             [
                 {"layer": layer, "option": option, "weight_nsr": d / energy[layer]}

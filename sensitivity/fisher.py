@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import pandas as pd
 import torch
 from torch import nn
@@ -11,26 +9,11 @@ from tqdm.auto import tqdm
 
 from mpsearch.core import LayerInfo, MpsearchError, Option
 from mpsearch.core.params import Interval
+from mpsearch.data import n_samples, take
 from mpsearch.outputs import Objective, model_device
-from mpsearch.quant import quantize_weight
+from mpsearch.quant import quantization_error
 from sensitivity.base import Estimator, trainable_weights, units_for
-
-
-def n_samples(batch) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    first = next(v for v in (batch.values() if isinstance(batch, Mapping) else batch) if isinstance(v, torch.Tensor))
-    return int(first.shape[0])
-
-
-def take(batch, i: int):
-    """Sample ``i`` of a batch, keeping the batch dimension (non-tensor entries pass through)."""
-    pick = lambda t: t[i : i + 1] if isinstance(t, torch.Tensor) else t  # noqa: E731
-    if isinstance(batch, torch.Tensor):
-        return pick(batch)
-    if isinstance(batch, Mapping):
-        return {k: pick(v) for k, v in batch.items()}
-    return type(batch)(pick(t) for t in batch)
+from sensitivity.sums import dot64, sum64
 
 
 class Fisher(Estimator):
@@ -46,12 +29,16 @@ class Fisher(Estimator):
       of the rows' Fisher diagonals;
     - embeddings (loss "cosine"): ``n_targets`` Gaussian draws eps give scores J^T eps.
     Written as a per-sample autograd loop rather than torch.func ``vmap(grad)``: one forward per sample,
-    one backward per draw through the retained graph, and only one gradient of the layers alive at a time
-    (vmap materializes a whole chunk of per-sample gradients of every layer). Columns: ``fisher`` (trace of
+    one backward per draw through the retained graph; each layer's squared gradient is added to its float32
+    accumulator by a post-accumulate-grad hook the moment it is ready and then dropped, so one layer's
+    gradient is alive at a time (vmap materializes a whole chunk of per-sample gradients of every layer).
+    Memory above the model: the float32 accumulators (1x an fp32 model's weights, 2x a bf16 one's) and one
+    sample's graph. Columns: ``fisher`` (trace of
     the layer's Fisher diagonal), ``perturbation``. Uses up to ``max_samples`` samples, draws with ``seed``.
     """
 
     name = "fisher"
+    memory_hint = "use shorter calibration samples (Fisher holds one sample's graph beside float32 accumulators)"
     _parameter_constraints = {
         "max_samples": [Interval(int, 1)],
         "n_targets": [Interval(int, 1)],
@@ -85,40 +72,53 @@ class Fisher(Estimator):
         units = units_for(model, layers)
         gen = torch.Generator(device=model_device(model)).manual_seed(self.seed)
         fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        draw_weight = [0.0]
+
+        def accumulate(acc: torch.Tensor):
+            def hook(param: torch.Tensor) -> None:  # runs as soon as this layer's gradient is complete
+                acc.addcmul_(param.grad.float(), param.grad.float(), value=draw_weight[0])
+                param.grad = None  # one layer's gradient alive at a time
+
+            return hook
+
+        handles = [p.register_post_accumulate_grad_hook(accumulate(acc)) for p, acc in zip(params, fisher)]
         seen = 0
         total = min(self.max_samples, sum(n_samples(b) for b in batches))
         bar = tqdm(total=total, desc="fisher samples", disable=not self.progress, leave=False)
-        for batch in batches:
-            for i in range(min(n_samples(batch), self.max_samples - seen)):
-                with torch.enable_grad():
-                    out = objective.output(model, take(batch, i))
-                    out = out.reshape(-1, out.shape[-1])  # rows: one per class vector / token / embedding
-                    draws = self._draws(objective.name, out.detach(), gen)
-                    for j, (target, weight) in enumerate(draws):
-                        if objective.name == "kl":
-                            score = -torch.log_softmax(out.float(), -1).gather(-1, target[:, None]).sum()
-                        else:
-                            score = (out.float() * target).sum()
-                        grads = torch.autograd.grad(score, params, retain_graph=j < len(draws) - 1)
-                        for acc, g in zip(fisher, grads):
-                            acc.add_(g.float().pow(2), alpha=weight)
-                seen += 1
-                bar.update()
-        bar.close()
+        try:
+            for batch in batches:
+                for i in range(min(n_samples(batch), self.max_samples - seen)):
+                    with torch.enable_grad():
+                        out = objective.output(model, take(batch, i))
+                        out = out.reshape(-1, out.shape[-1])  # rows: one per class vector / token / embedding
+                        draws = self._draws(objective.name, out.detach(), gen)
+                        for j, (target, weight) in enumerate(draws):
+                            if objective.name == "kl":
+                                score = -torch.log_softmax(out.float(), -1).gather(-1, target[:, None]).sum()
+                            else:
+                                score = (out.float() * target).sum()
+                            draw_weight[0] = weight
+                            torch.autograd.backward(score, inputs=params, retain_graph=j < len(draws) - 1)
+                    seen += 1
+                    bar.update()
+        finally:
+            bar.close()
+            for h in handles:
+                h.remove()
         rows = []
         with torch.no_grad():
             for unit, f in zip(units, fisher):
-                f = (f / seen).t() if unit.type.transposed else f / seen  # to the unit's (out, in) layout
-                w = unit.weight
+                f = f.div_(seen).t() if unit.type.transposed else f.div_(seen)  # the unit's (out, in) layout
+                trace = sum64(f)
                 for opt in options:
-                    d = (quantize_weight(w, opt) - w).double().pow(2)
+                    d = quantization_error(unit.weight, opt)
                     rows.append(
                         {
                             "layer": unit.name,
                             "option": opt.name,
-                            "damage": 0.5 * float((f.double() * d).sum()),
-                            "fisher": float(f.double().sum()),
-                            "perturbation": float(d.sum()),
+                            "damage": 0.5 * dot64(d, weight=f),
+                            "fisher": trace,
+                            "perturbation": dot64(d),
                         }
                     )
         return pd.DataFrame(rows)

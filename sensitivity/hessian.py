@@ -14,7 +14,8 @@ from mpsearch.core import MpsearchError
 from mpsearch.core.params import Interval, OneOf
 from mpsearch.outputs import Objective, model_device
 from sensitivity.base import Estimator, trainable_weights, weight_perturbations
-from sensitivity.hutchinson import _block_dots, hutchinson, hutchpp, seeded_probes
+from sensitivity.hutchinson import hutchinson, hutchpp, seeded_probes
+from sensitivity.sums import dot64
 
 
 class HessianVectorProduct:
@@ -60,15 +61,34 @@ class HessianVectorProduct:
         return total
 
     def quad(self, probe, first: int, count: int) -> torch.Tensor:
-        """(count, layers): v_i . (H v_i) restricted to each layer, for probes i = first .. first + count - 1."""
-        dots = torch.zeros(count, len(self.params), dtype=torch.float64)
+        """(count, layers): v_i . (H v_i) restricted to each layer, for probes i = first .. first + count - 1.
+
+        The second backward hands each layer's block of H v to a post-accumulate-grad hook that takes its dot
+        with the probe and drops it: one layer's block of the product is alive at a time, never all of H v."""
+        dots = torch.zeros(count, len(self.params), dtype=torch.float64, device="cpu")
+        current: list = [None, None]  # (probe blocks, row of dots) of the product under way
+
+        def take(i: int):
+            def hook(param: torch.Tensor) -> None:
+                current[1][i] += dot64(current[0][i], param.grad)
+                param.grad = None
+
+            return hook
 
         def use(grads):
             for j in range(count):
-                v = probe(first + j)
-                dots[j] += _block_dots(v, self._hv(grads, v))
+                current[0], current[1] = probe(first + j), dots[j]
+                dot = sum((g * v.to(g.dtype)).sum() for g, v in zip(grads, current[0]))
+                torch.autograd.backward(dot, inputs=self.params, retain_graph=True)
+                del dot  # frees this probe's blocks (its graph holds them) before the next probe is drawn
+                current[0] = None
 
-        self._per_batch(use)
+        handles = [p.register_post_accumulate_grad_hook(take(i)) for i, p in enumerate(self.params)]
+        try:
+            self._per_batch(use)
+        finally:
+            for h in handles:
+                h.remove()
         self.count += count
         return dots
 
@@ -86,6 +106,10 @@ class HessianTrace(Estimator):
     """
 
     name = "hessian"
+    memory_hint = (
+        "use smaller calibration batches (one batch's double-backward graph is held); "
+        "with method='hutchpp', lower sketch or use method='hutchinson'"
+    )
     _parameter_constraints = {
         "method": [OneOf(("hutchinson", "hutchpp"))],
         "min_probes": [Interval(int, 1)],
@@ -133,7 +157,7 @@ class HessianTrace(Estimator):
         trace_start = time.perf_counter()
         with tqdm(total=total, desc="hessian probes", disable=not self.progress, leave=False) as bar:
             if self.method == "hutchinson":
-                probe = seeded_probes(shapes, self.seed, model_device(model))
+                probe = seeded_probes(shapes, self.seed, model_device(model), params[0].dtype)
                 quad = lambda first, count: hvp.quad(probe, first, count)  # noqa: E731
                 est = hutchinson(quad, self.min_probes, self.max_probes, self.rtol, bar.update, self.round_size)
             else:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sensitivity.sums import dot64
+
 MatVec = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
@@ -26,25 +28,31 @@ class TraceEstimate:
     matvecs: int  # whole-model products used
 
 
-def rademacher(shapes: list[torch.Size], generator: torch.Generator) -> list[torch.Tensor]:
-    """+-1 probes, on the generator's device."""
+def rademacher(
+    shapes: list[torch.Size], generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> list[torch.Tensor]:
+    """+-1 probes on the generator's device, in ``dtype`` (exact in any float format: a bf16 model's probes
+    take half the memory of float32 ones)."""
     dev = generator.device
-    return [torch.randint(0, 2, s, generator=generator, device=dev).float() * 2 - 1 for s in shapes]
+    return [torch.randint(0, 2, s, generator=generator, device=dev, dtype=dtype).mul_(2).sub_(1) for s in shapes]
 
 
 def _block_dots(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b)]).cpu()
+    """Per block x . y in float64 (on the CPU), with bounded temporaries."""
+    return torch.tensor([dot64(x, y) for x, y in zip(a, b)], dtype=torch.float64, device="cpu")
 
 
 # quad(first, count) -> (count, blocks): v_i . (H v_i) per block for probes i = first .. first + count - 1
 Quad = Callable[[int, int], torch.Tensor]
 
 
-def seeded_probes(shapes: list[torch.Size], seed: int, device: torch.device | str = "cpu"):
+def seeded_probes(
+    shapes: list[torch.Size], seed: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+):
     """probe(i): the i-th Rademacher probe, regenerated on demand from (seed, i) so none has to be kept."""
 
     def probe(i: int) -> list[torch.Tensor]:
-        return rademacher(shapes, torch.Generator(device=device).manual_seed(seed * 1_000_003 + i))
+        return rademacher(shapes, torch.Generator(device=device).manual_seed(seed * 1_000_003 + i), dtype)
 
     return probe
 
@@ -67,7 +75,7 @@ def hutchinson(
     """Rademacher probes in rounds until every block's relative standard error is below ``rtol`` (or
     ``max_probes``). The first round has ``min_probes`` probes, later ones ``round_size``: a round lets a
     caller that recomputes its graph per batch share that graph among the round's probes."""
-    samples = torch.zeros(0, 0, dtype=torch.float64)
+    samples = torch.zeros(0, 0, dtype=torch.float64, device="cpu")
     while len(samples) < max_probes:
         count = min(max(min_probes, 2) if len(samples) == 0 else round_size, max_probes - len(samples))
         new = quad(len(samples), count).double()
@@ -95,9 +103,10 @@ def hutchpp(
     2. tr(Q_l^T H_ll Q_l): column j of every block's Q, each block with a random sign, in one product;
        the signs cancel cross-block terms in expectation. Two sign draws per column give its variance.
     3. tr(P_l H_ll P_l) with P_l = I - Q_l Q_l^T: Hutchinson on deflated probes (``probes`` products).
-    Products: 3 * sketch + probes. Unbiased for any H; sharpest when each layer's block is low-rank and
-    layers are weakly coupled. Strong cross-layer coupling puts its noise into step 2 (plain Hutchinson,
-    the default, is then the better use of the same products).
+    Products: 3 * sketch + probes. Memory: the sketch keeps ``sketch`` float64 copies of the weights'
+    shape (Hutchinson keeps none): for big models lower ``sketch`` or use Hutchinson. Unbiased for any H;
+    sharpest when each layer's block is low-rank and layers are weakly coupled. Strong cross-layer coupling
+    puts its noise into step 2 (plain Hutchinson, the default, is then the better use of the same products).
     """
     tick = (lambda: on_probe(1)) if on_probe else (lambda: None)
     ys = []
@@ -106,7 +115,7 @@ def hutchpp(
         ys.append([y.reshape(-1).double() for y in matvec(s)])
         tick()
     qs = [torch.linalg.qr(torch.stack([y[b] for y in ys], 1)).Q for b in range(len(shapes))]
-    low = torch.zeros(len(shapes), dtype=torch.float64)
+    low = torch.zeros(len(shapes), dtype=torch.float64, device="cpu")
     low_var = torch.zeros_like(low)
     for j in range(sketch):
         draws = []

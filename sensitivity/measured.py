@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from mpsearch.core import LayerInfo, Option
 from mpsearch.outputs import Objective
-from mpsearch.quant import quantize_weight
+from mpsearch.quant import quantize_weight, swapped
 from sensitivity.base import Estimator, units_for
 
 
@@ -17,7 +17,9 @@ class Measured(Estimator):
     """damage[layer, option] = mean loss(model with only that layer quantized) - mean loss(full precision).
 
     The loss compares against the full-precision model's own outputs (label-free), so the baseline is ~0.
-    Costs one pass over the calibration data per (layer, option); the layer's weight is restored exactly.
+    Costs one pass over the calibration data per (layer, option), so its time grows as layers x parameters
+    (use few calibration tokens on big models). The quantized layer is swapped in beside the original (one
+    layer's extra memory), which is never written.
     """
 
     name = "measured"
@@ -35,15 +37,10 @@ class Measured(Estimator):
         rows = []
         bar = tqdm(total=len(layers) * len(options), desc="measured", disable=not self.progress, leave=False)
         for unit in units_for(model, layers):
-            weight = unit.weight
-            original = weight.detach().clone()
-            try:
-                for opt in options:
-                    weight.copy_(quantize_weight(original, opt))
+            for opt in options:
+                with swapped(model, {unit: quantize_weight(unit.weight, opt)}):
                     loss = objective.mean(model, batches, reference)
-                    rows.append({"layer": unit.name, "option": opt.name, "damage": loss - base, "loss": loss})
-                    bar.update()
-            finally:
-                weight.copy_(original)
+                rows.append({"layer": unit.name, "option": opt.name, "damage": loss - base, "loss": loss})
+                bar.update()
         bar.close()
         return pd.DataFrame(rows)

@@ -6,9 +6,11 @@ import torch
 from torch import nn
 
 from mpsearch.core import LayerInfo, Option
-from mpsearch.outputs import LOSSES, Objective
-from sensitivity.base import Estimator, trainable_weights, units_for
+from mpsearch.data import n_samples, take
+from mpsearch.outputs import LOSSES, Objective, model_device
+from sensitivity.base import Estimator, units_for
 from sensitivity.sqnr import noise_ratios
+from sensitivity.sums import sum64
 
 
 def layer_relevance(
@@ -17,44 +19,51 @@ def layer_relevance(
     """Relevance reaching each layer's output: sum over samples and neurons of |a * d score / d a|.
 
     Returns {"relevance": {layer: abs total}, "signed": {layer: signed total}, "score": total score}.
-    ``score_fn(output, reference)`` is applied to the outputs reduced by ``objective``'s convention.
-    ``model`` must be a private copy: its layers' weights are set to require gradients so that every
-    layer output is part of the graph.
+    ``score_fn(output, reference)`` is applied to the outputs reduced by ``objective``'s convention, with the
+    model's own (detached) output as the reference: the model explained is the full-precision one.
 
     This is LRP's z-rule (LRP-0) written as gradient x activation: for networks built from ReLU and
     bias-free linear maps the signed sum at every layer equals the output score (relevance conservation,
     tested). captum's LRP is not used because it has no rules for the zoo's attention, LayerNorm, GELU and
     swish blocks; this form runs on any model, and the signed totals show how far a model is from conservation.
+
+    Memory: one zero scalar ``anchor`` that requires a gradient is added to every layer output, which puts
+    the outputs on the graph without any weight needing a gradient (the graph keeps no inputs for weight
+    gradients); a hook on each output takes its contribution the moment its gradient arrives, so no set of
+    gradients of all layers is held; and batches go through one sample at a time (the score is a sum over
+    samples), so what stays is one sample's graph and layer outputs.
     """
     modules = dict(model.named_modules())
-    for name in layer_names:
-        modules[name].weight.requires_grad_(True)  # puts every layer output on the graph
-    acts: list[tuple[str, torch.Tensor]] = []
+    objective = objective or Objective(LOSSES["kl"], "kl")
+    anchor = torch.zeros((), device=model_device(model), requires_grad=True)
+    totals = {n: 0.0 for n in layer_names}
+    signed = {n: 0.0 for n in layer_names}
 
     def hook(name):
         def fn(mod, inputs, output):
-            acts.append((name, output))
+            out = output + anchor.to(output.device, output.dtype)  # same values, now on the graph
+            value = out.detach()  # the hook must not hold ``out`` itself: a cycle would outlive the batch
+
+            def take(grad: torch.Tensor) -> None:
+                contrib = value.float() * grad.float()
+                signed[name] += sum64(contrib)
+                totals[name] += sum64(contrib.abs_())
+
+            out.register_hook(take)
+            return out
 
         return fn
 
-    objective = objective or Objective(LOSSES["kl"], "kl")
-    reference = objective.references(model, batches)  # before the hooks
     handles = [modules[n].register_forward_hook(hook(n)) for n in layer_names]
-    totals = {n: 0.0 for n in layer_names}
-    signed = {n: 0.0 for n in layer_names}
     score_total = 0.0
     try:
-        for batch, ref in zip(batches, reference):
-            acts.clear()
+        for sample in (take(batch, i) for batch in batches for i in range(n_samples(batch))):
             with torch.enable_grad():
-                score = score_fn(objective.output(model, batch), ref)
-                grads = torch.autograd.grad(score, [a for _, a in acts])  # no weight gradients are kept
+                out = objective.output(model, sample)
+                score = score_fn(out, out.detach())
+                torch.autograd.grad(score, anchor, allow_unused=True)  # runs the hooks; keeps nothing
             score_total += float(score.detach())
-            for (n, a), g in zip(acts, grads):
-                contrib = (a.detach() * g).double()
-                totals[n] += float(contrib.abs().sum())
-                signed[n] += float(contrib.sum())
-            acts.clear()
+            del out, score
     finally:
         for h in handles:
             h.remove()
@@ -84,7 +93,6 @@ class Relevance(Estimator):
     def _estimate(
         self, model: nn.Module, batches: list, layers: list[LayerInfo], options: list[Option], objective: Objective
     ):
-        trainable_weights(model, layers)  # no other parameter needs a gradient
         units = units_for(model, layers)
         names = [n for u in units for n in u.names]  # a shared weight gathers the relevance of all its uses
         rel = layer_relevance(model, batches, names, _score(objective.name), objective)

@@ -11,10 +11,12 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from mpsearch.core import LayerInfo, Option
+from mpsearch.core.params import OneOf
 from mpsearch.layers import Unit
 from mpsearch.outputs import Objective, raw_call
-from mpsearch.quant import quantize_weight
+from mpsearch.quant import quantization_error, quantize_weight
 from sensitivity.base import Estimator, units_for
+from sensitivity.sums import dot64
 
 
 def _db(ratio: float) -> float:
@@ -36,8 +38,28 @@ class _Gram:
         x = x.reshape(-1, x.shape[-1]).float()
         self.gram.addmm_(x.T, x)
 
-    def noise(self, delta: torch.Tensor) -> float:  # delta: (out, in), output channels first
-        return float(((delta.float() @ self.gram) * delta.float()).sum())
+    def noise(self, delta: torch.Tensor, option: str) -> float:  # delta: (out, in), output channels first
+        return float((delta @ self.gram).mul_(delta).sum())
+
+
+class _Direct:
+    """Linear maps whose G would take more memory than their own weight (a bf16 weight, a down projection
+    wider in than out) or more time than the products themselves (few calibration tokens): ||X dW^T||^2 is
+    summed batch by batch, dW requantized each time (one option's dW alive at a time, nothing kept)."""
+
+    def __init__(self, unit: Unit, options: list[Option]) -> None:
+        self.unit, self.options = unit, options
+        self.total = {opt.name: 0.0 for opt in options}
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        w = self.unit.weight
+        for opt in self.options:
+            delta = quantization_error(w, opt)
+            self.total[opt.name] += float((x @ delta.T).square_().sum())
+
+    def noise(self, delta: torch.Tensor, option: str) -> float:
+        return self.total[option]
 
 
 class _Counts:
@@ -49,30 +71,59 @@ class _Counts:
     def observe(self, ids: torch.Tensor) -> None:
         self.counts += torch.bincount(ids.reshape(-1), minlength=self.counts.numel()).float()
 
-    def noise(self, delta: torch.Tensor) -> float:
-        return float(self.counts @ delta.float().pow(2).sum(1))
+    def noise(self, delta: torch.Tensor, option: str) -> float:
+        return float(self.counts @ delta.square().sum(1))
+
+
+QUANTIZE_FLOPS = 30  # rough cost of fake-quantizing one weight, in multiply-adds (for the method choice)
+
+
+def use_gram(x: torch.Tensor, weight: torch.Tensor, n_options: int, n_batches: int) -> bool:
+    """Gram statistics when they cost no more memory than the weight and no more time than direct products.
+
+    Per linear map (n rows per batch, B batches, K options): Gram costs n B in^2 + K out in^2 multiply-adds
+    and 4 in^2 bytes; direct costs K n B in out + K B out in QUANTIZE_FLOPS and no memory. The memory rule
+    keeps SQNR's statistics under 1x the weights' bytes in total."""
+    n_in, n_out = weight.shape[1], weight.shape[0]
+    tokens = x.numel() // n_in * n_batches
+    gram_flops = tokens * n_in * n_in + n_options * n_out * n_in * n_in
+    direct_flops = n_options * (tokens * n_in * n_out + n_batches * n_out * n_in * QUANTIZE_FLOPS)
+    return 4 * n_in * n_in <= weight.numel() * weight.element_size() and gram_flops <= direct_flops
 
 
 @torch.no_grad()
 def noise_ratios(
-    model: nn.Module, batches: list, units: list[Unit], options: list[Option], progress: bool = False
+    model: nn.Module,
+    batches: list,
+    units: list[Unit],
+    options: list[Option],
+    progress: bool = False,
+    method: str = "auto",
 ) -> pd.DataFrame:
     """Per (unit, option): ``output_nsr`` = ||X (Q(W) - W)||^2 / ||layer output||^2 over the calibration
     batches (summed over the modules sharing the weight) and ``weight_nsr`` = ||Q(W) - W||^2 / ||W||^2, with
     both as dB (``sqnr_db``, ``sqnr_weight_db``).
 
-    Linear maps and embeddings keep input statistics (see _Gram, _Counts) from one forward pass, so no
-    per-option pass and no (layer x option) weight errors are held at once. Convolutions (small models) get
-    the layer itself called with weight Q(W) - W and zero bias inside the pass, so any Conv subclass
-    (static-padding convs...) is handled.
+    One forward pass over the batches. Linear maps keep input statistics (``_Gram``) or sum the options'
+    output noise directly (``_Direct``), per layer by ``use_gram`` (``method="auto"``) or as forced
+    ("gram"/"direct"); embeddings count lookups (``_Counts``). Convolutions (small models) get the layer
+    itself called with weight Q(W) - W and zero bias inside the pass, so any Conv subclass is handled.
+    Nothing but these statistics and one layer's dW at a time is held beside the model.
     """
     modules = dict(model.named_modules())
     owner = {name: u for u in units for name in u.names}
     signal = {name: 0.0 for name in owner}
     conv_noise: dict[tuple[str, str], float] = {}
-    stats: dict[str, _Gram | _Counts] = {}
+    stats: dict[str, _Gram | _Direct | _Counts] = {}
     last: list = [None, None]  # (input tensor, its _Gram) of the latest linear call: shared by siblings
     busy = set()  # a conv's hook calls the conv again: skip that re-entrant call
+
+    def linear_stats(name: str, x: torch.Tensor) -> _Gram | _Direct:
+        if last[0] is x and isinstance(last[1], _Gram):
+            return last[1]  # a sibling fed the same tensor: its G is this layer's G
+        unit = owner[name]
+        gram = method == "gram" or (method == "auto" and use_gram(x, unit.weight, len(options), len(batches)))
+        return _Gram(x.shape[-1], x.device) if gram else _Direct(unit, options)
 
     def hook(name: str):
         def fn(mod, inputs, output):
@@ -93,9 +144,8 @@ def noise_ratios(
                 busy.discard(name)
             else:
                 if name not in stats:
-                    shared = last[1] if last[0] is x else None
-                    stats[name] = shared or _Gram(x.shape[-1], x.device)
-                if last[0] is not x:  # a sibling fed the same tensor already added it
+                    stats[name] = linear_stats(name, x)
+                if not (last[0] is x and last[1] is stats[name]):  # a sibling added this very tensor already
                     stats[name].observe(x)
                 last[0], last[1] = x, stats[name]
 
@@ -112,14 +162,17 @@ def noise_ratios(
     rows = []
     for unit in tqdm(units, desc="sqnr options", disable=not progress, leave=False):
         w = unit.weight
-        energy = float(w.float().pow(2).sum())
+        energy = dot64(w)
         for opt in options:
-            delta = quantize_weight(w, opt) - w
+            delta = quantization_error(w, opt)
             ratio = 0.0
             for name in unit.names:  # an embedding alias reads the same (vocab, hidden) rows as its lm_head
-                noise = stats[name].noise(delta) if name in stats else conv_noise.get((name, opt.name), 0.0)
+                if name in stats:
+                    noise = stats[name].noise(delta, opt.name)
+                else:
+                    noise = conv_noise.get((name, opt.name), 0.0)
                 ratio += noise / signal[name] if signal[name] > 0 else 0.0
-            w_ratio = float(delta.float().pow(2).sum()) / energy if energy > 0 else 0.0
+            w_ratio = dot64(delta) / energy if energy > 0 else 0.0
             rows.append(
                 {
                     "layer": unit.name,
@@ -137,15 +190,19 @@ class SQNR(Estimator):
     """Output SQNR per (layer, option): 10 log10(||Y||^2 / ||Y_q - Y||^2) over calibration batches.
 
     damage = noise-to-signal power ratio 10^(-SQNR/10): every layer's relative output noise counts alike.
+    ``method``: how linear maps get their output noise (see ``noise_ratios``): "auto" (per layer, by memory
+    and time), "gram" or "direct" (same numbers, up to float32 rounding).
     Columns: ``sqnr_db`` (output), ``sqnr_weight_db`` (weights), ``output_nsr``, ``weight_nsr``.
     """
 
     name = "sqnr"
-    _parameter_constraints = {"progress": [bool]}
+    memory_hint = "pass method='direct' (no input statistics kept) or use smaller calibration batches"
+    _parameter_constraints = {"method": [OneOf(("auto", "gram", "direct"))], "progress": [bool]}
 
-    def __init__(self, progress: bool = True) -> None:
+    def __init__(self, method: str = "auto", progress: bool = True) -> None:
+        self.method = method
         self.progress = progress
 
     def _estimate(self, model, batches, layers: list[LayerInfo], options, objective: Objective):
-        frame = noise_ratios(model, batches, units_for(model, layers), options, self.progress)
+        frame = noise_ratios(model, batches, units_for(model, layers), options, self.progress, self.method)
         return frame.assign(damage=frame["output_nsr"])

@@ -92,11 +92,7 @@ class ILP(Solver):
             # PuLP 3.x deprecates its bundled CBC in favour of the cbcbox package; the bundled one is what
             # installs everywhere here, so keep it (pyproject pins pulp < 4)
             warnings.simplefilter("ignore", DeprecationWarning)
-            # "increment": CBC otherwise derives a cutoff increment and prunes nodes that are not better by
-            # it, returning "optimal" plans up to 2e-4 worse than the optimum (measured at 500 layers)
-            solver = pulp.PULP_CBC_CMD(
-                msg=self.msg, timeLimit=self.time_limit, gapRel=1e-9, options=[f"increment {CBC_INCREMENT}"]
-            )
+            solver = self._cbc_command(pulp)
         model.solve(solver)
         status = pulp.LpStatus[model.status]
         if status == "Infeasible":
@@ -105,6 +101,13 @@ class ILP(Solver):
             raise MpsearchError(f"CBC ended with status {status!r} and no plan", "raise time_limit")
         choice = self._choice(problem, cols, [v.value() or 0 for v in x])
         return (choice, "optimal", 0.0) if model.sol_status == 1 else (choice, "time_limit", float("nan"))
+
+    def _cbc_command(self, pulp):
+        # "increment": CBC otherwise derives a cutoff increment and prunes nodes that are not better by it,
+        # returning "optimal" plans up to 2e-4 worse than the optimum (measured at 500 layers)
+        return pulp.PULP_CBC_CMD(
+            msg=self.msg, timeLimit=self.time_limit, gapRel=1e-9, options=[f"increment {CBC_INCREMENT}"]
+        )
 
     # ------------------------------------------------------------------ HiGHS
     def _solve_highs(self, problem: Problem, cols: np.ndarray):

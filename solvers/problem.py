@@ -24,9 +24,13 @@ FEAS_RTOL = 1e-9
 
 
 def _union_find_groups(layers: list[str], ties: list[list[str]]) -> list[list[str]]:
-    parent = {name: name for name in layers}
+    """Decision units in first-appearance order: each tie group (merged where groups overlap) once, every
+    untied layer alone. Only tied layers go through the union-find."""
+    known = set(layers)
+    parent: dict[str, str] = {}
 
     def find(x: str) -> str:
+        parent.setdefault(x, x)
         while parent[x] != x:
             parent[x] = parent[parent[x]]
             x = parent[x]
@@ -34,18 +38,33 @@ def _union_find_groups(layers: list[str], ties: list[list[str]]) -> list[list[st
 
     for group in ties:
         for name in group:
-            if name not in parent:
+            if name not in known:
                 raise InvalidTableError(f"tie names layer {name!r} that is not in the table", "tie table layers")
         for a, b in zip(group, group[1:]):
             parent[find(b)] = find(a)
+    if not parent:
+        return [[name] for name in layers]
     groups: dict[str, list[str]] = {}
+    units: list[list[str]] = []
     for name in layers:
-        groups.setdefault(find(name), []).append(name)
-    return list(groups.values())
+        if name not in parent:
+            units.append([name])
+            continue
+        root = find(name)
+        if root not in groups:
+            groups[root] = []
+            units.append(groups[root])
+        groups[root].append(name)
+    return units
 
 
 class Problem:
-    """Arrays: ``damage[u, k]`` and ``costs[j][u, k]`` for unit u, option k (inf where k is not available)."""
+    """Arrays: ``damage[u, k]`` and ``costs[j][u, k]`` for unit u, option k (inf where k is not available);
+    ``option_codes[u, k]`` indexes ``option_names`` (-1: no k-th option).
+
+    Built with array operations on the table's factorized layer/option codes: only tie groups are handled
+    one by one, so 20000 layers x 7 options compile in milliseconds and a million layers in about a second.
+    """
 
     def __init__(self, table: CostTable, budget: Budget, objective: str = "damage") -> None:
         if objective not in table.frame.columns:
@@ -53,31 +72,59 @@ class Problem:
         self.table, self.budget, self.objective_column = table, budget, objective
         frame = table.frame
         ties = [list(g) for g in table.meta.get("ties", [])] + [list(g) for g in budget.ties]
-        self.units = _union_find_groups(table.layers, ties)
-        self.constraints = budget.constraints(frame)
-        row_of = {(r.layer, r.option): i for i, r in enumerate(frame[["layer", "option"]].itertuples())}
-        per_layer = frame.groupby("layer", sort=False)["option"].agg(list).to_dict()
+        layers = table.layers
+        self.units = _union_find_groups(layers, ties)
+        self.constraints = budget.constraints(frame, table.total_params())
+        self.option_names = table.options
 
-        self.unit_options: list[list[str]] = []
-        for unit in self.units:
-            common = [o for o in per_layer[unit[0]] if all((m, o) in row_of for m in unit[1:])]
+        # per layer, the table rows of its options in table order: row_at[layer, position]
+        codes = np.asarray(table.layer_codes, dtype=np.int64)
+        counts = np.bincount(codes, minlength=len(layers))
+        order = np.argsort(codes, kind="stable")
+        position = np.empty(len(codes), dtype=np.int64)
+        position[order] = np.arange(len(codes)) - np.repeat(np.cumsum(counts) - counts, counts)
+        row_at = np.full((len(layers), int(counts.max())), -1, dtype=np.int64)
+        row_at[codes, position] = np.arange(len(codes))
+        option_of_row = np.asarray(table.option_codes, dtype=np.int64)
+
+        n_opts = row_at.shape[1]
+        self.option_codes = np.full((len(self.units), n_opts), -1, dtype=np.int64)
+        row_sets: list[np.ndarray] = []  # per unit with several layers: (members, options) rows
+        tied = [u for u, unit in enumerate(self.units) if len(unit) > 1]
+        alone = np.array([u for u, unit in enumerate(self.units) if len(unit) == 1], dtype=np.int64)
+        index = {name: i for i, name in enumerate(layers)} if tied else {}
+        alone_layer = np.array([index[self.units[u][0]] for u in alone], dtype=np.int64) if tied else alone
+        alone_rows = row_at[alone_layer]
+        self.option_codes[alone] = np.where(alone_rows >= 0, option_of_row[alone_rows], -1)
+        for u in tied:
+            by_option = []  # per member: {option code: its row}
+            for m in (index[name] for name in self.units[u]):
+                rows = row_at[m][row_at[m] >= 0]
+                by_option.append(dict(zip(option_of_row[rows].tolist(), rows.tolist())))
+            common = [o for o in by_option[0] if all(o in b for b in by_option[1:])]
             if not common:
-                raise InvalidTableError(f"tied layers {unit} share no option", "give tied layers common options")
-            self.unit_options.append(common)
-        n_opts = max(len(o) for o in self.unit_options)
-        shape = (len(self.units), n_opts)
-        values = frame[objective].to_numpy(float)
-        self.damage = np.full(shape, np.inf)
-        self.costs = [np.full(shape, np.inf) for _ in self.constraints]
-        for u, (unit, opts) in enumerate(zip(self.units, self.unit_options)):
-            for k, opt in enumerate(opts):
-                rows = [row_of[(m, opt)] for m in unit]
-                self.damage[u, k] = values[rows].sum()
-                for j, con in enumerate(self.constraints):
-                    self.costs[j][u, k] = con.row_cost[rows].sum()
+                raise InvalidTableError(f"tied layers {self.units[u]} share no option", "give them common options")
+            self.option_codes[u, : len(common)] = common
+            row_sets.append(np.array([[b[o] for o in common] for b in by_option]))
+
+        def per_unit(values: np.ndarray) -> np.ndarray:
+            out = np.full(self.option_codes.shape, np.inf)
+            out[alone] = np.where(alone_rows >= 0, values[alone_rows], np.inf)
+            for u, rows in zip(tied, row_sets):
+                out[u, : rows.shape[1]] = values[rows].sum(axis=0)
+            return out
+
+        self.damage = per_unit(frame[objective].to_numpy(float))
+        self.costs = [per_unit(np.asarray(con.row_cost, dtype=float)) for con in self.constraints]
         self.valid = np.isfinite(self.damage)
         self.table_fingerprint = table.fingerprint()
         self.check_feasible()
+
+    @property
+    def unit_options(self) -> list[list[str]]:
+        """Each unit's option names, in its column order."""
+        names = self.option_names
+        return [[names[c] for c in row if c >= 0] for row in self.option_codes]
 
     @property
     def n_units(self) -> int:
@@ -119,10 +166,8 @@ class Problem:
     def result(self, choice, status: str, solver: str, params: dict, wall: float, gap: float = 0.0) -> SearchResult:
         choice = np.asarray(choice, dtype=int)
         objective, totals = self.evaluate(choice)
-        assignments = {}
-        for unit, opts, k in zip(self.units, self.unit_options, choice):
-            for layer in unit:
-                assignments[layer] = opts[k]
+        names = np.array(self.option_names, dtype=object)[self.option_codes[np.arange(self.n_units), choice]]
+        assignments = {layer: option for unit, option in zip(self.units, names) for layer in unit}
         ordered = {layer: assignments[layer] for layer in self.table.layers}
         provenance = {
             "solver": solver,

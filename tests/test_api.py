@@ -117,3 +117,12 @@ def test_instances_are_validated_and_not_mixed_with_params():
         make_solver(solvers.CoreDP(), {"max_states": 4})
     with pytest.raises(MpsearchError, match=r"parameter 'max_probes' must be a whole number >= 1, got 0"):
         make_estimator(sensitivity.HessianTrace(max_probes=0))
+
+
+def test_device_is_for_zoo_names_not_for_a_model_passed_in(digits):
+    import mpsearch
+
+    with pytest.raises(mpsearch.MpsearchError, match="device= is for zoo model names"):
+        mpsearch.estimate(digits.model, digits.calibration[:1], "sqnr", device="cpu")
+    table = mpsearch.estimate("digits-cnn", estimator="sqnr", device="cpu", cache=False)
+    assert table.meta["model"] == "digits-cnn" and len(table.frame) > 0

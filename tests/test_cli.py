@@ -154,3 +154,21 @@ def test_evolutionary_from_the_cli(capsys, tmp_path, monkeypatch):
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["gap"] is None and summary["avg_bits"] <= 4.0
     assert (tmp_path / "runs" / "evolutionary" / "evolutionary.db").exists()
+
+
+@pytest.mark.parametrize("command", ["search", "pareto", "evaluate"])
+def test_device_flag_rejects_unknown_and_absent_devices(command, capsys, digits_plan):
+    import torch
+
+    extra = {"search": ["--avg-bits", "4"], "pareto": ["--out", "f.csv"], "evaluate": ["--plan", str(digits_plan)]}
+    base = [command, "--model", "digits-cnn", *extra[command]]
+    code, _, err = run(capsys, *base, "--device", "tpu9")
+    assert code == 2 and "unknown device 'tpu9'" in err and "Traceback" not in err
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, *base, "--device", "cuda")
+        assert code == 2 and "device 'cuda' is not available on this machine" in err
+
+
+def test_device_flag_loads_the_zoo_model_there(capsys, digits_plan):
+    code, out, err = run(capsys, "evaluate", "--model", "digits-cnn", "--plan", str(digits_plan), "--device", "cpu")
+    assert code == 0 and "on cpu" in err and json.loads(out.strip().splitlines()[-1])["avg_bits"] <= 4.0

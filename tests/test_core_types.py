@@ -138,3 +138,25 @@ def test_budget_validation_and_constraints():
         "avg_bits": 3.0,
         "ties": [["a", "b"]],
     }
+
+
+def test_cost_rows_match_each_options_own_storage_rule():
+    import math
+
+    from mpsearch.core import LayerInfo, cost_rows, parse_options
+
+    layers = [
+        LayerInfo("a", (96, 130), "linear", macs=96 * 130),  # rows that groups do not divide
+        LayerInfo("b", (16, 3, 3, 3), "conv2d", macs=None),
+        LayerInfo("c", (7,), "linear", macs=0),
+        LayerInfo("d", (1000, 64), "embedding"),
+    ]
+    opts = parse_options(["int4", "int3_g32_asym", "int4_g128", "fp8_e4m3", "fp4_e2m1", "fp16"])
+    frame = cost_rows(layers, opts)
+    assert frame[["layer", "option"]].values.tolist() == [[la.name, o.name] for la in layers for o in opts]
+    for row, (layer, opt) in zip(frame.itertuples(), ((la, o) for la in layers for o in opts)):
+        storage = opt.storage_bits(layer.shape)
+        assert row.n_params == math.prod(layer.shape)
+        assert row.bits == storage / row.n_params and row.size_bytes == math.ceil(storage / 8)
+        assert (row.bops == layer.macs * opt.bits * 16) if layer.macs else np.isnan(row.bops)
+    assert opts[1].storage_bits((96, 130)) == 96 * 130 * 3 + 96 * 5 * (16 + 3)  # ceil(130 / 32) = 5 groups

@@ -137,3 +137,37 @@ def test_apply_plan_rejects_unknown_layers_and_conflicting_shared_weights():
         apply_plan(model, {"a": "int4", "b": "int8"})
     q = apply_plan(model, {"a": "int4", "b": "int4"})
     assert q.a.weight is q.b.weight and torch.equal(q.a.weight, quantize_weight(model.a.weight, "int4"))
+
+
+def test_apply_plan_inplace_quantizes_the_model_itself_like_the_copy():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    plan = BitPlan({"a": "int2", "b": "int8"})
+    copied = apply_plan(model, plan)
+    a_weight = model.a.weight
+    assert apply_plan(model, plan, inplace=True) is model
+    assert model.a.weight is a_weight  # the same Parameter, its values quantized
+    for name, value in copied.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value)
+
+
+def test_quantized_block_computes_with_the_plan_and_restores_the_very_same_weights():
+    from mpsearch.quant import quantized
+
+    torch.manual_seed(0)
+    model = TwoLayer()
+    model.b.weight = model.a.weight  # a shared weight: both users see the quantized tensor
+    x = torch.randn(5, 32)
+    plan = BitPlan({"a": "int3", "c": "int4"})
+    expected = apply_plan(model, plan)(x)
+    params = dict(model.named_parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with quantized(model, plan) as q:
+        assert torch.equal(q(x), expected)
+        assert q.b.weight is q.a.weight
+    assert dict(model.named_parameters()) == params  # the original Parameter objects are back
+    with pytest.raises(KeyError), quantized(model, plan) as q:
+        raise KeyError(q(x).shape)
+    assert dict(model.named_parameters()) == params
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])

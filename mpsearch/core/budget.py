@@ -56,12 +56,12 @@ class Budget:
         names = ("avg_bits", "size_bytes", "bops", "latency")
         return {n: float(getattr(self, n)) for n in names if getattr(self, n) is not None}
 
-    def constraints(self, frame: pd.DataFrame) -> list[Constraint]:
-        """Per-row costs of each constraint for a cost-table frame."""
+    def constraints(self, frame: pd.DataFrame, total_params: float | None = None) -> list[Constraint]:
+        """Per-row costs of each constraint for a cost-table frame (``total_params``: the table's, when known)."""
         out = []
         for name, limit in self.limits().items():
             if name == "avg_bits":
-                total = float(frame.drop_duplicates("layer")["n_params"].sum())
+                total = float(total_params or frame.drop_duplicates("layer")["n_params"].sum())
                 cost = (frame["bits"] * frame["n_params"]).to_numpy(float)
                 out.append(Constraint(name, limit * total, cost, scale=total))
                 continue

@@ -43,20 +43,26 @@ class Option:
 
     def n_scales(self, shape: tuple[int, ...]) -> int:
         """Number of scales stored for a weight of this shape (dim 0 = output channels)."""
+        return int(self.scales_for(shape[0], math.prod(shape[1:]) if len(shape) > 1 else 1))
+
+    def scales_for(self, out_channels, row_length):
+        """``n_scales`` from output channels and row length (ints, or numpy arrays for many layers)."""
         if self.kind == "none":
-            return 0
-        out_ch = shape[0]
-        row = math.prod(shape[1:]) if len(shape) > 1 else 1
+            return out_channels * 0
         if self.group_size is None:
-            return out_ch
-        return out_ch * math.ceil(row / self.group_size)
+            return out_channels
+        return out_channels * (-(-row_length // self.group_size))  # ceil division, also on arrays
 
     def storage_bits(self, shape: tuple[int, ...]) -> int:
         """Total bits to store a weight of ``shape``: elements + scales + zero points."""
-        numel = math.prod(shape)
-        n_scales = self.n_scales(shape)
+        row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        return int(self.storage_bits_for(shape[0], row))
+
+    def storage_bits_for(self, out_channels, row_length):
+        """``storage_bits`` from output channels and row length (ints or numpy arrays)."""
         zero_bits = 0 if self.symmetric else self.bits
-        return numel * self.bits + n_scales * (SCALE_BITS + zero_bits)
+        scales = self.scales_for(out_channels, row_length)
+        return out_channels * row_length * self.bits + scales * (SCALE_BITS + zero_bits)
 
     def effective_bits(self, shape: tuple[int, ...]) -> float:
         """Bits per weight including scale and zero-point overhead."""

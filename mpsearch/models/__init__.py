@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mpsearch.core import DEFAULT_OPTIONS, UnknownModelError
+from mpsearch.core import DEFAULT_OPTIONS, MpsearchError, UnknownModelError
 
 
 @dataclass
@@ -89,9 +89,32 @@ ZOO: dict[str, tuple[Callable[[int, int], ZooModel], int, int]] = {
 }
 
 
-def load(name: str, n_calib: int | None = None, n_eval: int | None = None) -> ZooModel:
-    """Load a zoo model by name (offline)."""
+def resolve_device(device: str | None = None):
+    """A torch.device from "cpu", "cuda", "cuda:1", "mps"...; None or "auto": CUDA when available, then MPS,
+    then the CPU. A device this machine does not have is an error, not a silent fallback."""
+    import torch
+
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise MpsearchError(f"unknown device {device!r}", "use auto, cpu, cuda, cuda:N or mps") from err
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if dev.type in available and not available[dev.type]():
+        raise MpsearchError(f"device {device!r} is not available on this machine", "use --device cpu (or auto)")
+    return dev
+
+
+def load(name: str, n_calib: int | None = None, n_eval: int | None = None, device: str | None = None) -> ZooModel:
+    """Load a zoo model by name (offline) onto ``device`` (default: CUDA when available, else the CPU; see
+    ``resolve_device``). Its batches stay on the CPU: every call moves a batch to the model's device."""
     if name not in ZOO:
         raise UnknownModelError(f"unknown model {name!r}", f"choose one of {sorted(ZOO)}")
+    dev = resolve_device(device)
     loader, calib, evaluation = ZOO[name]
-    return loader(n_calib or calib, n_eval or evaluation)
+    zoo = loader(n_calib or calib, n_eval or evaluation)
+    zoo.model.to(dev)
+    return zoo

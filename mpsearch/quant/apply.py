@@ -1,14 +1,21 @@
-"""Apply a BitPlan to a model: a fake-quantized deep copy (or the model itself with ``inplace=True``)."""
+"""Apply a BitPlan to a model: in place, as a fake-quantized copy, or for the length of a ``with`` block.
+
+``quantized(model, plan)`` is the memory-frugal way to measure a plan: the planned modules see quantized
+weights inside the block, and their own Parameters, never written, are put back on exit (also on error),
+so the model is byte-identical afterwards and only the planned weights' quantized values are held beside it.
+"""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from mpsearch.core import BitPlan, InvalidPlanError, parse_option
-from mpsearch.layers import unit_map
+from mpsearch.layers import Unit, unit_map
 from mpsearch.quant.formats import quantize_weight
 
 
@@ -31,13 +38,49 @@ def resolve_plan(model: nn.Module, plan: BitPlan | dict) -> dict:
     return {unit: option for unit, (_, option) in chosen.items()}
 
 
+@contextmanager
+def swapped(model: nn.Module, weights: Mapping[Unit, torch.Tensor]) -> Iterator[nn.Module]:
+    """Inside the block, each unit's modules (aliases too) hold ``weights[unit]`` (output channels first, as
+    ``Unit.weight``) as their weight. The original Parameter objects are only set aside, never written, and
+    are put back on exit, even when the block raises: restoring is exact by construction."""
+    saved: list[tuple[nn.Module, nn.Parameter]] = []
+    try:
+        for unit, value in weights.items():
+            value = value.t() if unit.type.transposed else value
+            replacement = nn.Parameter(value.detach(), requires_grad=False)
+            for name in unit.names:
+                module = model.get_submodule(name)
+                saved.append((module, module._parameters["weight"]))
+                module._parameters["weight"] = replacement
+        yield model
+    finally:
+        for module, original in reversed(saved):
+            module._parameters["weight"] = original
+
+
+@torch.no_grad()
+def quantized_weights(model: nn.Module, plan: BitPlan | dict) -> dict[Unit, torch.Tensor]:
+    """{unit: its fake-quantized weight (output channels first)} for the plan's units, one layer at a time."""
+    return {unit: quantize_weight(unit.weight, parse_option(opt)) for unit, opt in resolve_plan(model, plan).items()}
+
+
+@contextmanager
+def quantized(model: nn.Module, plan: BitPlan | dict) -> Iterator[nn.Module]:
+    """``with quantized(model, plan):`` the model computes with the plan's fake-quantized weights; on exit it
+    is exactly the model it was. Holds the planned weights' quantized values (not a copy of the model)."""
+    with swapped(model, quantized_weights(model, plan)):
+        yield model
+
+
 def apply_plan(model: nn.Module, plan: BitPlan | dict, inplace: bool = False) -> nn.Module:
-    """Return a copy of ``model`` whose planned weights are fake-quantized (``model`` itself with ``inplace``).
+    """Return a copy of ``model`` whose planned weights are fake-quantized, or, with ``inplace=True``, quantize
+    ``model`` itself one layer at a time (no second copy: for models that barely fit in memory).
 
     Layers the plan does not name stay in full precision. A shared weight (tied embeddings) is quantized
     once. A plan naming a layer the model does not have, or giving two options to one shared weight,
-    raises InvalidPlanError before anything is changed.
+    raises InvalidPlanError before anything is changed (or copied).
     """
+    resolve_plan(model, plan)
     target = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         for unit, option in resolve_plan(target, plan).items():

@@ -59,23 +59,29 @@ def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
+def _absmax(g: torch.Tensor) -> torch.Tensor:
+    """max |g| over the last dim, without an |g| temporary."""
+    return torch.maximum(g.amax(-1, keepdim=True), -g.amin(-1, keepdim=True))
+
+
 def _int_quant(g: torch.Tensor, opt: Option) -> torch.Tensor:
+    # in-place steps on one new tensor: a weight-sized temporary, not one per operation
     if opt.symmetric:
         qmax = 2 ** (opt.bits - 1) - 1
-        scale = _fp16_scale(g.abs().amax(-1, keepdim=True) / qmax)
-        return torch.clamp(torch.round(g / scale), -qmax - 1, qmax) * scale
+        scale = _fp16_scale(_absmax(g) / qmax)
+        return (g / scale).round_().clamp_(-qmax - 1, qmax).mul_(scale)
     levels = 2**opt.bits - 1
     lo = g.amin(-1, keepdim=True).clamp(max=0)
     hi = g.amax(-1, keepdim=True).clamp(min=0)
     scale = _fp16_scale((hi - lo) / levels)
     zero = torch.clamp(torch.round(-lo / scale), 0, levels)
-    return (torch.clamp(torch.round(g / scale) + zero, 0, levels) - zero) * scale
+    return (g / scale).round_().add_(zero).clamp_(0, levels).sub_(zero).mul_(scale)
 
 
 def _fp_quant(g: torch.Tensor, opt: Option) -> torch.Tensor:
     e, m = opt.exponent_bits, opt.mantissa_bits
-    scale = _fp16_scale(g.abs().amax(-1, keepdim=True) / minifloat_max(e, m))
-    scaled = (g / scale).clamp(-minifloat_max(e, m), minifloat_max(e, m))
+    scale = _fp16_scale(_absmax(g) / minifloat_max(e, m))
+    scaled = (g / scale).clamp_(-minifloat_max(e, m), minifloat_max(e, m))
     if (e, m) in _FP8_DTYPES:
         return scaled.to(_FP8_DTYPES[(e, m)]).float() * scale
     return round_minifloat(scaled, e, m) * scale
@@ -90,6 +96,11 @@ def quantize_weight(w: torch.Tensor, option: Option | str) -> torch.Tensor:
     q = _int_quant(g, opt) if opt.kind == "int" else _fp_quant(g, opt)
     q = q.reshape(w.shape[0], -1)[:, :row_len]
     return q.reshape(w.shape).to(w.dtype)
+
+
+def quantization_error(w: torch.Tensor, option: Option | str) -> torch.Tensor:
+    """Q(w) - w in float32 (whatever w's dtype), built in place: one new weight-sized tensor."""
+    return quantize_weight(w, option).float().sub_(w)
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
