@@ -85,6 +85,7 @@ class Relevance(Estimator):
     """
 
     name = "relevance"
+    memory_hint = "use shorter calibration samples (relevance holds one sample's graph and layer outputs)"
     _parameter_constraints = {"progress": [bool]}
 
     def __init__(self, progress: bool = True) -> None:
