@@ -34,9 +34,14 @@ from mpsearch.quant.apply import quantized_weights, resolve_plan, swapped
 DEFAULT_ESTIMATOR = "fisher"
 
 
-def _resolve_model(model, data, loss_fn, options, device=None):
+def _resolve_model(model, data, loss_fn, options, device=None, target: str | None = None):
     """A zoo name becomes (module, calibration data, loss, options, name), loaded onto ``device``; a module
-    passes through and is used where it lives."""
+    passes through and is used where it lives. A ``target`` runtime picks the options (its defaults, or
+    ``options`` named in its family: ``int4_g32`` -> ``torchao:int4_g32``)."""
+    if target is not None:
+        from mpsearch.export import get_target
+
+        options = get_target(target).resolve(None if options is None else list(options))
     if isinstance(model, str):
         from mpsearch.models import load
 
@@ -105,6 +110,7 @@ def estimate(
     estimator_params: dict | None = None,
     cache: bool = True,
     device: str | None = None,
+    target: str | None = None,
     **extra,
 ) -> CostTable:
     """Build a cost table with an estimator (a name from sensitivity.REGISTRY or an Estimator).
@@ -113,11 +119,12 @@ def estimate(
     ``loss_fn``: None (KL for logits, cosine for embeddings), "kl", "cosine" or f(output, reference);
     ``output_fn(output, batch)``: overrides the output convention; ``include``/``exclude``: FQN patterns;
     ``cache``: reuse/store the table in the on-disk cache; ``device``: where a zoo model is loaded (default:
-    CUDA when available); a module runs where it lives.
+    CUDA when available); a module runs where it lives; ``target``: a runtime of ``mpsearch.export.TARGETS``
+    whose options (sizes and quantization math its own) are estimated.
     """
     _no_extra("estimate", extra)
     est = make_estimator(estimator, estimator_params)
-    module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options, device)
+    module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options, device, target)
     table = est.estimate(
         module, data, options, loss_fn, cache=cache, output_fn=output_fn, include=include, exclude=exclude
     )
@@ -162,6 +169,7 @@ def search(
     estimator_params: dict | None = None,
     solver_params: dict | None = None,
     device: str | None = None,
+    target: str | None = None,
     **extra,
 ) -> SearchResult:
     """Estimate sensitivities and solve for the best plan under ``budget`` (default: avg 4 bits).
@@ -170,12 +178,13 @@ def search(
     ``"smollm2-135m"`` (loaded onto ``device``, default CUDA when available).
     Parameters are checked before any work: ``estimator_params`` go to the estimator, ``solver_params`` to
     the solver; "evolutionary" gets a PlanFitness on ``data`` unless ``solver_params`` has ``fitness``.
+    ``target``: the runtime the plan is for (``mpsearch.export.TARGETS``): its options, sizes and math.
     The cost table is kept in ``result.extra["table"]``.
     """
     _no_extra("search", extra)
     budget = budget or Budget(avg_bits=4.0)
     est, slv, needs_fitness = search_components(estimator, solver, estimator_params, solver_params)
-    module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options, device)
+    module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options, device, target)
     parse_options(options)
     data = as_batches(data)  # iterated several times below
     example = data[0] if budget.bops is not None else None
@@ -222,6 +231,7 @@ def pareto(
     include=None,
     exclude=None,
     estimator_params: dict | None = None,
+    target: str | None = None,
     **extra,
 ):
     """The exact predicted-damage vs ``axis`` ("size_bytes" or "avg_bits") front of a model's table, from the
@@ -247,11 +257,16 @@ def pareto(
             include=include,
             exclude=exclude,
             estimator_params=estimator_params,
+            target=target,
         )
-    costs = {o: table.uniform_cost(o, "bits" if axis == "avg_bits" else axis) for o in table.options}
-    budget = Budget(**{axis: max(costs.values())})
+    uniform = table.uniform_options()
+    costs = {o: table.uniform_cost(o, "bits" if axis == "avg_bits" else axis) for o in uniform}
+    frame = table.frame.assign(stored_bits=table.frame["bits"] * table.frame["n_params"])
+    largest = frame.groupby("layer", sort=False)[["size_bytes", "stored_bits"]].max().sum()  # the largest plan
+    top = largest["size_bytes"] if axis == "size_bytes" else largest["stored_bits"] / table.total_params()
+    budget = Budget(**{axis: float(top)})
     front = front_solver.solve(solvers.Problem(table, budget))
-    front.meta["uniform"] = {o: (costs[o], table.uniform_cost(o, "damage")) for o in table.options}
+    front.meta["uniform"] = {o: (costs[o], table.uniform_cost(o, "damage")) for o in uniform}
     front.meta["label"] = table.meta.get("estimator", "front")
     return front
 

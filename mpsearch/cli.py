@@ -81,6 +81,7 @@ def cmd_search(args) -> int:
     from mpsearch.models import resolve_device
 
     resolve_device(args.device)
+    _target_options(args.target, options)
     # wrong names or values fail before the model is loaded
     api.search_components(args.estimator, args.solver, estimator_params, solver_params)
     _status(f"searching {args.model} with {args.estimator} + {args.solver} ...")
@@ -95,6 +96,7 @@ def cmd_search(args) -> int:
         estimator_params=estimator_params,
         solver_params=solver_params,
         device=args.device,
+        target=args.target,
     )
     table = result.extra["table"]
     frame = result.plan.to_frame(table)[["layer", "option", "bits", "n_params", "damage"]]
@@ -123,12 +125,15 @@ def cmd_evaluate(args) -> int:
             f"use --model {made_for} or search a plan for {args.model}",
         )
     zoo = _load(args.model, args.device)
-    plan.check_layers([info.name for info in discover(zoo.model)[0]], f"model {args.model!r}")
+    shapes = {info.name: info.shape for info in discover(zoo.model)[0]}
+    plan.check_layers(list(shapes), f"model {args.model!r}")
     _status("measuring the planned model ...")
     measured = api.evaluate(zoo.model, plan, zoo.evaluation, zoo.loss)
     planned = list(plan.assignments)
     uniform_option, uniform = None, None
     for option in plan.provenance.get("options") or list(zoo.options):
+        if not all(api.parse_option(option).fits(shapes[name]) for name in planned):
+            continue  # the runtime cannot store every layer in this option: no uniform plan
         candidate = api.BitPlan({name: option for name in planned})
         if api.plan_size(zoo.model, candidate)["avg_bits"] <= measured["avg_bits"] + 1e-12:
             _status(f"measuring uniform {option} ...")
@@ -160,6 +165,7 @@ def cmd_pareto(args) -> int:
         raise MpsearchError(
             "pareto writes nothing without --out or --plot", "pass --out front.csv and/or --plot front.png"
         )
+    options = _target_options(args.target, options)
     zoo = _load(args.model, args.device)
     _status(f"estimating sensitivities ({args.estimator}) ...")
     table = api.estimate(
@@ -220,19 +226,38 @@ def cmd_batch(args) -> int:
     return 0
 
 
+def _target_options(target: str | None, options: list[str] | None) -> list[str] | None:
+    """The options searched for ``--target`` (its defaults, or --options named in its family)."""
+    if target is None:
+        return options
+    from mpsearch.export import get_target
+
+    return get_target(target).resolve(options)
+
+
 def cmd_export(args) -> int:
     from mpsearch.core import BitPlan
     from mpsearch.export import export
 
-    text = export(BitPlan.load(args.plan), args.format)
+    target = args.target or args.format
+    if target is None:
+        raise MpsearchError("export needs --target", "pass --target llama.cpp, torchao, gptqmodel, hqq or json")
+    kwargs = {"arch": args.arch} if args.arch else {}
+    if args.arch and target != "llama.cpp":
+        raise MpsearchError("--arch is for --target llama.cpp", "leave it out for other targets")
+    text = export(BitPlan.load(args.plan), target, **kwargs)
     if args.out:
         __import__("pathlib").Path(args.out).write_text(text)
-        _status(f"{args.format} export written to {args.out}")
+        _status(f"{target} export written to {args.out}")
     else:
         sys.stdout.write(text)
     return 0
 
 
+TARGET_HELP = (
+    "the runtime the plan is for: llama.cpp, torchao, gptqmodel, hqq or mpsearch; searches its options with "
+    "its own sizes and quantization math (default: mpsearch's formats)"
+)
 DEVICE_HELP = "where the zoo model runs: auto (default: cuda when available, else cpu), cpu, cuda, cuda:N, mps"
 
 
@@ -262,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--include", help="comma-separated FQN patterns of layers to quantize (default: all)")
     s.add_argument("--exclude", help="comma-separated FQN patterns of layers to leave alone, e.g. lm_head")
     s.add_argument("--device", help=DEVICE_HELP)
+    s.add_argument("--target", help=TARGET_HELP)
     s.add_argument("--out", help="write the plan JSON here")
     s.add_argument("--table", help="write the cost table (Parquet) here")
     s.set_defaults(func=cmd_search)
@@ -275,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--exclude", help="comma-separated FQN patterns of layers to leave alone")
     f.add_argument("--axis", default="size_bytes", help="size_bytes or avg_bits")
     f.add_argument("--device", help=DEVICE_HELP)
+    f.add_argument("--target", help=TARGET_HELP)
     f.add_argument("--out", help="front CSV: plan_id, cost, predicted damage (and measured metric)")
     f.add_argument("--plot", help="PNG of the front with the uniform options marked")
     f.add_argument(
@@ -295,9 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--run-dir", help="override the config's run_dir")
     b.set_defaults(func=cmd_batch)
 
-    x = sub.add_parser("export", help="write a plan for a runtime: torchao, llama.cpp, gptqmodel, hqq, json")
+    x = sub.add_parser("export", help="write a plan for the runtime it was searched for (--target)")
     x.add_argument("plan")
-    x.add_argument("--format", required=True, help="torchao, llama.cpp, gptqmodel, hqq or json")
+    x.add_argument("--target", help="llama.cpp, torchao, gptqmodel, hqq, mpsearch or json (any plan)")
+    x.add_argument("--format", help=argparse.SUPPRESS)  # the old name of --target
+    x.add_argument("--arch", help="llama.cpp: GGUF architecture (default: the plan's model type, else llama)")
     x.add_argument("--out", help="file to write (default: stdout)")
     x.set_defaults(func=cmd_export)
 

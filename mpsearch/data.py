@@ -62,11 +62,17 @@ def n_samples(batch) -> int:
     return int(first.shape[0])
 
 
-def take(batch, i: int):
-    """Sample ``i`` of a batch, keeping the batch dimension (non-tensor entries pass through)."""
-    pick = lambda t: t[i : i + 1] if isinstance(t, torch.Tensor) else t  # noqa: E731
+def take(batch, i: int, count: int = 1):
+    """Samples ``i .. i + count - 1`` of a batch, keeping the batch dimension (non-tensor entries pass through)."""
+    pick = lambda t: t[i : i + count] if isinstance(t, torch.Tensor) else t  # noqa: E731
     if isinstance(batch, torch.Tensor):
         return pick(batch)
     if isinstance(batch, Mapping):
         return {k: pick(v) for k, v in batch.items()}
     return type(batch)(pick(t) for t in batch)
+
+
+def split(batch, size: int) -> list:
+    """The batch cut into consecutive micro-batches of ``size`` samples (the last may be smaller)."""
+    n = n_samples(batch)
+    return [batch] if size >= n else [take(batch, i, size) for i in range(0, n, size)]

@@ -142,21 +142,21 @@ def tiny_transformers(seed: int = 0) -> dict[str, Callable[[], tuple[nn.Module, 
         )
         return BertModel(cfg, add_pooling_layer=False).eval(), _token_batches(96, seed)
 
-    def llama():
-        from transformers import LlamaConfig, LlamaForCausalLM
+    def llama(arch: str = "Llama", tied: bool = True):
+        import transformers
 
         torch.manual_seed(seed)
-        cfg = LlamaConfig(
+        cfg = getattr(transformers, f"{arch}Config")(
             vocab_size=96,
             hidden_size=32,
             intermediate_size=48,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            tie_word_embeddings=True,
+            tie_word_embeddings=tied,
             attn_implementation="sdpa",
         )
-        return LlamaForCausalLM(cfg).eval(), _token_batches(96, seed)
+        return getattr(transformers, f"{arch}ForCausalLM")(cfg).eval(), _token_batches(96, seed)
 
     def gpt2():
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -165,4 +165,4 @@ def tiny_transformers(seed: int = 0) -> dict[str, Callable[[], tuple[nn.Module, 
         cfg = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0)
         return GPT2LMHeadModel(cfg).eval(), _token_batches(96, seed)
 
-    return {"bert": bert, "llama": llama, "gpt2": gpt2}
+    return {"bert": bert, "llama": llama, "gpt2": gpt2, "qwen2": lambda: llama("Qwen2", tied=False)}

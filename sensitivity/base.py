@@ -90,6 +90,7 @@ class Estimator(Configurable, ABC):
             "options": [o.name for o in opts],
             "layers": [info.name for info in layers],
             "aliases": {info.name: list(info.aliases) for info in layers if info.aliases},
+            "architecture": getattr(getattr(model, "config", None), "model_type", None),
             "model_fingerprint": model_fingerprint(model),
             "data_fingerprint": data_fingerprint(batches),
             "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
@@ -184,11 +185,15 @@ def trainable_weights(model: nn.Module, layers: list[LayerInfo]) -> list[nn.Para
 
 
 def weight_perturbations(model: nn.Module, layers: list[LayerInfo], options: list[Option]) -> dict:
-    """||Q(W) - W||^2 per (layer, option); one quantized copy of one layer at a time."""
+    """||Q(W) - W||^2 per (layer, option); one quantized copy of one layer at a time (NaN, not computed, where
+    the option cannot store the layer)."""
     out = {}
     with torch.no_grad():
         for unit in units_for(model, layers):
             w = unit.weight
             for opt in options:
-                out[unit.name, opt.name] = dot64(quantization_error(w, opt))
+                out[unit.name, opt.name] = dot64(quantization_error(w, opt)) if opt.fits(tuple(w.shape)) else NAN
     return out
+
+
+NAN = float("nan")  # damage of a (layer, option) the option's runtime cannot store: the table drops the row

@@ -12,7 +12,7 @@ from mpsearch.core.params import Interval
 from mpsearch.data import n_samples, take
 from mpsearch.outputs import Objective, model_device
 from mpsearch.quant import quantization_error
-from sensitivity.base import Estimator, trainable_weights, units_for
+from sensitivity.base import NAN, Estimator, trainable_weights, units_for
 from sensitivity.sums import dot64, sum64
 
 
@@ -92,9 +92,11 @@ class Fisher(Estimator):
                         out = objective.output(model, take(batch, i))
                         out = out.reshape(-1, out.shape[-1])  # rows: one per class vector / token / embedding
                         draws = self._draws(objective.name, out.detach(), gen)
+                        if objective.name == "kl":  # one log-softmax in the graph, shared by the draws
+                            logp = torch.log_softmax(out.float(), -1)
                         for j, (target, weight) in enumerate(draws):
                             if objective.name == "kl":
-                                score = -torch.log_softmax(out.float(), -1).gather(-1, target[:, None]).sum()
+                                score = -logp.gather(-1, target[:, None]).sum()
                             else:
                                 score = (out.float() * target).sum()
                             draw_weight[0] = weight
@@ -111,6 +113,9 @@ class Fisher(Estimator):
                 f = f.div_(seen).t() if unit.type.transposed else f.div_(seen)  # the unit's (out, in) layout
                 trace = sum64(f)
                 for opt in options:
+                    if not opt.fits(tuple(unit.weight.shape)):  # no row in the table
+                        rows.append({"layer": unit.name, "option": opt.name, "damage": NAN})
+                        continue
                     d = quantization_error(unit.weight, opt)
                     rows.append(
                         {
@@ -126,12 +131,12 @@ class Fisher(Estimator):
     def _draws(self, kind: str, out: torch.Tensor, gen: torch.Generator) -> list[tuple[torch.Tensor, float]]:
         """(target, weight) pairs whose weighted squared score gradients average to the Fisher diagonal."""
         if kind == "kl":
-            probs = torch.softmax(out.double(), -1)
             if out.shape[0] == 1 and out.shape[1] <= self.exact_classes:
+                probs = torch.softmax(out.double(), -1)
                 return [(torch.tensor([c], device=out.device), float(probs[0, c])) for c in range(out.shape[1])]
+            probs = torch.softmax(out.float(), -1)  # one row per token: float32 (a float64 copy is 2x the logits)
             return [
-                (torch.multinomial(probs.float(), 1, generator=gen)[:, 0], 1.0 / self.n_targets)
-                for _ in range(self.n_targets)
+                (torch.multinomial(probs, 1, generator=gen)[:, 0], 1.0 / self.n_targets) for _ in range(self.n_targets)
             ]
         return [
             (torch.randn(out.shape, generator=gen, device=out.device), 1.0 / self.n_targets)

@@ -3,93 +3,148 @@
 from __future__ import annotations
 
 import time
+import warnings
+from collections.abc import Callable
+from functools import partial
 
 import pandas as pd
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from mpsearch.core import MpsearchError
 from mpsearch.core.params import Interval, OneOf
+from mpsearch.data import n_samples, split
 from mpsearch.outputs import Objective, model_device
 from sensitivity.base import Estimator, trainable_weights, weight_perturbations
 from sensitivity.hutchinson import hutchinson, hutchpp, seeded_probes
 from sensitivity.sums import dot64
 
 
-class HessianVectorProduct:
-    """H v for the mean calibration loss w.r.t. ``params``, batch by batch.
+def _rows(reference: torch.Tensor) -> int:
+    return int(reference.shape[0]) if reference.dim() else 1
 
-    Per batch, the first-order gradients are built with their graph (attention on PyTorch's math SDPA
-    kernel: the fused CPU/CUDA kernels have no double backward), used for every product asked at once, and
-    freed before the next batch: memory holds one batch's graph, never all of them. ``quad`` gives only the
-    per-layer v . (H v) of each probe, so whole products are never accumulated for Hutchinson.
+
+class HessianVectorProduct:
+    """H v for the mean calibration loss w.r.t. ``params``, one micro-batch graph at a time.
+
+    Each batch is cut into micro-batches of ``micro_batch`` samples (None: whole batches; "auto": one sample
+    where the output has a row per token, else whole batches); each one's loss is
+    weighted by its share of the batch's output rows, so the sum is the batch mean for row-mean losses (KL
+    and cosine). Per micro-batch, the first-order gradients are built with their graph (attention on
+    PyTorch's math SDPA kernel: the fused CPU/CUDA kernels have no double backward); a hook keeps only each
+    gradient's place in the graph (a GradientEdge) and drops its values, so no whole-model gradient is held.
+    Every product asked for is then a backward pass from those edges with the probe as their gradient.
+    Memory: one micro-batch's double-backward graph, the probe, and the partial H v blocks in flight.
     """
 
-    def __init__(self, model: nn.Module, batches: list, objective: Objective, params: list[nn.Parameter]) -> None:
-        self.model, self.batches, self.objective, self.params = model, batches, objective, params
-        self.references = objective.references(model, batches)
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: list,
+        objective: Objective,
+        params: list[nn.Parameter],
+        micro_batch: int | str | None = None,
+    ) -> None:
+        self.model, self.objective, self.params = model, objective, params
+        self.parts: list[tuple] = []  # (micro-batch, its reference output, weight of its loss)
+        for batch in batches:
+            chunks = [batch] if micro_batch in (None, "auto") else split(batch, micro_batch)
+            refs = objective.references(model, chunks)
+            if micro_batch == "auto" and _rows(refs[0]) > n_samples(batch) > 1:  # token rows: one sequence each
+                chunks = split(batch, 1)
+                refs = objective.references(model, chunks)
+            rows = sum(_rows(r) for r in refs)
+            self.parts += [(c, r, _rows(r) / rows / len(batches)) for c, r in zip(chunks, refs)]
         self.count = 0
         self.seconds = 0.0
 
-    def _per_batch(self, use) -> None:
-        """Call ``use(grads)`` with each batch's first-order gradients (graph kept for double backward)."""
-        start = time.perf_counter()
-        for batch, ref in zip(self.batches, self.references):
-            with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
-                loss = self.objective(self.model, batch, ref) / len(self.batches)
-                grads = torch.autograd.grad(loss, self.params, create_graph=True)
-            use(grads)
-            del loss, grads
-        self.seconds += time.perf_counter() - start
+    def _edges(self, chunk, reference, weight: float) -> list:
+        """Per parameter, the GradientEdge of d(weight * loss)/d(param) in a graph kept for double backward
+        (None where that gradient does not depend on any parameter: its block of H is zero)."""
+        edges: list = [None] * len(self.params)
 
-    def _hv(self, grads, vs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        dot = sum((g * v.to(g.dtype)).sum() for g, v in zip(grads, vs))
-        return torch.autograd.grad(dot, self.params, retain_graph=True)
+        def keep(i: int):
+            def hook(param: torch.Tensor) -> None:
+                if param.grad.grad_fn is not None:
+                    edges[i] = get_gradient_edge(param.grad)
+                param.grad = None  # the values are never needed, only their place in the graph
+
+            return hook
+
+        handles = [p.register_post_accumulate_grad_hook(keep(i)) for i, p in enumerate(self.params)]
+        try:
+            with sdpa_kernel(SDPBackend.MATH), torch.enable_grad(), warnings.catch_warnings():
+                # backward(create_graph=True) warns of a param <-> grad cycle: the hook breaks it (grad = None)
+                warnings.filterwarnings("ignore", "Using backward\\(\\) with create_graph=True")
+                loss = self.objective(self.model, chunk, reference) * weight
+                torch.autograd.backward(loss, inputs=self.params, create_graph=True)
+        finally:
+            for h in handles:
+                h.remove()
+        return edges
+
+    def _backward(self, edges: list, vs: list[torch.Tensor], on_block: Callable[[int, torch.Tensor], None]) -> None:
+        """One product's blocks for one micro-batch: ``on_block(i, block)`` as soon as layer i's block of H v
+        is complete, then the block is dropped."""
+
+        def hand(i: int):
+            def hook(param: torch.Tensor) -> None:
+                on_block(i, param.grad)
+                param.grad = None
+
+            return hook
+
+        roots = [i for i, e in enumerate(edges) if e is not None]
+        if not roots:
+            return
+        handles = [p.register_post_accumulate_grad_hook(hand(i)) for i, p in enumerate(self.params)]
+        try:
+            torch.autograd.backward(
+                [edges[i] for i in roots],
+                grad_tensors=[vs[i] for i in roots],
+                inputs=self.params,
+                retain_graph=True,
+            )
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _products(self, count: int, vectors: Callable[[int], list[torch.Tensor]], on_block) -> None:
+        """``count`` products summed over micro-batches; product j takes probe ``vectors(j)`` (drawn once per
+        micro-batch and freed before the next is drawn) and calls ``on_block(j, probe, i, block)``."""
+        start = time.perf_counter()
+        for chunk, reference, weight in self.parts:
+            edges = self._edges(chunk, reference, weight)
+            for j in range(count):
+                vs = vectors(j)
+                self._backward(edges, vs, partial(on_block, j, vs))
+                del vs
+            del edges
+        self.count += count
+        self.seconds += time.perf_counter() - start
 
     def __call__(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         """The whole product H v."""
         total = [torch.zeros_like(p) for p in self.params]
 
-        def use(grads):
-            for acc, hv in zip(total, self._hv(grads, vs)):
-                acc += hv
+        def add(j: int, probe, i: int, block: torch.Tensor) -> None:
+            total[i] += block
 
-        self._per_batch(use)
-        self.count += 1
+        self._products(1, lambda j: vs, add)
         return total
 
-    def quad(self, probe, first: int, count: int) -> torch.Tensor:
-        """(count, layers): v_i . (H v_i) restricted to each layer, for probes i = first .. first + count - 1.
-
-        The second backward hands each layer's block of H v to a post-accumulate-grad hook that takes its dot
-        with the probe and drops it: one layer's block of the product is alive at a time, never all of H v."""
+    def quad(self, probe: Callable[[int], list[torch.Tensor]], first: int, count: int) -> torch.Tensor:
+        """(count, layers): v_i . (H v_i) restricted to each layer, for probes i = first .. first + count - 1;
+        each layer's block of H v is dotted with the probe and dropped as soon as it is complete."""
         dots = torch.zeros(count, len(self.params), dtype=torch.float64, device="cpu")
-        current: list = [None, None]  # (probe blocks, row of dots) of the product under way
 
-        def take(i: int):
-            def hook(param: torch.Tensor) -> None:
-                current[1][i] += dot64(current[0][i], param.grad)
-                param.grad = None
+        def dot(j: int, vs, i: int, block: torch.Tensor) -> None:
+            dots[j, i] += dot64(vs[i], block)
 
-            return hook
-
-        def use(grads):
-            for j in range(count):
-                current[0], current[1] = probe(first + j), dots[j]
-                dot = sum((g * v.to(g.dtype)).sum() for g, v in zip(grads, current[0]))
-                torch.autograd.backward(dot, inputs=self.params, retain_graph=True)
-                del dot  # frees this probe's blocks (its graph holds them) before the next probe is drawn
-                current[0] = None
-
-        handles = [p.register_post_accumulate_grad_hook(take(i)) for i, p in enumerate(self.params)]
-        try:
-            self._per_batch(use)
-        finally:
-            for h in handles:
-                h.remove()
-        self.count += count
+        self._products(count, lambda j: probe(first + j), dot)
         return dots
 
 
@@ -98,8 +153,10 @@ class HessianTrace(Estimator):
 
     ``method``: "hutchinson" (Rademacher probes, adaptive: stops once every layer's relative standard error
     is below ``rtol``, between ``min_probes`` and ``max_probes``; probes come in rounds of ``round_size``
-    that share one graph per batch) or "hutchpp" (``sketch`` sketch vectors and ``max_probes`` residual
-    probes). The loss is the label-free loss against the full-precision output
+    that share one graph per micro-batch) or "hutchpp" (``sketch`` sketch vectors and ``max_probes`` residual
+    probes). ``micro_batch``: samples per double-backward graph ("auto": one sequence for models whose output
+    has a row per token, whose graph would otherwise hold several activation copies per token per layer;
+    whole batches otherwise). The loss is the label-free loss against the full-precision output
     (KL or cosine), whose gradient vanishes at the full-precision weights, so its Hessian is the curvature
     that quantization noise meets. Columns: hessian_trace, hessian_trace_std, perturbation. After a run,
     ``stats_`` holds the number of products and their time.
@@ -107,7 +164,8 @@ class HessianTrace(Estimator):
 
     name = "hessian"
     memory_hint = (
-        "use smaller calibration batches (one batch's double-backward graph is held); "
+        "lower micro_batch (one micro-batch's double-backward graph is held; 1 = one sample) or use shorter "
+        "sequences; "
         "with method='hutchpp', lower sketch or use method='hutchinson'"
     )
     _parameter_constraints = {
@@ -117,6 +175,7 @@ class HessianTrace(Estimator):
         "rtol": [Interval(float, 0, open_low=True)],
         "sketch": [Interval(int, 1)],
         "round_size": [Interval(int, 1)],
+        "micro_batch": [OneOf(("auto",)), Interval(int, 1), None],
         "seed": [Interval(int, 0)],
         "progress": [bool],
     }
@@ -129,6 +188,7 @@ class HessianTrace(Estimator):
         rtol: float = 0.1,
         sketch: int = 8,
         round_size: int = 8,
+        micro_batch: int | str | None = "auto",
         seed: int = 0,
         progress: bool = True,
     ) -> None:
@@ -138,6 +198,7 @@ class HessianTrace(Estimator):
         self.rtol = rtol
         self.sketch = sketch
         self.round_size = round_size
+        self.micro_batch = micro_batch
         self.seed = seed
         self.progress = progress
 
@@ -151,7 +212,7 @@ class HessianTrace(Estimator):
     def _estimate(self, model, batches, layers, options, objective: Objective):
         start = time.perf_counter()
         params = trainable_weights(model, layers)
-        hvp = HessianVectorProduct(model, batches, objective, params)
+        hvp = HessianVectorProduct(model, batches, objective, params, self.micro_batch)
         shapes = [p.shape for p in params]
         total = self.max_probes if self.method == "hutchinson" else 3 * self.sketch + self.max_probes
         trace_start = time.perf_counter()

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from mpsearch.core import LayerInfo, Option
 from mpsearch.outputs import Objective
 from mpsearch.quant import quantize_weight, swapped
-from sensitivity.base import Estimator, units_for
+from sensitivity.base import NAN, Estimator, units_for
 
 
 class Measured(Estimator):
@@ -38,6 +38,10 @@ class Measured(Estimator):
         bar = tqdm(total=len(layers) * len(options), desc="measured", disable=not self.progress, leave=False)
         for unit in units_for(model, layers):
             for opt in options:
+                if not opt.fits(tuple(unit.weight.shape)):  # no row in the table: not measured
+                    rows.append({"layer": unit.name, "option": opt.name, "damage": NAN, "loss": NAN})
+                    bar.update()
+                    continue
                 with swapped(model, {unit: quantize_weight(unit.weight, opt)}):
                     loss = objective.mean(model, batches, reference)
                 rows.append({"layer": unit.name, "option": opt.name, "damage": loss - base, "loss": loss})

@@ -15,7 +15,7 @@ from mpsearch.core.params import OneOf
 from mpsearch.layers import Unit
 from mpsearch.outputs import Objective, raw_call
 from mpsearch.quant import quantization_error, quantize_weight
-from sensitivity.base import Estimator, units_for
+from sensitivity.base import NAN, Estimator, units_for
 from sensitivity.sums import dot64
 
 
@@ -48,8 +48,9 @@ class _Direct:
     summed batch by batch, dW requantized each time (one option's dW alive at a time, nothing kept)."""
 
     def __init__(self, unit: Unit, options: list[Option]) -> None:
-        self.unit, self.options = unit, options
-        self.total = {opt.name: 0.0 for opt in options}
+        self.unit = unit
+        self.options = [opt for opt in options if opt.fits(tuple(unit.weight.shape))]
+        self.total = {opt.name: 0.0 for opt in self.options}
 
     def observe(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
@@ -137,7 +138,7 @@ def noise_ratios(
                 busy.add(name)
                 w = mod.weight
                 zero = {"bias": torch.zeros_like(mod.bias)} if mod.bias is not None else {}
-                for opt in options:
+                for opt in (o for o in options if o.fits(tuple(w.shape))):
                     err = functional_call(mod, {**zero, "weight": quantize_weight(w, opt) - w}, inputs)
                     key = (name, opt.name)
                     conv_noise[key] = conv_noise.get(key, 0.0) + float(err.float().pow(2).sum())
@@ -164,6 +165,9 @@ def noise_ratios(
         w = unit.weight
         energy = dot64(w)
         for opt in options:
+            if not opt.fits(tuple(w.shape)):  # no row in the table
+                rows.append({"layer": unit.name, "option": opt.name, "output_nsr": NAN, "weight_nsr": NAN})
+                continue
             delta = quantization_error(w, opt)
             ratio = 0.0
             for name in unit.names:  # an embedding alias reads the same (vocab, hidden) rows as its lm_head

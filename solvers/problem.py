@@ -181,6 +181,8 @@ class Problem:
             "model": self.table.meta.get("model"),
             "model_fingerprint": self.table.meta.get("model_fingerprint"),
             "options": self.table.options,
+            "architecture": self.table.meta.get("architecture"),
+            "aliases": self.table.meta.get("aliases") or {},
         }
         constraints = {
             c.name: ConstraintValue(c.name, float(c.report(t)), float(c.report(c.limit)))

@@ -1,4 +1,5 @@
-"""Exporters, each checked with the runtime's own package where it installs here (torchao, gguf)."""
+"""Exporters: a target writes exactly the options searched for it, checked with the runtime's own package
+where it installs here (torchao, gguf, hqq)."""
 
 import copy
 import json
@@ -10,77 +11,104 @@ import torch
 import mpsearch
 from mpsearch.cli import main
 from mpsearch.core import BitPlan, MpsearchError
-from mpsearch.export import export, gptqmodel_dynamic, hqq_dynamic_config, to_llama_cpp
+from mpsearch.export import TARGETS, export, get_target, gptqmodel_dynamic, hqq_dynamic_config
 from mpsearch.outputs import Objective, cosine_distance
 
 
 @pytest.fixture(scope="module")
-def mixed_plan(minilm):
-    layers = [i.name for i in mpsearch.discover(minilm.model)[0]]
-    options = ["int4_g32", "int8", "int3_asym", "int4"]
-    return BitPlan({name: options[i % 4] for i, name in enumerate(layers)}, {"model": "minilm-l6"})
+def minilm_layers(minilm):
+    return [i.name for i in mpsearch.discover(minilm.model)[0]]
 
 
-def test_torchao_config_applies_with_torchao(minilm, mixed_plan):
+def test_torchao_config_applies_and_quantizes_as_searched(minilm, minilm_layers):
     from torchao.core.config import config_from_dict
     from torchao.quantization import quantize_
 
-    config = config_from_dict(json.loads(export(mixed_plan, "torchao")))
+    options = ["torchao:int4_g32", "torchao:int8", "torchao:int3_g64_asym", "torchao:int4"]
+    plan = BitPlan({name: options[i % 4] for i, name in enumerate(minilm_layers)})
+    config = config_from_dict(json.loads(export(plan, "torchao")))
     model = copy.deepcopy(minilm.model)
     quantize_(model, config, filter_fn=None)
-    for layer, option in mixed_plan.items():
+    for layer, option in plan.items():
         weight = model.get_submodule(layer).weight
         opt = mpsearch.parse_option(option)
         assert weight.target_dtype == getattr(torch, f"int{opt.bits}"), layer
-        in_features = weight.shape[1]
-        assert tuple(weight.block_size) == (1, opt.group_size or in_features), layer
+        assert tuple(weight.block_size) == (1, opt.group_size or weight.shape[1]), layer
+        # the exported model computes with exactly the tensors the search predicted
+        predicted = mpsearch.quantize_weight(minilm.model.get_submodule(layer).weight, option)
+        assert torch.equal(weight.dequantize(), predicted), layer
     batch = minilm.calibration[0]
     objective = Objective(cosine_distance, "cosine")
-    cos = 1 - objective(model, batch, objective.references(minilm.model, [batch])[0])
-    assert cos > 0.8  # torchao's quantized model still computes the same embedding, roughly
+    assert 1 - objective(model, batch, objective.references(minilm.model, [batch])[0]) > 0.8
 
 
-def test_llama_cpp_file_uses_gguf_names_and_types(mixed_plan):
+def test_llama_cpp_file_uses_gguf_names_and_exactly_the_searched_types(minilm_layers):
     import gguf
 
-    plan = BitPlan({k: ("int3" if v == "int3_asym" else v) for k, v in mixed_plan.items()})
-    text = to_llama_cpp(plan, arch="bert")
-    lines = text.strip().splitlines()
+    options = ["q4_0", "q8_0", "q5_1", "q4_1"]
+    plan = BitPlan({name: options[i % 4] for i, name in enumerate(minilm_layers)})
+    lines = export(plan, "llama.cpp", arch="bert").strip().splitlines()
     assert len(lines) == 36
-    types = {t.name.lower() for t in gguf.GGMLQuantizationType}
-    for line in lines:
+    for line, option in zip(lines, plan.assignments.values()):
         pattern, qtype = line.split("=")
-        assert qtype in types
+        assert qtype == option and gguf.GGMLQuantizationType[qtype.upper()]
     assert re.fullmatch(lines[0].split("=")[0], "blk.0.attn_q.weight")
-    assert "^blk\\.5\\.ffn_down\\.weight$=" in text
-    with pytest.raises(MpsearchError, match="layer 'x.0.fc' has option 'fp8_e4m3', which llama.cpp has no type"):
-        to_llama_cpp(BitPlan({"x.0.fc": "fp8_e4m3"}))
 
 
-def test_gptqmodel_and_hqq_dicts(mixed_plan):
-    with pytest.raises(MpsearchError, match="which GPTQModel has no type"):
-        gptqmodel_dynamic(BitPlan({"a.0.b": "int5"}))
-    ok = BitPlan({"encoder.layer.0.attention.self.query": "int4_g128", "encoder.layer.1.attention.self.query": "int8"})
-    dyn = gptqmodel_dynamic(ok)
+@pytest.mark.parametrize(
+    ("target", "plan", "message"),
+    [
+        ("llama.cpp", {"a.0.q": "q4_k", "a.0.k": "int4"}, "layer 'a.0.k' has option 'int4', which llama.cpp cannot"),
+        ("torchao", {"a.0.q": "q4_k"}, "layer 'a.0.q' has option 'q4_k', which torchao cannot store as searched"),
+        ("gptqmodel", {"a.0.q": "torchao:int4"}, "options: gptq:int<2|3|4|8>"),
+        ("hqq", {"a.0.q": "int4_g64"}, r"search with --target hqq \(options: hqq:int<1\|2\|3\|4\|8>_g<group>\)"),
+        ("mpsearch", {"a.0.q": "hqq:int4_g64"}, "which mpsearch cannot store"),
+    ],
+)
+def test_an_export_target_other_than_the_search_target_names_the_layer(target, plan, message):
+    with pytest.raises(MpsearchError, match=message):
+        export(BitPlan(plan), target)
+
+
+def test_gptqmodel_and_hqq_dicts():
+    ok = BitPlan(
+        {"encoder.layer.0.attention.self.query": "gptq:int4_g128", "encoder.layer.1.attention.self.query": "gptq:int8"}
+    )
+    dyn = json.loads(export(ok, "gptqmodel"))
+    assert dyn == gptqmodel_dynamic(ok)
     assert dyn["+:^encoder\\.layer\\.0\\.attention\\.self\\.query$"] == {"bits": 4, "group_size": 128, "sym": True}
     assert dyn["+:^encoder\\.layer\\.1\\.attention\\.self\\.query$"]["group_size"] == -1
-    with pytest.raises(MpsearchError, match="same HQQ tag 'attention.self.query'"):
-        hqq_dynamic_config(ok)
-    tied = BitPlan(
-        {"encoder.layer.0.attention.self.query": "int4_g64", "encoder.layer.1.attention.self.query": "int4_g64"}
-    )
-    assert hqq_dynamic_config(tied) == {"attention.self.query": {"nbits": 4, "group_size": 64}}
+    mixed = BitPlan({"m.0.attention.q": "hqq:int4_g64", "m.1.attention.q": "hqq:int2_g64"})
+    with pytest.raises(MpsearchError, match="same HQQ tag 'attention.q'"):
+        hqq_dynamic_config(mixed)
+    tied = BitPlan({"m.0.attention.q": "hqq:int4_g64", "m.1.attention.q": "hqq:int4_g64"})
+    assert json.loads(export(tied, "hqq")) == {"attention.q": {"nbits": 4, "group_size": 64}}
 
 
-def test_cli_export(mixed_plan, tmp_path, capsys):
+def test_targets_resolve_bare_names_into_their_family_and_refuse_others():
+    assert get_target("torchao").resolve(["int4_g32", "int8"]) == ["torchao:int4_g32", "torchao:int8"]
+    assert get_target("llama.cpp").resolve(None) == list(TARGETS["llama.cpp"].default_options)
+    with pytest.raises(MpsearchError, match="option 'int4' is not a llama.cpp option; llama.cpp stores q8_0, q6_k"):
+        get_target("llama.cpp").resolve(["int4"])
+    with pytest.raises(MpsearchError, match="gptq has no 5-bit weights"):
+        get_target("gptqmodel").resolve(["int5_g128"])
+    with pytest.raises(MpsearchError, match="unknown target 'onnx'"):
+        get_target("onnx")
+
+
+def test_cli_export(tmp_path, capsys, minilm_layers):
+    plan = BitPlan({name: "gptq:int4_g128" for name in minilm_layers}, {"model": "minilm-l6"})
     path = tmp_path / "plan.json"
-    mixed_plan.save(path)
-    assert main(["export", str(path), "--format", "gptqmodel", "--out", str(tmp_path / "g.json")]) == 0
+    plan.save(path)
+    assert main(["export", str(path), "--target", "gptqmodel", "--out", str(tmp_path / "g.json")]) == 0
     assert len(json.loads((tmp_path / "g.json").read_text())) == 36
     capsys.readouterr()
-    assert main(["export", str(path), "--format", "llama.cpp"]) == 2  # int3_asym has no GGUF type
-    assert "has option 'int3_asym', which llama.cpp has no type for" in capsys.readouterr().err
-    assert main(["export", str(path), "--format", "json"]) == 0
-    assert BitPlan.from_json(capsys.readouterr().out) == mixed_plan
-    assert main(["export", str(path), "--format", "onnx"]) == 2
-    assert "unknown export format 'onnx'" in capsys.readouterr().err
+    assert main(["export", str(path), "--target", "llama.cpp"]) == 2
+    err = capsys.readouterr().err
+    assert "layer 'encoder.layer.0.attention.self.query' has option 'gptq:int4_g128', which llama.cpp" in err
+    assert main(["export", str(path), "--format", "json"]) == 0  # --format: the old name
+    assert BitPlan.from_json(capsys.readouterr().out) == plan
+    assert main(["export", str(path), "--target", "onnx"]) == 2
+    assert "unknown target 'onnx'" in capsys.readouterr().err
+    assert main(["export", str(path)]) == 2
+    assert "export needs --target" in capsys.readouterr().err

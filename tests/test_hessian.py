@@ -113,3 +113,42 @@ def test_hessian_trace_of_a_linear_network_matches_the_closed_form(method):
         n = model.get_submodule(layer).weight.numel()
         assert rows.loc[layer, "damage"] == pytest.approx(got / n * d)
     assert est.stats_["hvps"] == (64 if method == "hutchinson" else 3 * 6 + 64)
+
+
+def _quads(model, batches, loss_fn, micro_batch):
+    from mpsearch.layers import discover
+    from mpsearch.outputs import resolve_objective
+    from sensitivity.base import borrowed, trainable_weights
+    from sensitivity.hessian import HessianVectorProduct
+
+    layers, _ = discover(model)
+    objective = resolve_objective(loss_fn, None, model, batches[0])
+    with borrowed(model):
+        params = trainable_weights(model, layers)
+        hvp = HessianVectorProduct(model, batches, objective, params, micro_batch)
+        probe = seeded_probes([p.shape for p in params], 0)
+        return hvp.quad(probe, 0, 3), len(hvp.parts)
+
+
+def test_micro_batches_give_the_whole_batch_products():
+    # H v is linear in the loss: micro-batch losses weighted by their share of rows sum to the batch mean
+    torch.manual_seed(0)
+    model, x = TwoLinear(), torch.randn(10, 6)
+    whole, parts = _quads(model, [x[:7], x[7:]], mse, None)
+    assert parts == 2
+    for size in (1, 3):
+        split, parts = _quads(model, [x[:7], x[7:]], mse, size)
+        assert parts == (10 if size == 1 else 4)
+        torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-7)
+
+
+def test_auto_micro_batches_split_token_outputs_into_sequences_with_padding():
+    from mpsearch.testing import tiny_transformers
+
+    model, batches = tiny_transformers()["llama"]()  # 4 sequences, one half padded
+    whole, parts = _quads(model, batches, None, None)
+    assert parts == 1
+    auto, parts = _quads(model, batches, None, "auto")
+    assert parts == 4
+    torch.testing.assert_close(auto, whole, rtol=1e-4, atol=1e-8)
+    assert whole.abs().sum() > 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mpsearch.core.errors import InvalidTableError
+from mpsearch.core.errors import InvalidOptionError, InvalidTableError
 from mpsearch.core.options import Option, parse_option
 
 SCHEMA_VERSION = 1
@@ -53,7 +53,18 @@ def cost_rows(layers: list[LayerInfo], options: list[Option]) -> pd.DataFrame:
     row = numel // np.maximum(out_ch, 1)
     storage = np.stack([opt.storage_bits_for(out_ch, row) for opt in options], axis=1).astype(float)
     bits = np.array([opt.bits for opt in options], dtype=float)
-    return pd.DataFrame(
+    fits = np.stack([np.broadcast_to(opt.fits_row(row), row.shape) for opt in options], axis=1)
+    if not fits.all():  # a runtime that cannot store a layer's rows in an option: no row for that pair
+        stuck = np.flatnonzero(~fits.any(axis=1))
+        if len(stuck):
+            layer = layers[int(stuck[0])]
+            raise InvalidOptionError(
+                f"layer {layer.name!r} (rows of {int(row[stuck[0]])} weights) fits none of the options "
+                f"{[o.name for o in options]}",
+                "add an option whose block or group size divides the row (e.g. a 32-block type: q8_0, q5_0, "
+                "q4_0), or exclude the layer",
+            )
+    frame = pd.DataFrame(
         {
             "layer": np.repeat(np.array([layer.name for layer in layers], dtype=object), n_opts),
             "option": np.tile(np.array([opt.name for opt in options], dtype=object), len(layers)),
@@ -63,6 +74,7 @@ def cost_rows(layers: list[LayerInfo], options: list[Option]) -> pd.DataFrame:
             "bops": (macs[:, None] * bits[None, :] * ACTIVATION_BITS).ravel(),
         }
     )
+    return frame if fits.all() else frame[fits.ravel()].reset_index(drop=True)
 
 
 class CostTable:
@@ -141,6 +153,11 @@ class CostTable:
     def total_params(self) -> int:
         first = np.unique(self.layer_codes, return_index=True)[1]
         return int(self.frame["n_params"].to_numpy()[first].sum())
+
+    def uniform_options(self) -> list[str]:
+        """The options every layer can take (a runtime may not store some layers in some options)."""
+        counts = np.bincount(self.option_codes, minlength=len(self._options))
+        return [o for o, c in zip(self._options, counts) if c == len(self._layers)]
 
     def uniform_cost(self, option: str, column: str = "bits") -> float:
         """Cost of giving every layer ``option``: parameter-weighted mean for ``bits``, else the sum."""
