@@ -10,16 +10,22 @@ object per (model, method, budget): model, method, budget, avg_bits, size_bytes,
     python experiments/bench_quality.py                 # all zoo models, every estimator (~20 min)
     python experiments/bench_quality.py --quick         # fewer estimators and trials (CI)
     python experiments/bench_quality.py --model my_pkg.my_module:build   # a user model (see --help)
+    python experiments/bench_quality.py --fair          # issue 13: default search (safe) vs fair uniforms,
+                                                        # RTN and GPTQ, budgets 3.0/3.5/4.0 bits, 0.875x int4
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
 
 import solvers.ilp  # noqa: F401  (OR-Tools first)
 from mpsearch import Budget, estimate, evaluate, solve, uniform_plan
@@ -139,6 +145,92 @@ def plot(name: str, rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+FAIR_BUDGETS = {"3.0 bits": ("avg_bits", 3.0), "3.5 bits": ("avg_bits", 3.5), "4.0 bits": ("avg_bits", 4.0)}
+
+
+def fair(zoo: ZooModel, quantizers: list[str], estimator: str | None) -> list[dict]:
+    """The default search (held-out check and refinement on) against fair baselines, per quantizer and budget:
+    uniform int4 (per channel) and the best uniform option of the model's own option set that fits the
+    budget, all measured on the held-out evaluation data. One row per (quantizer, budget), then a summary."""
+    from mpsearch import search
+    from mpsearch.api import DEFAULT_ESTIMATOR, make_quantizer, plan_size
+
+    name, estimator = zoo.name, estimator or DEFAULT_ESTIMATOR
+    int4_size = plan_size(zoo.model, uniform_plan(zoo.model, "int4"))["size_bytes"]
+    budgets = {**FAIR_BUDGETS, "0.875x int4": ("size_bytes", 0.875 * int4_size)}
+    rows = []
+    for quantizer in quantizers:
+        q = make_quantizer(quantizer, zoo.model, zoo.calibration)
+        measure = functools.partial(_measure, zoo, q)
+        options = list(zoo.options)
+        uniform = {o: measure(uniform_plan(zoo.model, o)) for o in [*options, "int4"]}
+        for label, (axis, limit) in budgets.items():
+            start = time.perf_counter()
+            result = search(
+                zoo.model,
+                zoo.calibration,
+                Budget(**{axis: limit}),
+                estimator,
+                options=options,
+                loss_fn=zoo.loss,
+                quantizer=quantizer,
+            )
+            wall = time.perf_counter() - start
+            fits = {o: m for o, m in uniform.items() if o in options and m[axis] <= limit * (1 + 1e-9)}
+            best_uniform = min(fits, key=lambda o: fits[o]["loss"]) if fits else None
+            plan_m, searched_m = measure(result.plan), measure(result.extra["searched_plan"])
+            rows.append(
+                emit(
+                    {
+                        "model": name,
+                        "method": "fair",
+                        "quantizer": quantizer,
+                        "estimator": estimator,
+                        "budget": label,
+                        "avg_bits": plan_m["avg_bits"],
+                        "size_bytes": plan_m["size_bytes"],
+                        "loss": plan_m["loss"],
+                        "metric_name": plan_m["metric_name"],
+                        "metric": plan_m["metric"],
+                        "searched_loss": searched_m["loss"],
+                        "chosen": result.extra["safety"]["chosen"],
+                        "int4_loss": uniform["int4"]["loss"],
+                        "int4_size_bytes": uniform["int4"]["size_bytes"],
+                        "best_uniform": best_uniform,
+                        "best_uniform_loss": fits[best_uniform]["loss"] if fits else None,
+                        "search_s": round(wall, 2),
+                        "safety_s": round(result.extra["safety"]["wall_s"], 2),
+                    }
+                )
+            )
+    rows.append(emit(fair_targets(name, rows)))
+    return rows
+
+
+def _measure(zoo: ZooModel, quantizer, plan) -> dict:
+    return evaluate(zoo.model, plan, zoo.evaluation, zoo.loss, quantizer=quantizer)
+
+
+def fair_targets(name: str, rows: list[dict]) -> dict:
+    """Issue 13's targets on this model's rows."""
+    wins = [r for r in rows if r["best_uniform_loss"] is not None]
+    small = [r for r in rows if r["budget"] == "0.875x int4"]
+    reductions = [1 - r["loss"] / r["best_uniform_loss"] for r in wins if r["best_uniform_loss"] > 0]
+    return {
+        "model": name,
+        "method": "fair_targets",
+        "at_0875_beats_int4": all(r["loss"] <= r["int4_loss"] for r in small),
+        "never_worse_than_best_uniform": all(r["loss"] <= r["best_uniform_loss"] * (1 + 1e-9) for r in wins),
+        "mean_loss_reduction_vs_best_uniform": float(np.mean(reductions)) if reductions else None,
+        "refinement_changed_plan": sum(r["chosen"] == "refined" for r in rows),
+        "uniform_returned": sum(r["chosen"].startswith("uniform") for r in rows),
+        "cells": len(rows),
+        "safety_share_of_search_time": float(
+            sum(r["safety_s"] for r in rows) / max(sum(r["search_s"] for r in rows), 1e-9)
+        ),
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -151,7 +243,14 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=None, help="Evolutionary trials (0: skip)")
     p.add_argument("--quick", action="store_true", help="fisher only, 8 evolutionary trials")
     p.add_argument("--out", default="experiments/results")
+    p.add_argument("--fair", action="store_true", help="the default search vs fair uniform baselines (issue 13)")
+    p.add_argument("--quantizers", nargs="+", default=["rtn", "gptq"], help="with --fair")
     args = p.parse_args(argv)
+    if args.fair:
+        models = args.models if "--models" in (argv or sys.argv) else list(ZOO)
+        for spec in models:
+            fair(load_model(spec), args.quantizers, args.estimators[0] if args.estimators else None)
+        return 0
     estimators = args.estimators or (["fisher"] if args.quick else ESTIMATORS)
     trials = args.trials if args.trials is not None else (8 if args.quick else 100)
     out = Path(args.out)

@@ -28,6 +28,8 @@ from mpsearch.data import as_batches
 from mpsearch.layers import discover, require_layers
 from mpsearch.outputs import OutputFn, evaluating, metric_of, nll_sum, raw_call, reduce_output, resolve_objective
 from mpsearch.quant.apply import quantized_weights, resolve_plan, swapped
+from mpsearch.quant.gptq import use
+from mpsearch.safety import holdout, safeguard
 
 # The estimator with the best measured fidelity to Measured on the real models (README: Spearman 0.97 on
 # smollm2-135m, 0.99 minilm-l6, 0.96 efficientnet-lite0); SQNR's plans on smollm2 were worse than uniform.
@@ -58,6 +60,23 @@ def _resolve_model(model, data, loss_fn, options, device=None, target: str | Non
             "move it first (model.to('cuda')) and leave device unset",
         )
     return model, data, loss_fn, options or DEFAULT_OPTIONS, None
+
+
+QUANTIZERS = ("rtn", "gptq")
+
+
+def make_quantizer(quantizer, model: nn.Module, batches: list):
+    """None for "rtn" (round to nearest), a GPTQ with the model's calibration Hessians for "gptq"; a GPTQ
+    instance passes through."""
+    from mpsearch.quant.gptq import GPTQ
+
+    if quantizer is None or quantizer == "rtn":
+        return None
+    if isinstance(quantizer, GPTQ):
+        return quantizer
+    if quantizer == "gptq":
+        return GPTQ(model, batches)
+    raise MpsearchError(f"unknown quantizer {quantizer!r}", f"use one of {list(QUANTIZERS)}")
 
 
 def _no_extra(function: str, extra: dict) -> None:
@@ -111,6 +130,7 @@ def estimate(
     cache: bool = True,
     device: str | None = None,
     target: str | None = None,
+    quantizer="rtn",
     **extra,
 ) -> CostTable:
     """Build a cost table with an estimator (a name from sensitivity.REGISTRY or an Estimator).
@@ -120,13 +140,16 @@ def estimate(
     ``output_fn(output, batch)``: overrides the output convention; ``include``/``exclude``: FQN patterns;
     ``cache``: reuse/store the table in the on-disk cache; ``device``: where a zoo model is loaded (default:
     CUDA when available); a module runs where it lives; ``target``: a runtime of ``mpsearch.export.TARGETS``
-    whose options (sizes and quantization math its own) are estimated.
+    whose options (sizes and quantization math its own) are estimated; ``quantizer``: "rtn" (round to
+    nearest) or "gptq" (GPTQ with Hessians from ``data``; see mpsearch.quant.gptq).
     """
     _no_extra("estimate", extra)
     est = make_estimator(estimator, estimator_params)
     module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options, device, target)
+    data = as_batches(data)
+    q = make_quantizer(quantizer, module, data)
     table = est.estimate(
-        module, data, options, loss_fn, cache=cache, output_fn=output_fn, include=include, exclude=exclude
+        module, data, options, loss_fn, cache=cache, output_fn=output_fn, include=include, exclude=exclude, quantizer=q
     )
     if name:
         table.meta["model"] = name
@@ -170,6 +193,9 @@ def search(
     solver_params: dict | None = None,
     device: str | None = None,
     target: str | None = None,
+    safe: bool = True,
+    refine: int = 16,
+    quantizer="rtn",
     **extra,
 ) -> SearchResult:
     """Estimate sensitivities and solve for the best plan under ``budget`` (default: avg 4 bits).
@@ -179,6 +205,11 @@ def search(
     Parameters are checked before any work: ``estimator_params`` go to the estimator, ``solver_params`` to
     the solver; "evolutionary" gets a PlanFitness on ``data`` unless ``solver_params`` has ``fitness``.
     ``target``: the runtime the plan is for (``mpsearch.export.TARGETS``): its options, sizes and math.
+    ``safe`` (default): a quarter of the calibration data is held out of the estimate; on it the plan is
+    refined by up to ``refine`` measured moves and compared with every uniform option within the budget,
+    and the best measured plan is returned (``result.extra["safety"]`` has the losses; see mpsearch.safety).
+    ``quantizer``: "rtn" (round to nearest) or "gptq" (GPTQ with the calibration Hessians): the table, the
+    check and the plan's provenance use it, and ``evaluate`` should too.
     The cost table is kept in ``result.extra["table"]``.
     """
     _no_extra("search", extra)
@@ -186,19 +217,32 @@ def search(
     est, slv, needs_fitness = search_components(estimator, solver, estimator_params, solver_params)
     module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options, device, target)
     parse_options(options)
+    if not isinstance(refine, int) or isinstance(refine, bool) or refine < 0:
+        raise MpsearchError(f"refine={refine!r} is not a count of measurements", "pass an int >= 0 (0: no refinement)")
     data = as_batches(data)  # iterated several times below
     example = data[0] if budget.bops is not None else None
     check_budget(module, budget, options, example, include, exclude)
-    table = est.estimate(module, data, options, loss_fn, output_fn=output_fn, include=include, exclude=exclude)
+    fit, check = holdout(data) if safe else (data, data)
+    q = make_quantizer(quantizer, module, fit)
+    table = est.estimate(
+        module, fit, options, loss_fn, output_fn=output_fn, include=include, exclude=exclude, quantizer=q
+    )
     if name:
         table.meta["model"] = name
     if needs_fitness:
         from mpsearch.fitness import PlanFitness
 
-        slv.fitness = PlanFitness(module, data, table.meta["loss"] if loss_fn is None else loss_fn, output_fn)
+        slv.fitness = PlanFitness(module, fit, table.meta["loss"] if loss_fn is None else loss_fn, output_fn, q)
     import solvers
 
-    result = slv.solve(solvers.Problem(table, budget))
+    problem = solvers.Problem(table, budget)
+    result = slv.solve(problem)
+    if safe:
+        from mpsearch.fitness import PlanFitness
+
+        measure = PlanFitness(module, check, table.meta["loss"] if loss_fn is None else loss_fn, output_fn, q)
+        result = safeguard(problem, result, measure, refine, held_out=check is not fit)
+    result.plan.provenance["quantizer"] = "gptq" if q is not None else "rtn"
     result.extra["table"] = table
     return result
 
@@ -281,7 +325,13 @@ def plan_size(model: nn.Module, plan: BitPlan | dict) -> dict:
 
 
 def evaluate(
-    model: nn.Module, plan: BitPlan | dict, data: Iterable, loss: str | None = None, output_fn: OutputFn | None = None
+    model: nn.Module,
+    plan: BitPlan | dict,
+    data: Iterable,
+    loss: str | None = None,
+    output_fn: OutputFn | None = None,
+    quantizer="rtn",
+    calibration: Iterable | None = None,
 ) -> dict:
     """Measure ``plan`` against the full-precision model on ``data``, where the model lives, without copying
     it: per batch, one forward with its own weights and one with the plan's quantized weights swapped in
@@ -291,8 +341,13 @@ def evaluate(
     Metric: ``perplexity`` on the data for causal LMs (lower is better; ``perplexity_fp`` beside it), else
     ``neg_kl`` = -KL or ``cosine`` = mean cosine similarity (higher is better). Returns avg_bits,
     size_bytes, metric_name, metric, higher_is_better, loss_name, loss.
+    ``quantizer``: "rtn", or "gptq" with its Hessians from ``calibration`` (never from ``data``: the
+    evaluation stays held out), or a GPTQ instance.
     """
     batches = as_batches(data)
+    if quantizer == "gptq" and calibration is None:
+        raise MpsearchError("quantizer='gptq' needs calibration data for its Hessians", "pass calibration=")
+    q = make_quantizer(quantizer, model, as_batches(calibration) if calibration is not None else [])
     if loss is not None and loss not in ("kl", "cosine"):
         raise MpsearchError(f"unknown loss {loss!r}", "use 'kl' or 'cosine'")
     sizes = plan_size(model, plan)
@@ -301,7 +356,8 @@ def evaluate(
         objective = resolve_objective(loss, output_fn, model, batches[0])
         metric_name, higher = metric_of(model, objective.name, output_fn)
         lm = metric_name == "perplexity"
-        q_weights = quantized_weights(model, plan)
+        with use(q):
+            q_weights = quantized_weights(model, plan)
         for batch in batches:  # one forward of each model per batch serves the loss and the perplexity
             raw = {"fp": raw_call(model, batch)}
             with swapped(model, q_weights):

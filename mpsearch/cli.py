@@ -97,12 +97,17 @@ def cmd_search(args) -> int:
         solver_params=solver_params,
         device=args.device,
         target=args.target,
+        safe=not args.no_safe,
+        refine=args.refine,
+        quantizer=args.quantizer,
     )
     table = result.extra["table"]
     frame = result.plan.to_frame(table)[["layer", "option", "bits", "n_params", "damage"]]
     with __import__("pandas").option_context("display.max_rows", None, "display.width", 200):
         print(frame.to_string(index=False))
-    print(json.dumps({"model": args.model, **result.summary()}))
+    if "safety" in result.extra:
+        _status(_safety_line(result.extra["safety"]))
+    print(json.dumps({"model": args.model, **result.summary(), "safety": result.extra.get("safety")}))
     if args.out:
         result.plan.save(args.out)
         _status(f"plan written to {args.out}")
@@ -110,6 +115,17 @@ def cmd_search(args) -> int:
         table.to_parquet(args.table)
         _status(f"cost table written to {args.table}")
     return 0
+
+
+def _safety_line(safety: dict) -> str:
+    """One line: the measured held-out losses behind the plan returned."""
+    uniform = ", ".join(f"{o} {v:.4g}" for o, v in safety["uniform_losses"].items()) or "none within the budget"
+    split = "held-out" if safety["held_out"] else "calibration (too little data to hold any out)"
+    return (
+        f"measured on the {split} split (loss, lower is better): searched {safety['searched_loss']:.4g}, "
+        f"refined {safety['refined_loss']:.4g} ({safety['refine_moves']} moves kept of "
+        f"{safety['refine_evals']} tried); uniform: {uniform}; returned: {safety['chosen']}"
+    )
 
 
 def cmd_evaluate(args) -> int:
@@ -127,8 +143,12 @@ def cmd_evaluate(args) -> int:
     zoo = _load(args.model, args.device)
     shapes = {info.name: info.shape for info in discover(zoo.model)[0]}
     plan.check_layers(list(shapes), f"model {args.model!r}")
-    _status("measuring the planned model ...")
-    measured = api.evaluate(zoo.model, plan, zoo.evaluation, zoo.loss)
+    quantizer = plan.provenance.get("quantizer", "rtn")  # measure with the quantizer the plan was searched with
+    if quantizer == "gptq":
+        _status("collecting GPTQ's calibration Hessians ...")
+    q = api.make_quantizer(quantizer, zoo.model, zoo.calibration)
+    _status(f"measuring the planned model ({quantizer}) ...")
+    measured = api.evaluate(zoo.model, plan, zoo.evaluation, zoo.loss, quantizer=q)
     planned = list(plan.assignments)
     uniform_option, uniform = None, None
     for option in plan.provenance.get("options") or list(zoo.options):
@@ -137,7 +157,7 @@ def cmd_evaluate(args) -> int:
         candidate = api.BitPlan({name: option for name in planned})
         if api.plan_size(zoo.model, candidate)["avg_bits"] <= measured["avg_bits"] + 1e-12:
             _status(f"measuring uniform {option} ...")
-            result = api.evaluate(zoo.model, candidate, zoo.evaluation, zoo.loss)
+            result = api.evaluate(zoo.model, candidate, zoo.evaluation, zoo.loss, quantizer=q)
             if api.better(result, uniform):
                 uniform_option, uniform = option, result
     line = {
@@ -150,6 +170,7 @@ def cmd_evaluate(args) -> int:
         "uniform_option": uniform_option,
         "uniform_avg_bits": uniform["avg_bits"] if uniform else None,
         "uniform_metric": uniform["metric"] if uniform else None,
+        "quantizer": quantizer,
     }
     if "perplexity_fp" in measured:
         line["perplexity_fp"] = measured["perplexity_fp"]
@@ -254,6 +275,10 @@ def cmd_export(args) -> int:
     return 0
 
 
+QUANTIZER_HELP = (
+    "rtn: round to nearest (default); gptq: GPTQ error feedback with the calibration inputs' Hessians, for "
+    "int options (the table, the check and `evaluate` of the plan all use it)"
+)
 TARGET_HELP = (
     "the runtime the plan is for: llama.cpp, torchao, gptqmodel, hqq or mpsearch; searches its options with "
     "its own sizes and quantization math (default: mpsearch's formats)"
@@ -288,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--exclude", help="comma-separated FQN patterns of layers to leave alone, e.g. lm_head")
     s.add_argument("--device", help=DEVICE_HELP)
     s.add_argument("--target", help=TARGET_HELP)
+    s.add_argument(
+        "--no-safe",
+        action="store_true",
+        help="return the solver's plan as it is (default: refine it and compare it with the uniform options "
+        "within the budget on a held-out quarter of the calibration data, and return the best measured)",
+    )
+    s.add_argument("--refine", type=int, default=16, help="measured refinement moves to try (0: none)")
+    s.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"], help=QUANTIZER_HELP)
     s.add_argument("--out", help="write the plan JSON here")
     s.add_argument("--table", help="write the cost table (Parquet) here")
     s.set_defaults(func=cmd_search)

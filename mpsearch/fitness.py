@@ -10,6 +10,7 @@ from mpsearch.data import as_batches
 from mpsearch.outputs import OutputFn, evaluating, resolve_objective
 from mpsearch.quant import quantize_weight, swapped
 from mpsearch.quant.apply import resolve_plan
+from mpsearch.quant.gptq import use
 
 
 class PlanFitness:
@@ -19,11 +20,14 @@ class PlanFitness:
     quantized weights in for its forward passes (``mpsearch.quant.swapped``) and puts the originals back, so
     the model is unchanged between calls. Quantized weights are kept per (layer, option) in use and only
     layers whose option changed are re-quantized, so a trial costs one forward pass over the batches; the
-    memory beside the model is the current plan's quantized weights. ``calls`` counts evaluations."""
+    memory beside the model is the current plan's quantized weights. ``calls`` counts evaluations.
+    ``quantizer``: None (round to nearest) or a ``mpsearch.quant.gptq.GPTQ``."""
 
-    def __init__(self, model: nn.Module, data, loss: str | None = None, output_fn: OutputFn | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, data, loss: str | None = None, output_fn: OutputFn | None = None, quantizer=None
+    ) -> None:
         self.batches = as_batches(data)
-        self.model = model
+        self.model, self.quantizer = model, quantizer
         with evaluating(model), torch.no_grad():
             self.objective = resolve_objective(loss, output_fn, model, self.batches[0])
             self.reference = self.objective.references(model, self.batches)
@@ -33,12 +37,16 @@ class PlanFitness:
     @torch.no_grad()
     def __call__(self, plan: BitPlan) -> float:
         wanted = resolve_plan(self.model, plan)
-        self._current = {
+        with use(self.quantizer):
+            self._current = self._quantized(wanted)
+        self.calls += 1
+        with evaluating(self.model), swapped(self.model, {u: q for u, (_, q) in self._current.items()}):
+            return self.objective.mean(self.model, self.batches, self.reference)
+
+    def _quantized(self, wanted: dict) -> dict:
+        return {
             unit: self._current[unit]
             if unit in self._current and self._current[unit][0] == option
             else (option, quantize_weight(unit.weight, option))
             for unit, option in wanted.items()
         }
-        self.calls += 1
-        with evaluating(self.model), swapped(self.model, {u: q for u, (_, q) in self._current.items()}):
-            return self.objective.mean(self.model, self.batches, self.reference)

@@ -23,6 +23,7 @@ from mpsearch.data import as_batches, cache_root, data_fingerprint
 from mpsearch.layers import Unit, discover, find_units, model_fingerprint, require_layers
 from mpsearch.outputs import LossFn, Objective, OutputFn, evaluating, model_device, resolve_objective
 from mpsearch.quant import quantization_error
+from mpsearch.quant.gptq import current, use
 from sensitivity.sums import dot64
 
 
@@ -51,12 +52,14 @@ class Estimator(Configurable, ABC):
         output_fn: OutputFn | None = None,
         include=None,
         exclude=None,
+        quantizer=None,
     ) -> CostTable:
         """Return a CostTable with one row per (quantizable unit, option).
 
         ``loss_fn``: None (KL of logits; cosine for embedding models), "kl", "cosine" or f(output, reference).
         ``output_fn(output, batch) -> tensor`` overrides the output convention (``mpsearch.outputs``);
-        ``include``/``exclude``: FQN patterns selecting layers (``mpsearch.layers``).
+        ``include``/``exclude``: FQN patterns selecting layers (``mpsearch.layers``); ``quantizer``: None
+        (round to nearest) or a ``mpsearch.quant.gptq.GPTQ``: every quantized weight is then GPTQ's.
         With ``cache`` (a named loss, no output_fn), the table is stored under ``$MPSEARCH_CACHE/tables`` keyed
         by the model and data fingerprints, the estimator and its parameters, the options, the layers, the
         loss and a hash of the estimator code; an identical second call loads it instead of recomputing.
@@ -66,8 +69,11 @@ class Estimator(Configurable, ABC):
             raise MpsearchError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass an nn.Module")
         batches = as_batches(data)
         opts = parse_options(options)
+        if quantizer is not None:
+            check_quantizer_options(quantizer, opts)
         try:
-            return self._table(model, batches, opts, loss_fn, cache, output_fn, include, exclude)
+            with use(quantizer):
+                return self._table(model, batches, opts, loss_fn, cache, output_fn, include, exclude)
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if not _out_of_memory(err):
                 raise
@@ -91,6 +97,7 @@ class Estimator(Configurable, ABC):
             "layers": [info.name for info in layers],
             "aliases": {info.name: list(info.aliases) for info in layers if info.aliases},
             "architecture": getattr(getattr(model, "config", None), "model_type", None),
+            "quantizer": quantizer_name(current()),
             "model_fingerprint": model_fingerprint(model),
             "data_fingerprint": data_fingerprint(batches),
             "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
@@ -118,6 +125,24 @@ class Estimator(Configurable, ABC):
         """Return a frame with columns layer, option, damage (and raw columns). ``model`` is the caller's,
         borrowed: set ``requires_grad`` or hooks freely (restored / removed afterwards), but never write a
         weight — swap quantized ones in with ``mpsearch.quant.swapped``."""
+
+
+def quantizer_name(quantizer) -> str:
+    """ "rtn" (round to nearest) or the quantizer's name with its parameters, e.g. "gptq(damp=0.01, ...)"."""
+    if quantizer is None:
+        return "rtn"
+    params = ", ".join(f"{k}={v}" for k, v in quantizer.params().items())
+    return f"{quantizer.name}({params})" if params else quantizer.name
+
+
+def check_quantizer_options(quantizer, options: list[Option]) -> None:
+    """GPTQ works on integer grids: refuse other options before any work."""
+    for opt in options:
+        if not (opt.kind == "int" and opt.runtime in ("mpsearch", "gptq")):
+            raise MpsearchError(
+                f"quantizer {quantizer.name!r} cannot quantize option {opt.name!r}",
+                "use int<b>[_g<G>][_asym] or gptq: options with it, or the default quantizer (round to nearest)",
+            )
 
 
 def _out_of_memory(err: BaseException) -> bool:
@@ -157,7 +182,7 @@ def _code_hash() -> str:
 
 
 def table_cache_path(meta: dict) -> Path:
-    fields = ("estimator", "params", "loss", "options", "layers", "model_fingerprint", "data_fingerprint")
+    fields = ("estimator", "params", "loss", "options", "layers", "model_fingerprint", "data_fingerprint", "quantizer")
     key = {k: meta[k] for k in fields}
     key["code"] = _code_hash()
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -18,11 +18,14 @@ from mpsearch.fitness import PlanFitness
 from solvers import DP, Evolutionary, Problem
 
 HERE = Path(__file__).parent
+PER_CHANNEL = ["int3", "int4", "int5", "int6", "int8"]
 
 
 @pytest.fixture(scope="module")
 def setup(digits):
-    table = estimate(digits.model, digits.calibration, "sqnr", loss_fn="kl", estimator_params={"progress": False})
+    table = estimate(
+        digits.model, digits.calibration, "sqnr", PER_CHANNEL, loss_fn="kl", estimator_params={"progress": False}
+    )
     fitness = PlanFitness(digits.model, digits.calibration, "kl")
     return table, fitness
 

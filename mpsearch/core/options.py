@@ -184,4 +184,17 @@ def parse_options(names) -> list[Option]:
     return [parse_option(n) for n in names]
 
 
-DEFAULT_OPTIONS = ("int3", "int4", "int5", "int6", "int8")
+# 2 to 8 bits in small steps: group-wise and asymmetric formats give real choices between 3 and 4 bits
+# (effective bits with fp16 scales: 2.28, 3.15, 3.30, 3.59, 4.13, 4.25, 4.63, 5.25, 6.13, ~8.02)
+DEFAULT_OPTIONS = (
+    "int2_g64_asym",
+    "int3_g128_asym",
+    "int3_g64_asym",
+    "int3_g32_asym",
+    "int4_g128",
+    "int4_g64",
+    "int4_g32_asym",
+    "int5_g64",
+    "int6_g128",
+    "int8",
+)

@@ -12,6 +12,7 @@ import math
 import torch
 
 from mpsearch.core.options import Option, parse_option
+from mpsearch.quant import gptq
 
 _FP8_DTYPES = {(4, 3): torch.float8_e4m3fn, (5, 2): torch.float8_e5m2}
 
@@ -109,8 +110,16 @@ def _runtime_quantize(w: torch.Tensor, opt: Option) -> torch.Tensor:
 
 
 def quantize_weight(w: torch.Tensor, option: Option | str) -> torch.Tensor:
-    """Fake-quantize ``w`` with ``option``; returns a tensor of w's shape and dtype."""
+    """Fake-quantize ``w`` with ``option``; returns a tensor of w's shape and dtype. Inside
+    ``mpsearch.quant.gptq.use(quantizer)``, int options of the weights it knows go through GPTQ."""
     opt = parse_option(option) if isinstance(option, str) else option
+    quantizer = gptq.current()
+    if quantizer is not None and opt.kind == "int" and opt.runtime in ("mpsearch", "gptq"):
+        return quantizer.weight(w, opt, _round_to_nearest)
+    return _round_to_nearest(w, opt)
+
+
+def _round_to_nearest(w: torch.Tensor, opt: Option) -> torch.Tensor:
     if opt.runtime != "mpsearch":
         return _runtime_quantize(w, opt)
     if opt.kind == "none":

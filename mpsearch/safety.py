@@ -1,0 +1,184 @@
+"""A searched plan is only kept if it measures better than doing nothing clever.
+
+The cost table is additive and predicted; the model is neither. After the solver, ``search`` (unless told
+``safe=False``):
+
+1. **refines** the plan with measured local search on a held-out split of the calibration data: moves
+   ranked by the table (an upgrade that fits the unused budget, or an upgrade paired with a downgrade that
+   pays for it) are tried best-predicted first, and a move is kept only when the measured loss drops;
+2. **compares** the result with every uniform option of the table that meets the budget, measured on the
+   same split, and returns whichever measures best (a uniform option when it wins).
+
+Both steps use ``PlanFitness`` on the held-out split: one forward pass over it per evaluation, only the
+changed layers re-quantized. Written here because the move set (ranked by the solver's own table, checked
+against its budget) is specific to mpsearch's problem; no library does measured refinement of a knapsack.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mpsearch.core import SearchResult
+from mpsearch.data import n_samples, take
+
+FEAS_RTOL = 1e-9
+nan = float("nan")
+
+
+def holdout(batches: list, fraction: float = 0.25) -> tuple[list, list]:
+    """(fit, check): the last ``fraction`` of the batches (at least one) held out; a single batch is split by
+    samples. With one sample there is nothing to hold out: (batches, batches)."""
+    if len(batches) >= 2:
+        k = max(1, int(len(batches) * fraction))
+        return batches[:-k], batches[-k:]
+    n = n_samples(batches[0])
+    if n < 2:
+        return batches, batches
+    k = max(1, int(n * fraction))
+    return [take(batches[0], 0, n - k)], [take(batches[0], n - k, k)]
+
+
+@dataclass
+class SafetyReport:
+    """What the measured check found: losses on the held-out split (lower is better)."""
+
+    searched_loss: float
+    refined_loss: float
+    refine_moves: int
+    refine_evals: int
+    uniform_losses: dict[str, float] = field(default_factory=dict)
+    chosen: str = "searched"  # "searched", "refined" or "uniform-<option>"
+    held_out: bool = True
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "chosen": self.chosen,
+            "searched_loss": self.searched_loss,
+            "refined_loss": self.refined_loss,
+            "refine_moves": self.refine_moves,
+            "refine_evals": self.refine_evals,
+            "uniform_losses": self.uniform_losses,
+            "held_out": self.held_out,
+            "wall_s": self.wall_s,
+        }
+
+
+def _choice_of(problem, plan) -> np.ndarray:
+    """The plan as one option index per unit of the problem."""
+    names = problem.option_names
+    code = {name: i for i, name in enumerate(names)}
+    picked = np.array([code[plan[unit[0]]] for unit in problem.units])
+    return np.argmax(problem.option_codes == picked[:, None], axis=1)
+
+
+def uniform_choices(problem) -> dict[str, np.ndarray]:
+    """Option -> its uniform choice, for options every unit can take and whose plan meets the budget."""
+    out = {}
+    for code, name in enumerate(problem.option_names):
+        has = problem.option_codes == code
+        if has.any(axis=1).all():
+            choice = np.argmax(has, axis=1)
+            if problem.is_feasible(choice):
+                out[name] = choice
+    return out
+
+
+def _moves(problem, choice: np.ndarray, width: int = 8) -> list[tuple[float, dict[int, int]]]:
+    """Feasible single upgrades and (upgrade, downgrade) pairs from ``choice``, best predicted first:
+    (predicted change of total damage, {unit: new option index})."""
+    idx = np.arange(problem.n_units)
+    damage = np.where(problem.valid, problem.damage, np.inf)
+    costs = np.stack([np.where(problem.valid, c, np.inf) for c in problem.costs])  # (K, n, m)
+    here_cost = costs[:, idx, choice]  # (K, n)
+    slack = problem.limits() * (1 + FEAS_RTOL) + 1e-9 - here_cost.sum(axis=1)
+    gain = damage - damage[idx, choice][:, None]  # < 0: predicted better
+    extra = costs - here_cost[..., None]  # (K, n, m)
+    moves = []
+    up_u, up_k = np.nonzero(gain < 0)
+    fits = np.all(extra[:, up_u, up_k] <= slack[:, None], axis=0)
+    moves += [(float(gain[u, k]), {int(u): int(k)}) for u, k in zip(up_u[fits], up_k[fits])]
+    # pairs: the best upgrades by predicted gain with the cheapest downgrades by damage added per cost saved
+    ups = [(u, k) for _, (u, k) in sorted(zip(gain[up_u, up_k], zip(up_u, up_k)))][:width]
+    down_u, down_k = np.nonzero((gain >= 0) & np.any(extra < 0, axis=0))
+    saved = np.max(-extra[:, down_u, down_k] / problem.limits()[:, None], axis=0)  # share of the budget freed
+    rate = gain[down_u, down_k] / np.maximum(saved, 1e-12)
+    downs = [(int(down_u[i]), int(down_k[i])) for i in np.argsort(rate)[: width * 2]]
+    for u, k in ups:
+        for v, j in downs:
+            if u == v:
+                continue
+            delta = extra[:, u, k] + extra[:, v, j]
+            if np.all(delta <= slack):
+                moves.append((float(gain[u, k] + gain[v, j]), {int(u): int(k), v: j}))
+    moves.sort(key=lambda m: m[0])
+    return moves
+
+
+def refine(problem, choice: np.ndarray, loss: float, measure: Callable[[np.ndarray], float], max_evals: int):
+    """Measured local search from ``choice`` (measured ``loss``), at most ``max_evals`` more measurements:
+    (choice, its measured loss, moves kept, measurements made)."""
+    best, evals, kept = loss, 0, 0
+    tried: set = set()
+    while evals < max_evals:
+        improved = False
+        for _, move in _moves(problem, choice):
+            key = (tuple(choice), tuple(sorted(move.items())))
+            if key in tried:
+                continue
+            tried.add(key)
+            candidate = choice.copy()
+            for u, k in move.items():
+                candidate[u] = k
+            loss = measure(candidate)
+            evals += 1
+            if loss < best:
+                choice, best, kept, improved = candidate, loss, kept + 1, True
+                break
+            if evals >= max_evals:
+                break
+        if not improved:
+            break
+    return choice, best, kept, evals
+
+
+def safeguard(problem, result: SearchResult, fitness, max_evals: int = 16, held_out: bool = True) -> SearchResult:
+    """Refine ``result`` with measured moves, compare it with the uniform options within the budget, and
+    return the best measured plan; ``result.extra["safety"]`` holds the comparison (and its seconds),
+    ``result.extra["searched_plan"]`` the solver's plan."""
+
+    def plan_of(choice):
+        return problem.result(choice, "feasible", "", {}, 0.0).plan
+
+    def measure(choice) -> float:
+        return float(fitness(plan_of(choice)))
+
+    began = time.perf_counter()
+    start = _choice_of(problem, result.plan)
+    searched = measure(start)
+    choice, loss, moves, evals = refine(problem, start, searched, measure, max_evals)
+    report = SafetyReport(searched, loss, moves, evals, held_out=held_out, chosen="refined" if moves else "searched")
+    best_choice = choice
+    for option, uniform in uniform_choices(problem).items():
+        report.uniform_losses[option] = measure(uniform)
+        if report.uniform_losses[option] < loss:
+            loss, best_choice, report.chosen = report.uniform_losses[option], uniform, f"uniform-{option}"
+    if best_choice is start:
+        out = result
+    else:
+        # no longer the table's optimum: feasible, and its gap to that optimum is not a bound on anything
+        kept = result.plan.provenance
+        out = problem.result(
+            best_choice, "feasible", kept.get("solver", ""), kept.get("solver_params", {}), result.wall_time_s, nan
+        )
+        out.plan.provenance = {**kept, **{k: v for k, v in out.plan.provenance.items() if k not in kept}}
+        out.extra.update(result.extra)
+    report.wall_s = time.perf_counter() - began
+    out.extra["safety"] = report.to_dict()
+    out.extra["searched_plan"] = result.plan
+    out.plan.provenance["safety"] = report.chosen
+    return out

@@ -1,0 +1,105 @@
+"""GPTQ against oracles: no correlation = round to nearest; brute force bounds it below; RTN above."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import mpsearch
+from mpsearch.core import parse_option
+from mpsearch.quant.formats import quantize_weight
+from mpsearch.quant.gptq import GPTQ, gptq_quantize, reconstruction_error, use
+
+OPTIONS = ["int4", "int3_asym", "int4_g32", "int3_g32_asym", "gptq:int4_g32", "gptq:int3_asym"]
+
+
+def _correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
+    return torch.randn(n, d, generator=g) @ mix
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_without_correlation_gptq_is_round_to_nearest_on_the_same_grid(name):
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    q = gptq_quantize(w, torch.eye(64), parse_option(name), block_size=16)
+    assert torch.equal(q, quantize_weight(w, name))
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_reconstructs_correlated_inputs_better_than_rtn(name, act_order):
+    x = _correlated_inputs(512, 96)
+    h = x.T @ x / len(x)
+    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(2)) * 0.05
+    q = gptq_quantize(w, h, parse_option(name), block_size=32, act_order=act_order)
+    rtn = quantize_weight(w, name)
+    assert reconstruction_error(w, h, q) < 0.9 * reconstruction_error(w, h, rtn)
+    levels = parse_option(name).bits
+    for row in q.reshape(24, -1, parse_option(name).group_size or 96):  # still on a 2^b-level grid per group
+        assert all(len(torch.unique(g)) <= 2**levels for g in row)
+
+
+def test_real_weights_and_brute_force_bound_gptq():
+    import gguf
+    from gguf import GGUFReader
+
+    from mpsearch.models.smollm2 import gguf_path
+
+    t = next(t for t in GGUFReader(gguf_path()).tensors if t.name == "blk.2.attn_v.weight")
+    w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)[:8, :6].copy())  # 8 rows of 6 inputs
+    x = _correlated_inputs(256, 6, seed=3)
+    h = x.T @ x / len(x)
+    opt = parse_option("int2")  # per channel: the grid (each row's scale) is fixed, only levels are chosen
+    q = gptq_quantize(w, h, opt, damp=0.0)
+    rtn = quantize_weight(w, opt)
+    scale = (w.abs().amax(1, keepdim=True) / 1).half().float()
+    best = 0.0
+    for r in range(w.shape[0]):  # brute force: every level of every input, per row
+        combos = torch.tensor(list(itertools.product([-2, -1, 0, 1], repeat=6)), dtype=torch.float32)
+        d = combos * scale[r] - w[r]
+        best += float(torch.einsum("ki,ij,kj->k", d.double(), h.double(), d.double()).min())
+    err_q, err_rtn = reconstruction_error(w, h, q), reconstruction_error(w, h, rtn)
+    assert best - 1e-9 <= err_q <= err_rtn
+    assert err_q < err_rtn  # on this layer the error feedback finds a strictly better rounding
+
+
+def test_gptq_quantizer_collects_hessians_and_drives_quantize_weight(digits):
+    model = digits.model
+    quantizer = GPTQ(model, digits.calibration)
+    linear = dict(model.named_modules())["classifier.0"]
+    x = []
+    handle = linear.register_forward_hook(lambda m, i, o: x.append(i[0].reshape(-1, i[0].shape[-1])))
+    with torch.no_grad():
+        for b in digits.calibration:
+            model(b)
+    handle.remove()
+    x = torch.cat(x)
+    h = next(iter(v for k, v in quantizer.hessians.items() if k[2] == tuple(linear.weight.shape)))
+    torch.testing.assert_close(h, x.T @ x / len(x), rtol=1e-4, atol=1e-5)
+    with use(quantizer):
+        q = quantize_weight(linear.weight, "int3")
+        conv = quantize_weight(dict(model.named_modules())["features.0"].weight, "int3")
+    assert not torch.equal(q, quantize_weight(linear.weight, "int3"))
+    assert torch.equal(conv, quantize_weight(dict(model.named_modules())["features.0"].weight, "int3"))  # RTN
+    with pytest.raises(mpsearch.MpsearchError, match="quantizer 'gptq' has no grid for option 'q4_0'"):
+        gptq_quantize(linear.weight, h, parse_option("q4_0"))
+
+
+def test_search_and_evaluate_with_gptq_use_it_end_to_end(digits):
+    options = ["int2", "int3", "int4", "int8"]
+    budget = mpsearch.Budget(avg_bits=3.0)
+    rtn = mpsearch.search(digits.model, digits.calibration, budget, "sqnr", options=options, loss_fn="kl", safe=False)
+    gptq = mpsearch.search(
+        digits.model, digits.calibration, budget, "sqnr", options=options, loss_fn="kl", safe=False, quantizer="gptq"
+    )
+    assert gptq.plan.provenance["quantizer"] == "gptq" and rtn.plan.provenance["quantizer"] == "rtn"
+    assert gptq.extra["table"].meta["quantizer"] == "gptq(block_size=128, damp=0.01, act_order=False)"
+    plan = rtn.plan
+    m_rtn = mpsearch.evaluate(digits.model, plan, digits.evaluation, "kl")
+    m_gptq = mpsearch.evaluate(
+        digits.model, plan, digits.evaluation, "kl", quantizer="gptq", calibration=digits.calibration
+    )
+    assert m_gptq["loss"] < m_rtn["loss"]  # the same plan, GPTQ'd linear layers: lower held-out KL
+    assert np.isfinite(m_gptq["loss"])

@@ -1,0 +1,121 @@
+"""The measured check after the solver: held-out split, refinement, never worse than uniform."""
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import mpsearch
+from mpsearch.core import BitPlan, Budget, CostTable, SearchResult
+from mpsearch.safety import holdout, refine, safeguard, uniform_choices
+from solvers import CoreDP, Problem
+
+BITS = {"int2": 2.0, "int4": 4.0, "int6": 6.0, "int8": 8.0}
+
+
+def _problem(predicted: dict[str, dict[str, float]], avg_bits: float) -> Problem:
+    rows = [
+        {
+            "layer": layer,
+            "option": opt,
+            "bits": BITS[opt],
+            "n_params": 100,
+            "size_bytes": BITS[opt] * 100 / 8,
+            "bops": np.nan,
+            "damage": d,
+        }
+        for layer, by_option in predicted.items()
+        for opt, d in by_option.items()
+    ]
+    return Problem(CostTable(pd.DataFrame(rows)), Budget(avg_bits=avg_bits))
+
+
+def _brute(problem: Problem, measure) -> float:
+    m = problem.option_codes.shape[1]
+    best = np.inf
+    for choice in itertools.product(range(m), repeat=problem.n_units):
+        choice = np.array(choice)
+        if problem.valid[np.arange(problem.n_units), choice].all() and problem.is_feasible(choice):
+            best = min(best, measure(choice))
+    return best
+
+
+def test_refinement_finds_what_the_additive_table_mispredicts():
+    # the table says layer a matters most (it gets int6, c int2); measured, c matters 50x more than a
+    predicted = {"a": {"int2": 9.0, "int4": 2.25, "int6": 0.5}, "c": {"int2": 1.0, "int4": 0.25, "int6": 0.06}}
+    problem = _problem(predicted, avg_bits=4.0)
+    weight = {"a": 0.1, "c": 5.0}
+    names = problem.option_names
+
+    def measure(choice):
+        picked = [names[problem.option_codes[i, k]] for i, k in enumerate(choice)]
+        return sum(weight[u[0]] * predicted[u[0]][o] for u, o in zip(problem.units, picked))
+
+    start = CoreDP().solve(problem)
+    assert start.plan.assignments == {"a": "int6", "c": "int2"}
+    first = np.array([problem.unit_options[i].index(start.plan[u[0]]) for i, u in enumerate(problem.units)])
+    choice, loss, kept, evals = refine(problem, first, measure(first), measure, max_evals=50)
+    assert kept == 2 and loss < measure(first)  # a6 c2 -> a4 c4 -> a2 c6: each move pays for itself
+    assert loss == pytest.approx(_brute(problem, measure))  # the measured optimum
+    assert problem.is_feasible(choice) and evals <= 50
+
+
+def test_safeguard_returns_a_uniform_option_when_it_measures_best_and_never_worse_otherwise():
+    predicted = {n: {"int2": 1.0, "int4": 0.9, "int8": 0.0} for n in "abc"}  # the table prefers 8+2+2
+    problem = _problem(predicted, avg_bits=4.0)
+    result = CoreDP().solve(problem)
+
+    def uniform_best(plan: BitPlan) -> float:  # measured: all-int4 is best, any mix is worse
+        return 0.0 if set(plan.assignments.values()) == {"int4"} else 1.0 + len(set(plan.assignments.values()))
+
+    out = safeguard(problem, result, uniform_best, max_evals=4)
+    assert out.extra["safety"]["chosen"] == "uniform-int4"
+    assert set(out.plan.assignments.values()) == {"int4"} and out.status == "feasible" and np.isnan(out.gap)
+    assert set(out.extra["safety"]["uniform_losses"]) == set(uniform_choices(problem)) == {"int2", "int4"}
+
+    def mixed_best(plan: BitPlan) -> float:  # measured: the table's plan is right
+        return 0.0 if plan == result.plan else 1.0
+
+    kept = safeguard(problem, result, mixed_best, max_evals=4)
+    assert kept.plan == result.plan and kept.extra["safety"]["chosen"] == "searched" and kept.status == "optimal"
+
+
+def test_holdout_splits_batches_or_samples_without_overlap():
+    batches = [torch.full((2, 3), float(i)) for i in range(8)]
+    fit, check = holdout(batches)
+    assert len(fit) == 6 and len(check) == 2 and check[0] is batches[6]
+    one = [{"input_ids": torch.arange(12).reshape(4, 3)}]
+    fit, check = holdout(one)
+    assert fit[0]["input_ids"].shape == (3, 3) and torch.equal(check[0]["input_ids"], one[0]["input_ids"][3:])
+    single = [torch.zeros(1, 3)]
+    assert holdout(single) == (single, single)
+
+
+def test_search_never_returns_a_plan_that_measures_worse_than_a_uniform_option_within_the_budget(digits):
+    for bits in (3.2, 4.0):
+        result = mpsearch.search(
+            digits.model,
+            digits.calibration,
+            Budget(avg_bits=bits),
+            "sqnr",
+            loss_fn="kl",
+            options=["int2", "int3", "int4", "int6", "int8"],
+        )
+        safety = result.extra["safety"]
+        assert safety["held_out"] and safety["uniform_losses"]
+        final = safety["refined_loss"] if not safety["chosen"].startswith("uniform") else None
+        returned = min([safety["refined_loss"], *safety["uniform_losses"].values()])
+        assert returned <= min(safety["uniform_losses"].values())
+        if final is not None:
+            assert final == returned
+        assert result.constraints["avg_bits"].value <= bits + 1e-9
+
+
+def test_safe_false_returns_the_solver_plan_and_bad_refine_is_refused(digits):
+    plain = mpsearch.search(digits.model, digits.calibration, Budget(avg_bits=4.0), "sqnr", loss_fn="kl", safe=False)
+    assert "safety" not in plain.extra and plain.status == "optimal"
+    with pytest.raises(mpsearch.MpsearchError, match="refine=-1 is not a count of measurements"):
+        mpsearch.search(digits.model, digits.calibration, Budget(avg_bits=4.0), "sqnr", refine=-1)
+    assert isinstance(plain, SearchResult)
