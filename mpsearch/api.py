@@ -25,7 +25,7 @@ from mpsearch.core import (
     parse_options,
 )
 from mpsearch.data import as_batches
-from mpsearch.layers import discover, require_layers
+from mpsearch.layers import discover, require_finite, require_layers
 from mpsearch.outputs import OutputFn, evaluating, metric_of, nll_sum, raw_call, reduce_output, resolve_objective
 from mpsearch.quant.apply import quantized_weights, resolve_plan, swapped
 from mpsearch.quant.gptq import use
@@ -351,6 +351,7 @@ def evaluate(
     if loss is not None and loss not in ("kl", "cosine"):
         raise MpsearchError(f"unknown loss {loss!r}", "use 'kl' or 'cosine'")
     sizes = plan_size(model, plan)
+    require_finite(list(resolve_plan(model, plan)))
     losses, nll = [], {"fp": [0.0, 0], "q": [0.0, 0]}
     with evaluating(model), torch.no_grad():
         objective = resolve_objective(loss, output_fn, model, batches[0])
@@ -369,6 +370,12 @@ def evaluate(
                 nll[key][0] += total
                 nll[key][1] += count
     value = float(np.mean(losses))
+    if not math.isfinite(value):
+        raise MpsearchError(
+            f"the planned model's {objective.name} is {value} on this data (the full-precision outputs or the "
+            "quantized ones hold NaN or inf)",
+            "check the model's outputs on this data in full precision first",
+        )
     result = {**sizes, "loss_name": objective.name, "loss": value}
     if lm:
         ppl = {k: math.exp(total / max(count, 1)) for k, (total, count) in nll.items()}

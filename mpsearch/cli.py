@@ -82,6 +82,8 @@ def cmd_search(args) -> int:
 
     resolve_device(args.device)
     _target_options(args.target, options)
+    if args.refine < 0:
+        raise MpsearchError(f"refine={args.refine} is not a count of measurements", "pass --refine >= 0 (0: none)")
     # wrong names or values fail before the model is loaded
     api.search_components(args.estimator, args.solver, estimator_params, solver_params)
     _status(f"searching {args.model} with {args.estimator} + {args.solver} ...")
@@ -187,6 +189,10 @@ def cmd_pareto(args) -> int:
             "pareto writes nothing without --out or --plot", "pass --out front.csv and/or --plot front.png"
         )
     options = _target_options(args.target, options)
+    if args.measure < 0:
+        raise MpsearchError(f"--measure {args.measure} is negative", "pass the number of points to measure, >= 0")
+    if args.plot:
+        _check_plot_path(args.plot)
     zoo = _load(args.model, args.device)
     _status(f"estimating sensitivities ({args.estimator}) ...")
     table = api.estimate(
@@ -245,6 +251,22 @@ def cmd_batch(args) -> int:
     _status(f"{len(results)} cells in {config.run_dir} (results.csv, results.parquet, summary.png)")
     print(json.dumps({"run_dir": str(config.run_dir), "cells": len(results)}))
     return 0
+
+
+def _check_plot_path(path: str) -> None:
+    """The plot's format comes from its extension: refuse one matplotlib cannot write before any work."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = __import__("pathlib").Path(path).suffix.lstrip(".").lower()
+    if suffix not in formats:
+        raise MpsearchError(
+            f"--plot {path}: cannot write a {suffix or 'file without an extension'!r} image",
+            f"end the name with one of {', '.join('.' + f for f in sorted(formats))}",
+        )
 
 
 def _target_options(target: str | None, options: list[str] | None) -> list[str] | None:

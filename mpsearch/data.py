@@ -16,8 +16,14 @@ from mpsearch.core import MpsearchError
 
 
 def cache_root() -> Path:
-    """Where trained zoo weights and cost tables are cached: $MPSEARCH_CACHE or ~/.cache/mpsearch."""
-    return Path(os.environ.get("MPSEARCH_CACHE", Path.home() / ".cache" / "mpsearch"))
+    """Where trained zoo weights and cost tables are cached: $MPSEARCH_CACHE or ~/.cache/mpsearch. A path that
+    exists but is not a directory is a one-line error at once (files under it could never be made)."""
+    root = Path(os.environ.get("MPSEARCH_CACHE", Path.home() / ".cache" / "mpsearch"))
+    if root.exists() and not root.is_dir():
+        raise MpsearchError(
+            f"the cache path {root} is a file, not a directory", "point MPSEARCH_CACHE at a directory, or unset it"
+        )
+    return root
 
 
 def as_batches(data: Iterable) -> list:

@@ -217,6 +217,16 @@ def require_layers(layers: list[LayerInfo]) -> list[LayerInfo]:
     return layers
 
 
+def require_finite(units: list[Unit]) -> None:
+    """A one-line error naming the first unit whose weight holds NaN or inf: every estimate and measurement
+    of it would be meaningless (NaN damage reads as 0, a NaN metric as a number)."""
+    for unit in units:
+        if not bool(torch.isfinite(unit.weight).all()):
+            raise MpsearchError(
+                f"layer {unit.name!r} has non-finite weights (NaN or inf)", "load or fix the model's weights first"
+            )
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """Hash of the state dict (names, shapes, dtypes, values)."""
     h = hashlib.sha256()

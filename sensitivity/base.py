@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import platform
 from abc import ABC, abstractmethod
@@ -20,7 +21,7 @@ from torch import nn
 from mpsearch.core import DEFAULT_OPTIONS, CostTable, LayerInfo, MpsearchError, Option, cost_rows, parse_options
 from mpsearch.core.params import Configurable
 from mpsearch.data import as_batches, cache_root, data_fingerprint
-from mpsearch.layers import Unit, discover, find_units, model_fingerprint, require_layers
+from mpsearch.layers import Unit, discover, find_units, model_fingerprint, require_finite, require_layers
 from mpsearch.outputs import LossFn, Objective, OutputFn, evaluating, model_device, resolve_objective
 from mpsearch.quant import quantization_error
 from mpsearch.quant.gptq import current, use
@@ -106,7 +107,12 @@ class Estimator(Configurable, ABC):
         named = (loss_fn is None or isinstance(loss_fn, str)) and output_fn is None
         path = table_cache_path(meta) if cache and named else None
         if path is not None and path.exists():
-            return CostTable.from_parquet(path)
+            try:
+                return CostTable.from_parquet(path)
+            except MpsearchError as err:  # a truncated or garbage entry must not poison later runs
+                LOG.warning("mpsearch: cached table %s is unreadable (%s); recomputing it", path, err.what)
+                path.unlink(missing_ok=True)
+        require_finite(units_for(model, layers))
         with borrowed(model):
             extra = self._estimate(model, batches, layers, opts, objective)
         frame = cost_rows(layers, opts).merge(extra, on=["layer", "option"], how="left", validate="one_to_one")
@@ -125,6 +131,9 @@ class Estimator(Configurable, ABC):
         """Return a frame with columns layer, option, damage (and raw columns). ``model`` is the caller's,
         borrowed: set ``requires_grad`` or hooks freely (restored / removed afterwards), but never write a
         weight — swap quantized ones in with ``mpsearch.quant.swapped``."""
+
+
+LOG = logging.getLogger("mpsearch")
 
 
 def quantizer_name(quantizer) -> str:

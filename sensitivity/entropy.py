@@ -86,7 +86,7 @@ class Entropy(Estimator):
         energy = {u.name: dot64(u.weight) for u in units}
         frame = pd.DataFrame(
             [
-                {"layer": layer, "option": option, "weight_nsr": d / energy[layer]}
+                {"layer": layer, "option": option, "weight_nsr": d / energy[layer] if energy[layer] > 0 else 0.0}
                 for (layer, option), d in perturb.items()
             ]
         )

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mpsearch.core import BitPlan, MpsearchError
+from mpsearch.core.errors import redact
 from mpsearch.core.params import Interval, OneOf
 from solvers.base import Solver
 from solvers.problem import Problem
@@ -156,7 +157,11 @@ class Evolutionary(Solver):
         self.progress = progress
 
     def get_params(self) -> dict:
-        return {k: v for k, v in super().get_params().items() if k != "fitness"}
+        """Parameters as recorded in a plan's provenance: no fitness, the storage URL without its password."""
+        params = {k: v for k, v in super().get_params().items() if k != "fitness"}
+        if isinstance(params.get("storage"), str):
+            params["storage"] = redact(params["storage"])
+        return params
 
     def study_name_for(self, problem: Problem) -> str:
         if self.study_name:
@@ -179,7 +184,16 @@ class Evolutionary(Solver):
             storage = f"sqlite:///{Path(self.run_dir) / 'evolutionary.db'}"
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         sampler = _make_sampler(problem, start_choice, self.seed, self.n_mutations, self.tournament)
-        study = _open_study(self.study_name_for(problem), None if storage == ":memory:" else storage, sampler)
+        try:
+            study = _open_study(self.study_name_for(problem), None if storage == ":memory:" else storage, sampler)
+        except Exception as err:  # sqlalchemy/driver errors: name the storage, never its password
+            if isinstance(err, MpsearchError):
+                raise
+            raise MpsearchError(
+                f"cannot open the Optuna storage {redact(storage)} ({type(err).__name__}: "
+                f"{redact(str(err)).splitlines()[0] if str(err) else 'no detail'})",
+                "check the storage URL, that its server runs and that its driver is installed",
+            ) from None
 
         def objective(trial):
             choice = np.array(
@@ -196,6 +210,6 @@ class Evolutionary(Solver):
             "start_fitness": first.value,
             "n_trials_total": len(study.trials),
             "study_name": study.study_name,
-            "storage": storage,
+            "storage": redact(storage),
         }
         return np.array([best.params[f"u{u}"] for u in range(problem.n_units)]), "feasible", float("nan")

@@ -30,3 +30,11 @@ class InfeasibleBudgetError(MpsearchError):
 
 class UnknownModelError(MpsearchError):
     """A model name that is not in the zoo."""
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` URL in it replaced by ``***``:
+    storage URLs land in plan provenance, logs and messages, which users share."""
+    import re
+
+    return re.sub(r"(://[^:/@\s]*):[^@/\s]*@", r"\1:***@", text)

@@ -7,9 +7,11 @@ import json
 
 from mpsearch.core import BitPlan, parse_option
 from mpsearch.export.base import Target
+from mpsearch.quant.torchao_affine import require_torchao
 
 
 def torchao_config(plan: BitPlan):
+    require_torchao()
     import torch
     from torchao.quantization import FqnToConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerAxis, PerGroup

@@ -6,10 +6,23 @@ from __future__ import annotations
 
 import torch
 
+from mpsearch.core import MpsearchError
 from mpsearch.core.options import Option
 
 
+def require_torchao() -> None:
+    """torchao is an optional package (the ``test`` extra installs it): say so instead of a traceback."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        raise MpsearchError(
+            "torchao options and exports need the torchao package",
+            "pip install -c constraints.txt torchao (or install mpsearch with its extra: pip install -e '.[test]')",
+        )
+
+
 def fake_quantize(w: torch.Tensor, option: Option) -> torch.Tensor:
+    require_torchao()
     from torchao.quantization.quant_primitives import (
         MappingType,
         choose_qparams_affine,
