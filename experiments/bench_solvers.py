@@ -54,8 +54,8 @@ def make_table(n_layers: int, seed: int = 0) -> CostTable:
 class DefaultCBC(ILP):
     """PuLP + CBC with PULP_CBC_CMD's defaults: what a user who writes the ILP with PuLP gets."""
 
-    def _cbc_command(self, pulp):
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=self.time_limit)
+    def _cbc_command(self, pulp, limit=None):
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=limit)
 
 
 def stages(n_layers: int) -> dict:

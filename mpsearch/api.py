@@ -26,14 +26,11 @@ from mpsearch.core import (
 )
 from mpsearch.data import as_batches
 from mpsearch.layers import discover, require_finite, require_layers
+from mpsearch.names import DEFAULT_ESTIMATOR  # the best-measured estimator (see mpsearch.names)
 from mpsearch.outputs import OutputFn, evaluating, metric_of, nll_sum, raw_call, reduce_output, resolve_objective
 from mpsearch.quant.apply import quantized_weights, resolve_plan, swapped
 from mpsearch.quant.gptq import use
 from mpsearch.safety import holdout, safeguard
-
-# The estimator with the best measured fidelity to Measured on the real models (README: Spearman 0.97 on
-# smollm2-135m, 0.99 minilm-l6, 0.96 efficientnet-lite0); SQNR's plans on smollm2 were worse than uniform.
-DEFAULT_ESTIMATOR = "fisher"
 
 
 def _resolve_model(model, data, loss_fn, options, device=None, target: str | None = None):

@@ -309,22 +309,19 @@ DEVICE_HELP = "where the zoo model runs: auto (default: cuda when available, els
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import sensitivity.base  # noqa: F401  (only to fail early if torch is missing)
-    from mpsearch import api
-    from mpsearch.models import ZOO
-    from sensitivity import REGISTRY as ESTIMATORS
-    from solvers import REGISTRY as SOLVERS
+    """The parser, built from names only (``mpsearch.names``): no torch import, ``--help`` is instant."""
+    from mpsearch.names import DEFAULT_ESTIMATOR, ESTIMATOR_NAMES, SOLVER_NAMES, ZOO_NAMES
 
     parser = _Parser(prog="mpsearch", description="Mixed-precision bit-allocation search.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("search", help="estimate sensitivities and solve for a bit plan")
-    s.add_argument("--model", required=True, help=f"zoo model: {', '.join(ZOO)}")
+    s.add_argument("--model", required=True, help=f"zoo model: {', '.join(ZOO_NAMES)}")
     s.add_argument("--avg-bits", type=float, help="budget: mean effective bits per weight")
     s.add_argument("--size-bytes", type=float, help="budget: bytes of the quantized weights")
     s.add_argument("--bops", type=float, help="budget: bit operations per sample")
-    s.add_argument("--estimator", default=api.DEFAULT_ESTIMATOR, help=f"one of {sorted(ESTIMATORS)}")
-    s.add_argument("--solver", default="core", help=f"one of {sorted(SOLVERS)} (core: the fastest exact one)")
+    s.add_argument("--estimator", default=DEFAULT_ESTIMATOR, help=f"one of {list(ESTIMATOR_NAMES)}")
+    s.add_argument("--solver", default="core", help=f"one of {list(SOLVER_NAMES)} (core: the fastest exact one)")
     s.add_argument("--trials", type=int, default=100, help="evolutionary: trials on the real model")
     s.add_argument(
         "--options", help="comma-separated options (default: the model's, e.g. " + ",".join(DEFAULT_OPTIONS) + ")"
@@ -349,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("pareto", help="the predicted damage vs size front, as CSV and a plot")
     f.add_argument("--model", required=True)
-    f.add_argument("--estimator", default=api.DEFAULT_ESTIMATOR)
+    f.add_argument("--estimator", default=DEFAULT_ESTIMATOR)
     f.add_argument("--options", help="comma-separated options (default: the model's)")
     f.add_argument("--estimator-params", help="estimator parameters as JSON")
     f.add_argument("--include", help="comma-separated FQN patterns of layers to quantize")

@@ -8,8 +8,11 @@ minimize total damage. Three backends:
 - ``cpsat`` OR-Tools CP-SAT (integer coefficients: damage is scaled to 1e9 steps, float constraint costs
   are rounded up and limits down, so every plan it returns is feasible for the real costs)
 
-``time_limit`` (seconds) returns the best plan found with status ``time_limit`` and the optimality gap where
-the backend reports a bound (HiGHS, CP-SAT; NaN for CBC).
+``time_limit`` (seconds) bounds the whole solve, model building included: CoreDP's plan (exact unless its
+state cap bites; its own bound gives the gap) is computed first as the incumbent (returned at once when it
+is proven optimal), the backend gets the time that is left, and whichever plan is better when the time is up is returned with its proven gap. A backend
+still running then is abandoned (HiGHS's process is killed; CBC's and CP-SAT's runs end on their own time
+limit). So a time limit never ends in an exception when some plan exists.
 
 OR-Tools and highspy cannot share a process (HiGHS symbol clash). PuLP tries highspy on import, so
 ``_import`` loads OR-Tools first (PuLP then goes without highspy) and HiGHS runs in its own process.
@@ -18,6 +21,7 @@ OR-Tools and highspy cannot share a process (HiGHS symbol clash). PuLP tries hig
 from __future__ import annotations
 
 import importlib
+import time
 import warnings
 
 import numpy as np
@@ -62,7 +66,39 @@ class ILP(Solver):
         if self.backend not in BACKENDS:
             raise MpsearchError(f"unknown ILP backend {self.backend!r}", f"use one of {BACKENDS}")
         cols = np.argwhere(problem.valid)  # (n_vars, 2): unit, option
-        return getattr(self, f"_solve_{self.backend}")(problem, cols)
+        if self.time_limit is None:
+            return getattr(self, f"_solve_{self.backend}")(problem, cols, None)
+        return self._solve_within(problem, cols, time.perf_counter() + self.time_limit)
+
+    def _solve_within(self, problem: Problem, cols: np.ndarray, deadline: float):
+        """The backend in a worker thread with the time left after the CoreDP incumbent; the better of the
+        two plans when the deadline comes."""
+        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        from solvers.core import CoreDP
+
+        incumbent = CoreDP().solve(problem)  # raises InfeasibleBudgetError when no plan exists at all
+        names = problem.unit_options
+        best = np.array([names[u].index(incumbent.plan[unit[0]]) for u, unit in enumerate(problem.units)])
+        found = (best, incumbent.status, incumbent.gap)
+        left = deadline - time.perf_counter()
+        if left <= 0.05 or incumbent.status == "optimal":  # out of time, or nothing left to improve
+            return found
+        self._abandon = []  # cleanup callbacks of a backend run past the deadline
+        pool = ThreadPoolExecutor(1)
+        future = pool.submit(getattr(self, f"_solve_{self.backend}"), problem, cols, left * 0.8)
+        try:
+            choice, status, gap = future.result(timeout=max(deadline - time.perf_counter(), 0.0))
+        except (FutureTimeout, Exception):  # out of time, or the backend failed: the incumbent stands
+            for stop in self._abandon:
+                stop()
+            pool.shutdown(wait=False, cancel_futures=True)
+            return found
+        pool.shutdown(wait=False)
+        if problem.evaluate(choice)[0] < problem.evaluate(best)[0] - 1e-12 * abs(problem.evaluate(best)[0]):
+            return choice, status, gap
+        return found
 
     @staticmethod
     def _choice(problem: Problem, cols: np.ndarray, values) -> np.ndarray:
@@ -72,7 +108,7 @@ class ILP(Solver):
         return choice
 
     # ------------------------------------------------------------------ CBC
-    def _solve_cbc(self, problem: Problem, cols: np.ndarray):
+    def _solve_cbc(self, problem: Problem, cols: np.ndarray, limit: float | None):
         pulp = _import("pulp")
         damage = problem.damage[cols[:, 0], cols[:, 1]]
         norm = max(float(np.abs(damage).max()), 1e-300)  # scale the objective to O(1) for solver tolerances
@@ -92,7 +128,7 @@ class ILP(Solver):
             # PuLP 3.x deprecates its bundled CBC in favour of the cbcbox package; the bundled one is what
             # installs everywhere here, so keep it (pyproject pins pulp < 4)
             warnings.simplefilter("ignore", DeprecationWarning)
-            solver = self._cbc_command(pulp)
+            solver = self._cbc_command(pulp, limit)
         model.solve(solver)
         status = pulp.LpStatus[model.status]
         if status == "Infeasible":
@@ -102,15 +138,15 @@ class ILP(Solver):
         choice = self._choice(problem, cols, [v.value() or 0 for v in x])
         return (choice, "optimal", 0.0) if model.sol_status == 1 else (choice, "time_limit", float("nan"))
 
-    def _cbc_command(self, pulp):
+    def _cbc_command(self, pulp, limit: float | None = None):
         # "increment": CBC otherwise derives a cutoff increment and prunes nodes that are not better by it,
         # returning "optimal" plans up to 2e-4 worse than the optimum (measured at 500 layers)
         return pulp.PULP_CBC_CMD(
-            msg=self.msg, timeLimit=self.time_limit, gapRel=1e-9, options=[f"increment {CBC_INCREMENT}"]
+            msg=self.msg, timeLimit=limit, gapRel=1e-9, options=[f"increment {CBC_INCREMENT}"]
         )
 
     # ------------------------------------------------------------------ HiGHS
-    def _solve_highs(self, problem: Problem, cols: np.ndarray):
+    def _solve_highs(self, problem: Problem, cols: np.ndarray, limit: float | None):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
@@ -140,7 +176,9 @@ class ILP(Solver):
             "value": values[order],
         }
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            out = pool.submit(solve_lp, arrays, self.time_limit, self.msg).result()
+            # past the deadline, _solve_within kills the child (the executor keeps no public handle on it)
+            getattr(self, "_abandon", []).append(lambda: [p.kill() for p in pool._processes.values()])
+            out = pool.submit(solve_lp, arrays, limit, self.msg).result()
         if out["status"] == "infeasible":
             raise _infeasible()
         if out["x"] is None:
@@ -151,7 +189,7 @@ class ILP(Solver):
         return choice, "time_limit", out["gap"]
 
     # ------------------------------------------------------------------ CP-SAT
-    def _solve_cpsat(self, problem: Problem, cols: np.ndarray):
+    def _solve_cpsat(self, problem: Problem, cols: np.ndarray, limit: float | None):
         cp_model = _import("ortools.sat.python.cp_model")
         damage = problem.damage[cols[:, 0], cols[:, 1]]
         shift = damage.min()
@@ -177,8 +215,8 @@ class ILP(Solver):
         solver = cp_model.CpSolver()
         solver.parameters.num_workers = 2
         solver.parameters.random_seed = 0
-        if self.time_limit is not None:
-            solver.parameters.max_time_in_seconds = float(self.time_limit)
+        if limit is not None:
+            solver.parameters.max_time_in_seconds = float(limit)
         status = solver.solve(model)
         if status == cp_model.INFEASIBLE:
             raise _infeasible()

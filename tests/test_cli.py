@@ -176,3 +176,20 @@ def test_device_flag_rejects_unknown_and_absent_devices(command, capsys, digits_
 def test_device_flag_loads_the_zoo_model_there(capsys, digits_plan):
     code, out, err = run(capsys, "evaluate", "--model", "digits-cnn", "--plan", str(digits_plan), "--device", "cpu")
     assert code == 0 and "on cpu" in err and json.loads(out.strip().splitlines()[-1])["avg_bits"] <= 4.0
+
+
+def test_help_lists_the_registries_without_importing_torch():
+    import subprocess
+    import sys
+
+    from mpsearch.models import ZOO
+    from mpsearch.names import ESTIMATOR_NAMES, SOLVER_NAMES, ZOO_NAMES
+    from sensitivity import REGISTRY as ESTIMATORS
+    from solvers import REGISTRY as SOLVERS
+
+    assert ZOO_NAMES == tuple(ZOO) and ESTIMATOR_NAMES == tuple(sorted(ESTIMATORS))
+    assert SOLVER_NAMES == tuple(sorted(SOLVERS))
+    code = "import sys; from mpsearch.cli import main\ntry: main(['search', '--help'])\nexcept SystemExit: pass\n"
+    code += "print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().endswith("False") and "digits-cnn" in done.stdout

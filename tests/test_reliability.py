@@ -3,6 +3,7 @@ errors for bad input."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,3 +196,33 @@ def test_every_public_entry_point_leaves_a_train_mode_model_untouched():
         after = _state(model)
         assert all(torch.equal(before[0][k], after[0][k]) for k in before[0]), name
         assert before[1:] == after[1:], name
+
+
+@pytest.mark.parametrize("backend", ["cbc", "highs", "cpsat"])
+@pytest.mark.parametrize("incumbent_optimal", [True, False])
+def test_an_ilp_time_limit_bounds_the_whole_solve_and_always_returns_a_plan(backend, incumbent_optimal, monkeypatch):
+    import sys
+    import time
+
+    import solvers.core
+    from solvers import ILP, Greedy
+
+    sys.path.insert(0, "experiments")
+    from bench_solvers import budget_for, make_table
+
+    table = make_table(2000)
+    problem = Problem(table, budget_for(table, False))
+    if not incumbent_optimal:  # as when CoreDP's state cap bites: a feasible incumbent with a gap
+        greedy = Greedy().solve(problem)
+        greedy.status, greedy.gap = "feasible", 0.5
+        monkeypatch.setattr(solvers.core.CoreDP, "solve", lambda self, p: greedy)
+    start = time.perf_counter()
+    result = ILP(backend=backend, time_limit=0.5).solve(problem)
+    wall = time.perf_counter() - start
+    assert wall < 1.5 and problem.is_feasible(
+        np.array([o.index(result.plan[u[0]]) for u, o in zip(problem.units, problem.unit_options)])
+    )
+    if incumbent_optimal:  # CoreDP proved it: returned at once
+        assert result.status == "optimal" and result.gap == 0.0 and wall < 0.5
+    else:
+        assert result.status in ("feasible", "time_limit", "optimal") and result.objective <= greedy.objective + 1e-12
