@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from mpsearch.core import (
     DEFAULT_OPTIONS,
@@ -329,6 +330,7 @@ def evaluate(
     output_fn: OutputFn | None = None,
     quantizer="rtn",
     calibration: Iterable | None = None,
+    progress: bool = True,
 ) -> dict:
     """Measure ``plan`` against the full-precision model on ``data``, where the model lives, without copying
     it: per batch, one forward with its own weights and one with the plan's quantized weights swapped in
@@ -339,7 +341,7 @@ def evaluate(
     ``neg_kl`` = -KL or ``cosine`` = mean cosine similarity (higher is better). Returns avg_bits,
     size_bytes, metric_name, metric, higher_is_better, loss_name, loss.
     ``quantizer``: "rtn", or "gptq" with its Hessians from ``calibration`` (never from ``data``: the
-    evaluation stays held out), or a GPTQ instance.
+    evaluation stays held out), or a GPTQ instance. ``progress``: a progress bar over the batches.
     """
     batches = as_batches(data)
     if quantizer == "gptq" and calibration is None:
@@ -356,7 +358,8 @@ def evaluate(
         lm = metric_name == "perplexity"
         with use(q):
             q_weights = quantized_weights(model, plan)
-        for batch in batches:  # one forward of each model per batch serves the loss and the perplexity
+        bar = tqdm(batches, desc="evaluate", disable=not progress or len(batches) < 2, leave=False)
+        for batch in bar:  # one forward of each model per batch serves the loss and the perplexity
             raw = {"fp": raw_call(model, batch)}
             with swapped(model, q_weights):
                 raw["q"] = raw_call(model, batch)

@@ -111,10 +111,10 @@ def cmd_search(args) -> int:
         _status(_safety_line(result.extra["safety"]))
     print(json.dumps({"model": args.model, **result.summary(), "safety": result.extra.get("safety")}))
     if args.out:
-        result.plan.save(args.out)
+        _write(args.out, result.plan.save)
         _status(f"plan written to {args.out}")
     if args.table:
-        table.to_parquet(args.table)
+        _write(args.table, table.to_parquet)
         _status(f"cost table written to {args.table}")
     return 0
 
@@ -215,7 +215,7 @@ def cmd_pareto(args) -> int:
             frame.loc[i, "metric"] = api.evaluate(zoo.model, front.plans[i], zoo.evaluation, zoo.loss)["metric"]
         frame["metric_name"] = zoo.metric_name
     if args.out:
-        frame.to_csv(args.out, index=False)
+        _write(args.out, lambda path: frame.to_csv(path, index=False))
         _status(f"front ({len(frame)} points) written to {args.out}")
     if args.plot:
         import matplotlib
@@ -235,7 +235,7 @@ def cmd_pareto(args) -> int:
             ax.set_title("measured quality at selected points")
             ax.legend()
         fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        _write(args.plot, lambda path: fig.savefig(path, dpi=120))
         _status(f"plot written to {args.plot}")
     print(json.dumps({"model": args.model, "estimator": args.estimator, "points": len(frame), "axis": args.axis}))
     return 0
@@ -251,6 +251,18 @@ def cmd_batch(args) -> int:
     _status(f"{len(results)} cells in {config.run_dir} (results.csv, results.parquet, summary.png)")
     print(json.dumps({"run_dir": str(config.run_dir), "cells": len(results)}))
     return 0
+
+
+def _write(path: str, writer) -> None:
+    """``writer(path)``; a file-system fault (missing folder, a folder in the way, read-only, disk full) is one
+    line naming the path instead of a traceback."""
+    try:
+        writer(path)
+    except OSError as err:
+        raise MpsearchError(
+            f"cannot write {path}: {err.strerror or type(err).__name__}",
+            "pass a path in an existing, writable folder with free space",
+        ) from None
 
 
 def _check_plot_path(path: str) -> None:
@@ -290,7 +302,7 @@ def cmd_export(args) -> int:
         raise MpsearchError("--arch is for --target llama.cpp", "leave it out for other targets")
     text = export(BitPlan.load(args.plan), target, **kwargs)
     if args.out:
-        __import__("pathlib").Path(args.out).write_text(text)
+        _write(args.out, lambda path: __import__("pathlib").Path(path).write_text(text))
         _status(f"{target} export written to {args.out}")
     else:
         sys.stdout.write(text)

@@ -10,9 +10,10 @@ minimize total damage. Three backends:
 
 ``time_limit`` (seconds) bounds the whole solve, model building included: CoreDP's plan (exact unless its
 state cap bites; its own bound gives the gap) is computed first as the incumbent (returned at once when it
-is proven optimal), the backend gets the time that is left, and whichever plan is better when the time is up is returned with its proven gap. A backend
-still running then is abandoned (HiGHS's process is killed; CBC's and CP-SAT's runs end on their own time
-limit). So a time limit never ends in an exception when some plan exists.
+is proven optimal), the backend gets the time that is left, and whichever plan is better when the time is
+up is returned with its proven gap. A backend still running then is abandoned (HiGHS's process is killed;
+CBC's and CP-SAT's runs end on their own time limit). So a time limit never ends in an exception when some
+plan exists.
 
 OR-Tools and highspy cannot share a process (HiGHS symbol clash). PuLP tries highspy on import, so
 ``_import`` loads OR-Tools first (PuLP then goes without highspy) and HiGHS runs in its own process.
@@ -141,9 +142,7 @@ class ILP(Solver):
     def _cbc_command(self, pulp, limit: float | None = None):
         # "increment": CBC otherwise derives a cutoff increment and prunes nodes that are not better by it,
         # returning "optimal" plans up to 2e-4 worse than the optimum (measured at 500 layers)
-        return pulp.PULP_CBC_CMD(
-            msg=self.msg, timeLimit=limit, gapRel=1e-9, options=[f"increment {CBC_INCREMENT}"]
-        )
+        return pulp.PULP_CBC_CMD(msg=self.msg, timeLimit=limit, gapRel=1e-9, options=[f"increment {CBC_INCREMENT}"])
 
     # ------------------------------------------------------------------ HiGHS
     def _solve_highs(self, problem: Problem, cols: np.ndarray, limit: float | None):

@@ -226,3 +226,35 @@ def test_an_ilp_time_limit_bounds_the_whole_solve_and_always_returns_a_plan(back
         assert result.status == "optimal" and result.gap == 0.0 and wall < 0.5
     else:
         assert result.status in ("feasible", "time_limit", "optimal") and result.objective <= greedy.objective + 1e-12
+
+
+def test_corrupt_cached_zoo_weights_are_rebuilt_and_said(caplog, tmp_path, monkeypatch):
+    from mpsearch.models.digits import VERSION, load_digits_cnn
+
+    monkeypatch.setenv("MPSEARCH_CACHE", str(tmp_path))
+    first = load_digits_cnn()  # trains once, caches
+    path = tmp_path / f"digits-cnn-v{VERSION}.pt"
+    path.write_bytes(path.read_bytes()[:100])  # truncated (garbage fails the same weights_only load)
+    again = load_digits_cnn()
+    assert "are unreadable" in caplog.text and "training digits-cnn again" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert torch.load(path, weights_only=True).keys() == first.state_dict().keys()  # rewritten whole
+
+
+@pytest.mark.parametrize("where", ["missing_dir", "is_dir", "file_as_folder", "dev_full"])
+def test_file_system_faults_on_outputs_are_one_line_errors(where, tmp_path, capsys):
+    plan = mpsearch.BitPlan({"features.0": "int8"})
+    plan.save(tmp_path / "p.json")
+    if where == "missing_dir":
+        out = tmp_path / "no" / "such" / "dir" / "x.txt"
+    elif where == "is_dir":
+        out = tmp_path / "a_folder"
+        out.mkdir()
+    elif where == "file_as_folder":
+        (tmp_path / "a_file").write_text("keep me")
+        out = tmp_path / "a_file" / "x.txt"
+    else:
+        out = "/dev/full"
+    code, _, err = _cli(capsys, "export", str(tmp_path / "p.json"), "--target", "json", "--out", str(out))
+    assert code == 2 and f"cannot write {out}: " in err and len(err.strip().splitlines()) == 1
+    assert mpsearch.BitPlan.load(tmp_path / "p.json") == plan  # the user's file is intact

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -65,8 +66,15 @@ def load_digits_cnn() -> DigitsCNN:
     path = cache_root() / f"digits-cnn-v{VERSION}.pt"
     model = DigitsCNN()
     if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
+        try:
+            model.load_state_dict(torch.load(path, weights_only=True))  # tensors only: never a pickle's code
+            return model.eval()
+        except Exception as err:  # truncated, garbage or foreign file: rebuild the entry, and say so
+            logging.getLogger("mpsearch").warning(
+                "mpsearch: cached weights %s are unreadable (%s); training digits-cnn again", path, type(err).__name__
+            )
+            path.unlink(missing_ok=True)
+            model = DigitsCNN()
     model = train_digits()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")

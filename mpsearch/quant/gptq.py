@@ -29,6 +29,7 @@ from torch import nn
 
 from mpsearch.core import MpsearchError
 from mpsearch.core.options import Option
+from mpsearch.quant import gptq_grid
 
 
 class _Grid:
@@ -46,16 +47,8 @@ class _Grid:
     def fit(self, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         o = self.option
         if self.gptq:
-            maxq = 2**o.bits - 1
-            lo, hi = cols.amin(1).clamp(max=0), cols.amax(1).clamp(min=0)
-            if o.symmetric:
-                hi = torch.maximum(lo.abs(), hi)
-                lo = torch.where(lo < 0, -hi, lo)
-            flat = (lo == 0) & (hi == 0)
-            lo, hi = torch.where(flat, -1.0, lo), torch.where(flat, 1.0, hi)
-            scale = (hi - lo) / maxq
-            zero = torch.full_like(scale, (maxq + 1) / 2) if o.symmetric else torch.round(-lo / scale)
-            return scale, zero
+            scale, zero = gptq_grid.grid(cols, o)
+            return scale[:, 0], zero[:, 0]
         if o.symmetric:
             scale = (torch.maximum(cols.amax(1), -cols.amin(1)) / (2 ** (o.bits - 1) - 1)).half().float()
             return torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(scale)
@@ -68,8 +61,7 @@ class _Grid:
     def apply(self, col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         o = self.option
         if self.gptq:
-            q = torch.clamp(torch.round(col / scale) + zero, 0, 2**o.bits - 1)
-            return scale.half().float() * (q - zero)  # GPTQModel stores fp16 scales
+            return gptq_grid.dequantized(col, scale, zero, o)
         if o.symmetric:
             qmax = 2 ** (o.bits - 1) - 1
             return torch.clamp(torch.round(col / scale), -qmax - 1, qmax) * scale
