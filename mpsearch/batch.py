@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import tomllib
 
-from mpsearch.core import Budget, CostTable, MpsearchError
+from mpsearch.core import Budget, CostTable, InfeasibleBudgetError, MpsearchError
 
 BUDGET_KEYS = ("avg_bits", "size_bytes", "size_fraction")
 
@@ -48,14 +48,12 @@ class BatchConfig:
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise MpsearchError(f"config {path} is not valid TOML ({exc})", "fix the file") from None
-        missing = [k for k in ("models", "estimators", "solvers", "budgets") if k not in raw]
-        if missing:
-            raise MpsearchError(f"config {path} lacks {missing}", "give models, estimators, solvers and budgets")
-        for b in raw["budgets"]:
-            if not isinstance(b, dict) or len(b) != 1 or next(iter(b)) not in BUDGET_KEYS:
-                raise MpsearchError(
-                    f"budget {b!r} in {path} is not one of {BUDGET_KEYS}", "write e.g. {avg_bits = 4.0}"
-                )
+        problems = grid_problems(raw)
+        if problems:  # the whole grid is checked before the first cell: every problem, one line each
+            raise MpsearchError(
+                f"config {path} has {len(problems)} problem(s):\n  " + "\n  ".join(problems),
+                "fix them (see experiments/configs/memory_grid.toml)",
+            )
         run_dir = Path(raw.get("run_dir", Path("runs") / path.stem))
         return cls(
             run_dir,
@@ -65,6 +63,47 @@ class BatchConfig:
             raw["budgets"],
             raw.get("options"),
         )
+
+
+KEYS = ("run_dir", "models", "estimators", "solvers", "budgets", "options")
+
+
+def grid_problems(raw: dict) -> list[str]:
+    """Every problem of a batch config, one line each (empty: the grid can run)."""
+    from mpsearch.core import InvalidOptionError, parse_option
+    from mpsearch.names import ESTIMATOR_NAMES, SOLVER_NAMES, ZOO_NAMES
+
+    problems = [f"unknown key {k!r} (keys: {', '.join(KEYS)})" for k in raw if k not in KEYS]
+    known = {"models": ZOO_NAMES, "estimators": ESTIMATOR_NAMES, "solvers": SOLVER_NAMES}
+    for key in ("models", "estimators", "solvers", "budgets"):
+        value = raw.get(key)
+        if not isinstance(value, list) or not value:
+            problems.append(f"{key} must be a non-empty list, got {value!r}")
+            continue
+        for item in value if key in known else ():
+            if item not in known[key]:
+                problems.append(f"unknown {key[:-1]} {item!r} (use one of {', '.join(known[key])})")
+    for b in raw.get("budgets") if isinstance(raw.get("budgets"), list) else ():
+        if not isinstance(b, dict) or len(b) != 1 or next(iter(b)) not in BUDGET_KEYS:
+            problems.append(f"budget {b!r} is not one of {BUDGET_KEYS}: write e.g. {{avg_bits = 4.0}}")
+            continue
+        ((key, value),) = b.items()
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            problems.append(f"budget {key} = {value!r} must be a positive number")
+    options = raw.get("options")
+    if options is not None:
+        if not isinstance(options, list) or not options:
+            problems.append(f"options must be a non-empty list of option names, got {options!r}")
+        else:
+            for name in options:
+                try:
+                    parse_option(name)
+                except InvalidOptionError as err:
+                    problems.append(err.what)
+    run_dir = raw.get("run_dir")
+    if run_dir is not None and not isinstance(run_dir, str):
+        problems.append(f"run_dir must be a path string, got {run_dir!r}")
+    return problems
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -118,12 +157,28 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
             table.to_parquet(tmp)
             tmp.replace(table_path)
         start = time.perf_counter()
-        result = api.solve(table, _budget(budget_spec, table), solver)
-        measured = api.evaluate(zoo.model, result.plan, zoo.evaluation, zoo.loss)
         cell = cells_dir / cell_id(model, estimator, solver, budget_spec)
+        ((key, value),) = budget_spec.items()
+        try:
+            result = api.solve(table, _budget(budget_spec, table), solver)
+        except InfeasibleBudgetError as err:  # a result too: recorded, and the grid goes on
+            cell.mkdir(exist_ok=True)
+            metrics = {
+                "cell": cell.name,
+                "model": model,
+                "estimator": estimator,
+                "solver": solver,
+                "budget_kind": key,
+                "budget_value": value,
+                "status": "infeasible",
+                "reason": str(err),
+            }
+            _write_atomic(cell / "metrics.json", json.dumps(metrics))
+            bar.update()
+            continue
+        measured = api.evaluate(zoo.model, result.plan, zoo.evaluation, zoo.loss, progress=False)
         cell.mkdir(exist_ok=True)
         _write_atomic(cell / "plan.json", result.plan.to_json())
-        ((key, value),) = budget_spec.items()
         metrics = {
             "cell": cell.name,
             "model": model,
@@ -164,6 +219,10 @@ def _summary_plot(results: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if "status" in results:  # infeasible cells are rows without a plan: nothing to draw
+        results = results[results["status"] != "infeasible"]
+    if results.empty:
+        return
     models = sorted(results["model"].unique())
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):

@@ -70,7 +70,7 @@ def test_bad_configs_are_rejected(tmp_path):
     with pytest.raises(MpsearchError, match="does not exist"):
         BatchConfig.load(tmp_path / "nope.toml")
     (tmp_path / "a.toml").write_text('models = ["digits-cnn"]\n')
-    with pytest.raises(MpsearchError, match="lacks"):
+    with pytest.raises(MpsearchError, match="estimators must be a non-empty list, got None"):
         BatchConfig.load(tmp_path / "a.toml")
     (tmp_path / "b.toml").write_text(CONFIG.replace("{avg_bits = 3.5}", "{bits = 3}"))
     with pytest.raises(MpsearchError, match="is not one of"):
@@ -81,3 +81,47 @@ def test_shipped_config_parses():
     cfg = BatchConfig.load(Path(__file__).resolve().parents[1] / "experiments" / "configs" / "memory_grid.toml")
     assert set(cfg.models) == {"digits-cnn", "minilm-l6", "efficientnet-lite0"}
     assert any("size_fraction" in b for b in cfg.budgets)
+
+
+def test_the_whole_grid_is_validated_before_any_cell_one_line_per_problem(tmp_path, capsys):
+    bad = """
+run_dir = "r"
+models = ["digits-cnn", "resnet-9000"]
+estimators = "sqnr"
+solvers = []
+budgets = [{avg_bits = -1}, {bits = 3}, {size_fraction = true}]
+options = ["int4", "int9"]
+option = ["int4"]
+"""
+    (tmp_path / "bad.toml").write_text(bad)
+    code = main(["batch", str(tmp_path / "bad.toml")])
+    err = capsys.readouterr().err
+    assert code == 2 and "has 8 problem(s)" in err
+    for line in (
+        "unknown key 'option'",
+        "unknown model 'resnet-9000'",
+        "estimators must be a non-empty list, got 'sqnr'",
+        "solvers must be a non-empty list, got []",
+        "budget avg_bits = -1 must be a positive number",
+        "budget {'bits': 3} is not one of",
+        "budget size_fraction = True must be a positive number",
+        "unknown option 'int9'",
+    ):
+        assert err.count(line) == 1, line
+    assert not (tmp_path / "r").exists()  # nothing ran
+
+
+def test_an_infeasible_cell_is_a_result_row_and_the_grid_goes_on(tmp_path):
+    from mpsearch.batch import run_batch
+
+    cfg = tmp_path / "grid.toml"
+    cfg.write_text(
+        f'run_dir = "{tmp_path / "run"}"\nmodels = ["digits-cnn"]\nestimators = ["sqnr"]\nsolvers = ["dp"]\n'
+        'budgets = [{avg_bits = 1.0}, {avg_bits = 6.0}]\noptions = ["int2", "int4", "int8"]\n'
+    )
+    results = run_batch(BatchConfig.load(cfg), progress=False)
+    by_budget = results.set_index("budget_value")
+    assert by_budget.loc[1.0, "status"] == "infeasible" and "infeasible" in by_budget.loc[1.0, "reason"]
+    assert by_budget.loc[6.0, "status"] == "optimal" and by_budget.loc[6.0, "avg_bits"] <= 6.0
+    again = run_batch(BatchConfig.load(cfg), progress=False)  # a re-run completes: nothing left to do
+    assert again.equals(results)
