@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -118,10 +119,7 @@ class Estimator(Configurable, ABC):
         frame = cost_rows(layers, opts).merge(extra, on=["layer", "option"], how="left", validate="one_to_one")
         table = CostTable(frame, meta)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            table.to_parquet(tmp)
-            tmp.replace(path)  # atomic: a crash never leaves a half-written table
+            _store(table, path)
         return table
 
     @abstractmethod
@@ -134,6 +132,23 @@ class Estimator(Configurable, ABC):
 
 
 LOG = logging.getLogger("mpsearch")
+_UNWRITABLE: set = set()  # cache folders already reported as unwritable (said once per process)
+
+
+def _store(table: CostTable, path: Path) -> None:
+    """Write a table to the cache atomically (a crash never leaves a half-written one); a cache that cannot
+    be written (read-only, full, not a folder) is said once, and the search goes on without it."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table.to_parquet(tmp)
+        tmp.replace(path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if path.parent not in _UNWRITABLE:
+            _UNWRITABLE.add(path.parent)
+            LOG.warning("mpsearch: cannot write the cache %s (%s); going on without caching", path.parent, err)
 
 
 def quantizer_name(quantizer) -> str:

@@ -258,3 +258,16 @@ def test_file_system_faults_on_outputs_are_one_line_errors(where, tmp_path, caps
     code, _, err = _cli(capsys, "export", str(tmp_path / "p.json"), "--target", "json", "--out", str(out))
     assert code == 2 and f"cannot write {out}: " in err and len(err.strip().splitlines()) == 1
     assert mpsearch.BitPlan.load(tmp_path / "p.json") == plan  # the user's file is intact
+
+
+def test_an_unwritable_cache_is_said_once_and_the_search_goes_on(digits, caplog, monkeypatch):
+    import errno
+
+    def read_only(self, path):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(mpsearch.CostTable, "to_parquet", read_only)
+    for options in (["int3", "int6"], ["int2", "int6"]):
+        table = mpsearch.estimate(digits.model, digits.calibration, "sqnr", options, loss_fn="kl")
+        assert set(table.options) == set(options)
+    assert caplog.text.count("going on without caching") == 1 and "Read-only file system" in caplog.text
