@@ -77,6 +77,8 @@ def cmd_search(args) -> int:
     solver_params = _params(args.solver_params, "--solver-params")
     if args.solver == "evolutionary":
         solver_params.setdefault("n_trials", args.trials)
+        solver_params.setdefault("resume", args.resume)
+        solver_params.setdefault("progress", True)  # a bar over the trials, each a pass on the real model
     estimator_params = _params(args.estimator_params, "--estimator-params")
     from mpsearch.models import resolve_device
 
@@ -107,6 +109,8 @@ def cmd_search(args) -> int:
     frame = result.plan.to_frame(table)[["layer", "option", "bits", "n_params", "damage"]]
     with __import__("pandas").option_context("display.max_rows", None, "display.width", 200):
         print(frame.to_string(index=False))
+    if "study" in result.extra:
+        _status(f"evolutionary study {result.extra['study_name']}: {result.extra['study']}")
     if "safety" in result.extra:
         _status(_safety_line(result.extra["safety"]))
     print(json.dumps({"model": args.model, **result.summary(), "safety": result.extra.get("safety")}))
@@ -335,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--estimator", default=DEFAULT_ESTIMATOR, help=f"one of {list(ESTIMATOR_NAMES)}")
     s.add_argument("--solver", default="core", help=f"one of {list(SOLVER_NAMES)} (core: the fastest exact one)")
     s.add_argument("--trials", type=int, default=100, help="evolutionary: trials on the real model")
+    s.add_argument(
+        "--resume",
+        action="store_true",
+        help="evolutionary: continue this table/budget/seed's study in the run folder (default: a fresh one)",
+    )
     s.add_argument(
         "--options", help="comma-separated options (default: the model's, e.g. " + ",".join(DEFAULT_OPTIONS) + ")"
     )

@@ -111,8 +111,10 @@ class Evolutionary(Solver):
     ``fitness(plan) -> float`` (lower is better); ``n_trials`` trials in this call (the study may hold more
     from earlier runs or other workers); ``timeout`` seconds at most; ``warm_start`` a solver name ("core",
     "ilp") whose optimum seeds the search; ``storage`` an Optuna storage URL (default: SQLite file
-    ``run_dir/evolutionary.db``; ":memory:" keeps it in this process only); ``study_name`` (default: derived
-    from the table and budget, so a re-run resumes the same study).
+    ``run_dir/evolutionary.db``; ":memory:" keeps it in this process only); ``study_name``: a study to share
+    with other workers (always joined); without one, ``resume=True`` continues the study derived from the
+    table, budget and seed, and ``resume=False`` (default) starts a fresh one beside it (nothing is deleted).
+    ``extra["study"]`` says which: "fresh", "resumed (N earlier trials)" or "shared".
     """
 
     name = "evolutionary"
@@ -128,6 +130,7 @@ class Evolutionary(Solver):
         "tournament": [Interval(int, 1)],
         "seed": [Interval(int, 0)],
         "progress": [bool],
+        "resume": [bool],
     }
 
     def __init__(
@@ -143,6 +146,7 @@ class Evolutionary(Solver):
         tournament: int = 4,
         seed: int = 0,
         progress: bool = False,
+        resume: bool = False,
     ) -> None:
         self.fitness = fitness
         self.n_trials = n_trials
@@ -155,6 +159,7 @@ class Evolutionary(Solver):
         self.tournament = tournament
         self.seed = seed
         self.progress = progress
+        self.resume = resume
 
     def get_params(self) -> dict:
         """Parameters as recorded in a plan's provenance: no fitness, the storage URL without its password."""
@@ -164,10 +169,22 @@ class Evolutionary(Solver):
         return params
 
     def study_name_for(self, problem: Problem) -> str:
+        """The study this run joins: ``study_name``, else the one derived from the table, budget and seed."""
         if self.study_name:
             return self.study_name
         key = json.dumps([problem.table.fingerprint(), problem.budget.to_dict(), self.seed], sort_keys=True)
         return "mpsearch-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def _fresh_name(self, base: str, storage: str | None) -> str:
+        """``base`` if no study of that name exists yet, else ``base-2``, ``base-3``, ...: a new study."""
+        import optuna
+
+        existing = {s.study_name for s in optuna.get_all_study_summaries(storage)} if storage else set()
+        name, k = base, 1
+        while name in existing:
+            k += 1
+            name = f"{base}-{k}"
+        return name
 
     def _solve(self, problem: Problem):
         import optuna
@@ -184,8 +201,12 @@ class Evolutionary(Solver):
             storage = f"sqlite:///{Path(self.run_dir) / 'evolutionary.db'}"
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         sampler = _make_sampler(problem, start_choice, self.seed, self.n_mutations, self.tournament)
+        url = None if storage == ":memory:" else storage
         try:
-            study = _open_study(self.study_name_for(problem), None if storage == ":memory:" else storage, sampler)
+            name = self.study_name_for(problem)
+            if not self.study_name and not self.resume:
+                name = self._fresh_name(name, url)
+            study = _open_study(name, url, sampler)
         except Exception as err:  # sqlalchemy/driver errors: name the storage, never its password
             if isinstance(err, MpsearchError):
                 raise
@@ -202,6 +223,8 @@ class Evolutionary(Solver):
             plan = problem.result(choice, "feasible", self.name, {}, 0.0).plan
             return float(self.fitness(plan))
 
+        earlier = len(study.trials)
+        kind = "shared" if self.study_name else f"resumed ({earlier} earlier trials)" if earlier else "fresh"
         study.optimize(objective, n_trials=self.n_trials, timeout=self.timeout, show_progress_bar=self.progress)
         best = study.best_trial
         first = min(study.trials, key=lambda t: t.number)
@@ -211,5 +234,6 @@ class Evolutionary(Solver):
             "n_trials_total": len(study.trials),
             "study_name": study.study_name,
             "storage": redact(storage),
+            "study": kind,
         }
         return np.array([best.params[f"u{u}"] for u in range(problem.n_units)]), "feasible", float("nan")

@@ -49,9 +49,13 @@ def test_warm_started_never_worse_and_resumes(tmp_path, setup):
     assert result.extra["fitness"] <= result.extra["start_fitness"]
     assert result.constraints["avg_bits"].slack >= 0
     assert (tmp_path / "evolutionary.db").exists()
-    again = Evolutionary(fitness, n_trials=5, run_dir=str(tmp_path), seed=1).solve(problem)
-    assert again.extra["n_trials_total"] == 17  # resumed the same study
+    assert result.extra["study"] == "fresh"
+    again = Evolutionary(fitness, n_trials=5, run_dir=str(tmp_path), seed=1, resume=True).solve(problem)
+    assert again.extra["n_trials_total"] == 17 and again.extra["study"] == "resumed (12 earlier trials)"
     assert again.extra["fitness"] <= result.extra["fitness"]
+    fresh = Evolutionary(fitness, n_trials=3, run_dir=str(tmp_path), seed=1).solve(problem)  # the default
+    assert fresh.extra["study"] == "fresh" and fresh.extra["n_trials_total"] == 3
+    assert fresh.extra["study_name"] == result.extra["study_name"] + "-2"  # beside it: nothing deleted
     # every trial's plan meets the budget
     study = optuna.load_study(study_name=result.extra["study_name"], storage=result.extra["storage"])
     for trial in study.trials:

@@ -50,7 +50,9 @@ def train_digits(epochs: int = 40, seed: int = 0) -> DigitsCNN:
     model = DigitsCNN()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     xt, yt = x[:N_TRAIN], y[:N_TRAIN]
-    for _ in range(epochs):
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(epochs), desc="training digits-cnn (first use, then cached)", leave=False):
         perm = torch.randperm(N_TRAIN, generator=gen)
         for i in range(0, N_TRAIN, 64):
             idx = perm[i : i + 64]
