@@ -47,7 +47,7 @@ def _resolve_model(model, data, loss_fn, options, device=None, target: str | Non
 
         zoo = load(model, device=device)
         data = zoo.calibration if data is None else data
-        return zoo.model, data, loss_fn or zoo.loss, options or zoo.options, model
+        return zoo.model, data, loss_fn or zoo.loss, zoo.options if options is None else options, model
     if not isinstance(model, nn.Module):
         raise MpsearchError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass an nn.Module")
     if data is None:
@@ -57,7 +57,7 @@ def _resolve_model(model, data, loss_fn, options, device=None, target: str | Non
             "device= is for zoo model names; a model you pass runs where it lives",
             "move it first (model.to('cuda')) and leave device unset",
         )
-    return model, data, loss_fn, options or DEFAULT_OPTIONS, None
+    return model, data, loss_fn, DEFAULT_OPTIONS if options is None else options, None
 
 
 QUANTIZERS = ("rtn", "gptq")
@@ -214,7 +214,12 @@ def search(
     budget = budget or Budget(avg_bits=4.0)
     est, slv, needs_fitness = search_components(estimator, solver, estimator_params, solver_params)
     module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options, device, target)
-    parse_options(options)
+    opts = parse_options(options)
+    if quantizer not in (None, "rtn"):  # refuse options the quantizer has no grid for, before any work
+        from mpsearch.quant.gptq import GPTQ
+        from sensitivity.base import check_quantizer_options
+
+        check_quantizer_options(GPTQ, opts)
     if not isinstance(refine, int) or isinstance(refine, bool) or refine < 0:
         raise MpsearchError(f"refine={refine!r} is not a count of measurements", "pass an int >= 0 (0: no refinement)")
     data = as_batches(data)  # iterated several times below

@@ -50,10 +50,8 @@ class BatchConfig:
             raise MpsearchError(f"config {path} is not valid TOML ({exc})", "fix the file") from None
         problems = grid_problems(raw)
         if problems:  # the whole grid is checked before the first cell: every problem, one line each
-            raise MpsearchError(
-                f"config {path} has {len(problems)} problem(s):\n  " + "\n  ".join(problems),
-                "fix them (see experiments/configs/memory_grid.toml)",
-            )
+            listed = problems[0] if len(problems) == 1 else f"{len(problems)} problems:\n  " + "\n  ".join(problems)
+            raise MpsearchError(f"config {path}: {listed}", "fix the config (see experiments/configs/memory_grid.toml)")
         run_dir = Path(raw.get("run_dir", Path("runs") / path.stem))
         return cls(
             run_dir,

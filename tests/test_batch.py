@@ -96,7 +96,7 @@ option = ["int4"]
     (tmp_path / "bad.toml").write_text(bad)
     code = main(["batch", str(tmp_path / "bad.toml")])
     err = capsys.readouterr().err
-    assert code == 2 and "has 8 problem(s)" in err
+    assert code == 2 and "8 problems:" in err
     for line in (
         "unknown key 'option'",
         "unknown model 'resnet-9000'",
