@@ -55,7 +55,7 @@ def test_a_storage_password_is_never_written_nor_shown(digits, tmp_path, monkeyp
     from mpsearch.fitness import PlanFitness
 
     fitness = PlanFitness(digits.model, digits.calibration, "kl")
-    result = Evolutionary(fitness, n_trials=2, storage=url, run_dir=str(tmp_path / "run")).solve(
+    result = Evolutionary(fitness, n_trials=2, storage=url, run_dir=str(tmp_path / "run"), resume=True).solve(
         Problem(table, Budget(avg_bits=6.0))
     )
     result.plan.save(tmp_path / "plan.json")
