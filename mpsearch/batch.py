@@ -157,33 +157,20 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
         start = time.perf_counter()
         cell = cells_dir / cell_id(model, estimator, solver, budget_spec)
         ((key, value),) = budget_spec.items()
+        row = {"cell": cell.name, "model": model, "estimator": estimator, "solver": solver}
+        row.update(budget_kind=key, budget_value=value)
         try:
             result = api.solve(table, _budget(budget_spec, table), solver)
         except InfeasibleBudgetError as err:  # a result too: recorded, and the grid goes on
             cell.mkdir(exist_ok=True)
-            metrics = {
-                "cell": cell.name,
-                "model": model,
-                "estimator": estimator,
-                "solver": solver,
-                "budget_kind": key,
-                "budget_value": value,
-                "status": "infeasible",
-                "reason": str(err),
-            }
-            _write_atomic(cell / "metrics.json", json.dumps(metrics))
+            _write_atomic(cell / "metrics.json", json.dumps({**row, "status": "infeasible", "reason": str(err)}))
             bar.update()
             continue
         measured = api.evaluate(zoo.model, result.plan, zoo.evaluation, zoo.loss, progress=False)
         cell.mkdir(exist_ok=True)
         _write_atomic(cell / "plan.json", result.plan.to_json())
         metrics = {
-            "cell": cell.name,
-            "model": model,
-            "estimator": estimator,
-            "solver": solver,
-            "budget_kind": key,
-            "budget_value": value,
+            **row,
             "status": result.status,
             "predicted_damage": result.objective,
             "avg_bits": measured["avg_bits"],
