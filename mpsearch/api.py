@@ -63,18 +63,31 @@ def _resolve_model(model, data, loss_fn, options, device=None, target: str | Non
 QUANTIZERS = ("rtn", "gptq")
 
 
+def quantizer_kind(quantizer) -> str:
+    """ "rtn" (None or "rtn") or "gptq" ("gptq" or a GPTQ instance); anything else is a one-line error."""
+    from mpsearch.quant.gptq import GPTQ
+
+    if quantizer is None or quantizer == "rtn":
+        return "rtn"
+    if quantizer == "gptq" or isinstance(quantizer, GPTQ):
+        return "gptq"
+    raise MpsearchError(f"unknown quantizer {quantizer!r}", f"use one of {list(QUANTIZERS)}")
+
+
 def make_quantizer(quantizer, model: nn.Module, batches: list):
     """None for "rtn" (round to nearest), a GPTQ with the model's calibration Hessians for "gptq"; a GPTQ
     instance passes through."""
     from mpsearch.quant.gptq import GPTQ
 
-    if quantizer is None or quantizer == "rtn":
+    if quantizer_kind(quantizer) == "rtn":
         return None
-    if isinstance(quantizer, GPTQ):
-        return quantizer
-    if quantizer == "gptq":
-        return GPTQ(model, batches)
-    raise MpsearchError(f"unknown quantizer {quantizer!r}", f"use one of {list(QUANTIZERS)}")
+    return quantizer if isinstance(quantizer, GPTQ) else GPTQ(model, batches)
+
+
+def check_refine(refine) -> None:
+    """``refine`` is a count of measurements (0: no refinement)."""
+    if not isinstance(refine, int) or isinstance(refine, bool) or refine < 0:
+        raise MpsearchError(f"refine={refine!r} is not a count of measurements", "pass an int >= 0 (0: no refinement)")
 
 
 def _no_extra(function: str, extra: dict) -> None:
@@ -215,13 +228,11 @@ def search(
     est, slv, needs_fitness = search_components(estimator, solver, estimator_params, solver_params)
     module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options, device, target)
     opts = parse_options(options)
-    if quantizer not in (None, "rtn"):  # refuse options the quantizer has no grid for, before any work
-        from mpsearch.quant.gptq import GPTQ
-        from sensitivity.base import check_quantizer_options
+    if quantizer_kind(quantizer) == "gptq":  # refuse options it has no grid for, before any work
+        from mpsearch.quant.gptq import GPTQ, check_options
 
-        check_quantizer_options(GPTQ, opts)
-    if not isinstance(refine, int) or isinstance(refine, bool) or refine < 0:
-        raise MpsearchError(f"refine={refine!r} is not a count of measurements", "pass an int >= 0 (0: no refinement)")
+        check_options(GPTQ, opts)
+    check_refine(refine)
     data = as_batches(data)  # iterated several times below
     example = data[0] if budget.bops is not None else None
     check_budget(module, budget, options, example, include, exclude)

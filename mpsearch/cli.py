@@ -84,8 +84,7 @@ def cmd_search(args) -> int:
 
     resolve_device(args.device)
     _target_options(args.target, options)
-    if args.refine < 0:
-        raise MpsearchError(f"refine={args.refine} is not a count of measurements", "pass --refine >= 0 (0: none)")
+    api.check_refine(args.refine)
     # wrong names or values fail before the model is loaded
     api.search_components(args.estimator, args.solver, estimator_params, solver_params)
     _status(f"searching {args.model} with {args.estimator} + {args.solver} ...")

@@ -16,6 +16,8 @@ against its budget) is specific to mpsearch's problem; no library does measured 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,9 +26,6 @@ import numpy as np
 
 from mpsearch.core import SearchResult
 from mpsearch.data import n_samples, take
-
-FEAS_RTOL = 1e-9
-nan = float("nan")
 
 
 def holdout(batches: list, fraction: float = 0.25) -> tuple[list, list]:
@@ -56,24 +55,7 @@ class SafetyReport:
     wall_s: float = 0.0
 
     def to_dict(self) -> dict:
-        return {
-            "chosen": self.chosen,
-            "searched_loss": self.searched_loss,
-            "refined_loss": self.refined_loss,
-            "refine_moves": self.refine_moves,
-            "refine_evals": self.refine_evals,
-            "uniform_losses": self.uniform_losses,
-            "held_out": self.held_out,
-            "wall_s": self.wall_s,
-        }
-
-
-def _choice_of(problem, plan) -> np.ndarray:
-    """The plan as one option index per unit of the problem."""
-    names = problem.option_names
-    code = {name: i for i, name in enumerate(names)}
-    picked = np.array([code[plan[unit[0]]] for unit in problem.units])
-    return np.argmax(problem.option_codes == picked[:, None], axis=1)
+        return dataclasses.asdict(self)
 
 
 def uniform_choices(problem) -> dict[str, np.ndarray]:
@@ -95,7 +77,7 @@ def _moves(problem, choice: np.ndarray, width: int = 8) -> list[tuple[float, dic
     damage = np.where(problem.valid, problem.damage, np.inf)
     costs = np.stack([np.where(problem.valid, c, np.inf) for c in problem.costs])  # (K, n, m)
     here_cost = costs[:, idx, choice]  # (K, n)
-    slack = problem.limits() * (1 + FEAS_RTOL) + 1e-9 - here_cost.sum(axis=1)
+    slack = problem.slack(choice)
     gain = damage - damage[idx, choice][:, None]  # < 0: predicted better
     extra = costs - here_cost[..., None]  # (K, n, m)
     moves = []
@@ -158,7 +140,7 @@ def safeguard(problem, result: SearchResult, fitness, max_evals: int = 16, held_
         return float(fitness(plan_of(choice)))
 
     began = time.perf_counter()
-    start = _choice_of(problem, result.plan)
+    start = problem.choice_of(result.plan)
     searched = measure(start)
     choice, loss, moves, evals = refine(problem, start, searched, measure, max_evals)
     report = SafetyReport(searched, loss, moves, evals, held_out=held_out, chosen="refined" if moves else "searched")
@@ -173,7 +155,7 @@ def safeguard(problem, result: SearchResult, fitness, max_evals: int = 16, held_
         # no longer the table's optimum: feasible, and its gap to that optimum is not a bound on anything
         kept = result.plan.provenance
         out = problem.result(
-            best_choice, "feasible", kept.get("solver", ""), kept.get("solver_params", {}), result.wall_time_s, nan
+            best_choice, "feasible", kept.get("solver", ""), kept.get("solver_params", {}), result.wall_time_s, math.nan
         )
         out.plan.provenance = {**kept, **{k: v for k, v in out.plan.provenance.items() if k not in kept}}
         out.extra.update(result.extra)

@@ -25,7 +25,7 @@ from mpsearch.data import as_batches, cache_root, data_fingerprint
 from mpsearch.layers import Unit, discover, find_units, model_fingerprint, require_finite, require_layers
 from mpsearch.outputs import LossFn, Objective, OutputFn, evaluating, model_device, resolve_objective
 from mpsearch.quant import quantization_error
-from mpsearch.quant.gptq import current, use
+from mpsearch.quant.gptq import check_options, current, use
 from sensitivity.sums import dot64
 
 
@@ -72,7 +72,7 @@ class Estimator(Configurable, ABC):
         batches = as_batches(data)
         opts = parse_options(options)
         if quantizer is not None:
-            check_quantizer_options(quantizer, opts)
+            check_options(quantizer, opts)
         try:
             with use(quantizer):
                 return self._table(model, batches, opts, loss_fn, cache, output_fn, include, exclude)
@@ -157,16 +157,6 @@ def quantizer_name(quantizer) -> str:
         return "rtn"
     params = ", ".join(f"{k}={v}" for k, v in quantizer.params().items())
     return f"{quantizer.name}({params})" if params else quantizer.name
-
-
-def check_quantizer_options(quantizer, options: list[Option]) -> None:
-    """GPTQ works on integer grids: refuse other options before any work."""
-    for opt in options:
-        if not (opt.kind == "int" and opt.runtime in ("mpsearch", "gptq")):
-            raise MpsearchError(
-                f"quantizer {quantizer.name!r} cannot quantize option {opt.name!r}",
-                "use int<b>[_g<G>][_asym] or gptq: options with it, or the default quantizer (round to nearest)",
-            )
 
 
 def _out_of_memory(err: BaseException) -> bool:

@@ -192,9 +192,7 @@ class Evolutionary(Solver):
         from solvers import get_solver
 
         start = get_solver(self.warm_start).solve(problem)
-        start_choice = np.array(
-            [opts.index(start.plan[unit[0]]) for unit, opts in zip(problem.units, problem.unit_options)]
-        )
+        start_choice = problem.choice_of(start.plan)
         storage = self.storage
         if storage is None:
             Path(self.run_dir).mkdir(parents=True, exist_ok=True)

@@ -75,13 +75,11 @@ class ILP(Solver):
         """The backend in a worker thread with the time left after the CoreDP incumbent; the better of the
         two plans when the deadline comes."""
         from concurrent.futures import ThreadPoolExecutor
-        from concurrent.futures import TimeoutError as FutureTimeout
 
         from solvers.core import CoreDP
 
         incumbent = CoreDP().solve(problem)  # raises InfeasibleBudgetError when no plan exists at all
-        names = problem.unit_options
-        best = np.array([names[u].index(incumbent.plan[unit[0]]) for u, unit in enumerate(problem.units)])
+        best = problem.choice_of(incumbent.plan)
         found = (best, incumbent.status, incumbent.gap)
         left = deadline - time.perf_counter()
         if left <= 0.05 or incumbent.status == "optimal":  # out of time, or nothing left to improve
@@ -91,13 +89,14 @@ class ILP(Solver):
         future = pool.submit(getattr(self, f"_solve_{self.backend}"), problem, cols, left * 0.8)
         try:
             choice, status, gap = future.result(timeout=max(deadline - time.perf_counter(), 0.0))
-        except (FutureTimeout, Exception):  # out of time, or the backend failed: the incumbent stands
+        except Exception:  # out of time (concurrent.futures.TimeoutError) or the backend failed: the incumbent stands
             for stop in self._abandon:
                 stop()
             pool.shutdown(wait=False, cancel_futures=True)
             return found
         pool.shutdown(wait=False)
-        if problem.evaluate(choice)[0] < problem.evaluate(best)[0] - 1e-12 * abs(problem.evaluate(best)[0]):
+        incumbent_objective = problem.evaluate(best)[0]
+        if problem.evaluate(choice)[0] < incumbent_objective - 1e-12 * abs(incumbent_objective):
             return choice, status, gap
         return found
 

@@ -159,9 +159,18 @@ class Problem:
         totals = np.array([c[idx, choice].sum() for c in self.costs])
         return float(self.damage[idx, choice].sum()), totals
 
-    def is_feasible(self, choice: np.ndarray) -> bool:
+    def slack(self, choice: np.ndarray) -> np.ndarray:
+        """Per constraint, how much more a plan may cost than ``choice`` does (within the feasibility
+        tolerance); negative where ``choice`` breaks the constraint."""
         _, totals = self.evaluate(choice)
-        return bool(np.all(totals <= self.limits() * (1 + FEAS_RTOL) + 1e-9))
+        return self.limits() * (1 + FEAS_RTOL) + 1e-9 - totals
+
+    def is_feasible(self, choice: np.ndarray) -> bool:
+        return bool(np.all(self.slack(choice) >= 0))
+
+    def choice_of(self, plan) -> np.ndarray:
+        """A plan (a BitPlan or {layer: option}) of this problem's table as one option index per unit."""
+        return np.array([opts.index(plan[unit[0]]) for unit, opts in zip(self.units, self.unit_options)])
 
     def result(self, choice, status: str, solver: str, params: dict, wall: float, gap: float = 0.0) -> SearchResult:
         choice = np.asarray(choice, dtype=int)

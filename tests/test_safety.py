@@ -55,7 +55,7 @@ def test_refinement_finds_what_the_additive_table_mispredicts():
 
     start = CoreDP().solve(problem)
     assert start.plan.assignments == {"a": "int6", "c": "int2"}
-    first = np.array([problem.unit_options[i].index(start.plan[u[0]]) for i, u in enumerate(problem.units)])
+    first = problem.choice_of(start.plan)
     choice, loss, kept, evals = refine(problem, first, measure(first), measure, max_evals=50)
     assert kept == 2 and loss < measure(first)  # a6 c2 -> a4 c4 -> a2 c6: each move pays for itself
     assert loss == pytest.approx(_brute(problem, measure))  # the measured optimum

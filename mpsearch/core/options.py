@@ -12,7 +12,8 @@ Grammar (case-sensitive):
 
 Scales are stored as fp16 (16 bits) and zero points with ``b`` bits; both count in the effective bits.
 
-Runtime families (``mpsearch.targets``): the options a runtime stores, with its own sizes and math.
+Runtime families (the targets of ``mpsearch.export.TARGETS``): the options a runtime stores, with its own
+sizes and math.
 
 - llama.cpp GGUF types by their llama.cpp names: ``q8_0 q6_k q5_k q5_1 q5_0 q4_k q4_1 q4_0 q3_k q2_k``:
   blocks of 32 (``q*_0``/``q*_1``) or 256 (``q*_k``) weights along the row, each block stored in a fixed

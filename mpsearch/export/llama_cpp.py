@@ -38,16 +38,23 @@ def gguf_name(layer: str, arch: str = "llama") -> str:
     )
 
 
-def tensor_types(plan: BitPlan, arch: str = "llama") -> dict[str, str]:
-    """GGUF tensor name -> type. A tied layer (plan provenance ``aliases``, e.g. ``lm_head`` sharing
-    ``model.embed_tokens``) maps to the one tensor llama.cpp stores for it: the embedding's
-    (``token_embd.weight``; a tied GGUF has no ``output.weight``)."""
+def tensors_of(plan: BitPlan, arch: str = "llama") -> dict[str, str]:
+    """Plan layer -> the GGUF tensor llama.cpp stores it as. A tied layer (plan provenance ``aliases``, e.g.
+    ``lm_head`` sharing ``model.embed_tokens``) is the embedding's tensor (``token_embd.weight``; a tied GGUF
+    has no ``output.weight``)."""
     aliases = plan.provenance.get("aliases") or {}
+    out = {}
+    for layer in plan.assignments:
+        tensors = [gguf_name(n, arch) for n in (layer, *aliases.get(layer, []))]
+        out[layer] = "token_embd.weight" if "token_embd.weight" in tensors else tensors[0]
+    return out
+
+
+def tensor_types(plan: BitPlan, arch: str = "llama") -> dict[str, str]:
+    """GGUF tensor name -> type (layers sharing one tensor must share its type)."""
     out: dict[str, str] = {}
-    for layer, option in plan.items():
-        names = [layer, *aliases.get(layer, [])]
-        tensors = [gguf_name(n, arch) for n in names]
-        tensor = "token_embd.weight" if "token_embd.weight" in tensors else tensors[0]
+    for layer, tensor in tensors_of(plan, arch).items():
+        option = plan[layer]
         if tensor in out and out[tensor] != option:
             raise MpsearchError(f"layers for GGUF tensor {tensor!r} get different types", "tie them before searching")
         out[tensor] = option
@@ -85,12 +92,6 @@ class LlamaCpp(Target):
 def bits_per_weight(plan: BitPlan, shapes: dict[str, tuple[int, ...]], arch: str = "llama") -> float:
     """Mean bits per weight of the planned tensors as a GGUF file stores them, by ggml's row sizes
     (``shapes``: layer -> weight shape, output channels first; a tied tensor counts once)."""
-    total_bytes = total = 0
-    seen = set()
-    for layer, option in plan.items():
-        tensor = next(iter(tensor_types(BitPlan({layer: option}, plan.provenance), arch)))
-        if tensor not in seen:
-            seen.add(tensor)
-            total_bytes += tensor_bytes(shapes[layer], option)
-            total += math.prod(shapes[layer])
-    return 8 * total_bytes / total
+    layer_of = {tensor: layer for layer, tensor in reversed(tensors_of(plan, arch).items())}  # first layer wins
+    total_bytes = sum(tensor_bytes(shapes[layer], plan[layer]) for layer in layer_of.values())
+    return 8 * total_bytes / sum(math.prod(shapes[layer]) for layer in layer_of.values())

@@ -114,7 +114,7 @@ def quantize_weight(w: torch.Tensor, option: Option | str) -> torch.Tensor:
     ``mpsearch.quant.gptq.use(quantizer)``, int options of the weights it knows go through GPTQ."""
     opt = parse_option(option) if isinstance(option, str) else option
     quantizer = gptq.current()
-    if quantizer is not None and opt.kind == "int" and opt.runtime in ("mpsearch", "gptq"):
+    if quantizer is not None and gptq.has_grid(opt):
         return quantizer.weight(w, opt, _round_to_nearest)
     return _round_to_nearest(w, opt)
 

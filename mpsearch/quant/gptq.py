@@ -32,12 +32,27 @@ from mpsearch.core.options import Option
 from mpsearch.quant import gptq_grid
 
 
+def has_grid(option: Option) -> bool:
+    """Whether GPTQ can quantize ``option``: integer grids of mpsearch's own or GPTQModel's."""
+    return option.kind == "int" and option.runtime in ("mpsearch", "gptq")
+
+
+def check_options(quantizer, options: list[Option]) -> None:
+    """Refuse, before any work, options ``quantizer`` (GPTQ) has no grid for."""
+    for opt in options:
+        if not has_grid(opt):
+            raise MpsearchError(
+                f"quantizer {quantizer.name!r} cannot quantize option {opt.name!r}",
+                "use int<b>[_g<G>][_asym] or gptq: options with it, or the default quantizer (round to nearest)",
+            )
+
+
 class _Grid:
     """An option's quantization grid: ``fit(cols)`` -> (scale, zero) per row; ``apply(col, scale, zero)``."""
 
     def __init__(self, option: Option) -> None:
         self.option = option
-        if option.kind != "int" or option.runtime not in ("mpsearch", "gptq"):
+        if not has_grid(option):
             raise MpsearchError(
                 f"quantizer 'gptq' has no grid for option {option.name!r}",
                 "use int<b>[_g<G>][_asym] or gptq:int<b>... options with quantizer='gptq', or quantizer='rtn'",
