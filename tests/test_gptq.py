@@ -103,3 +103,22 @@ def test_search_and_evaluate_with_gptq_use_it_end_to_end(digits):
     )
     assert m_gptq["loss"] < m_rtn["loss"]  # the same plan, GPTQ'd linear layers: lower held-out KL
     assert np.isfinite(m_gptq["loss"])
+
+
+def test_gptq_covers_transformers_conv1d_through_its_transposed_view():
+    # GPT-2 stores c_attn/c_proj/c_fc as Conv1D [in, out]; the unit's weight is a fresh transposed view per
+    # access, and the Hessian must still be found for it
+    from mpsearch.layers import find_units
+    from mpsearch.quant.gptq import _key
+    from mpsearch.testing import tiny_transformers
+
+    model, batches = tiny_transformers()["gpt2"]()
+    quantizer = GPTQ(model, batches)
+    conv1d = [u for u in find_units(model) if u.type.transposed]
+    assert conv1d and all(_key(u.weight) in quantizer.hessians for u in conv1d)
+    for unit in conv1d:
+        h = quantizer.hessians[_key(unit.weight)]
+        with use(quantizer):
+            q = quantize_weight(unit.weight, "int3")
+        rtn = quantize_weight(unit.weight, "int3")
+        assert reconstruction_error(unit.weight, h, q) < reconstruction_error(unit.weight, h, rtn), unit.name
