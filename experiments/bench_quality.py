@@ -200,6 +200,11 @@ def fair(zoo: ZooModel, quantizers: list[str], estimator: str | None) -> list[di
                         "best_uniform_loss": fits[best_uniform]["loss"] if fits else None,
                         "search_s": round(wall, 2),
                         "safety_s": round(result.extra["safety"]["wall_s"], 2),
+                        "estimate_s": result.extra["table"].meta.get("estimate_s"),  # when it was computed
+                        "refine_moves": result.extra["safety"]["refine_moves"],
+                        "refine_evals": result.extra["safety"]["refine_evals"],
+                        "searched_check_loss": result.extra["safety"]["searched_loss"],
+                        "refined_check_loss": result.extra["safety"]["refined_loss"],
                     }
                 )
             )

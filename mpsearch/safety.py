@@ -70,33 +70,34 @@ def uniform_choices(problem) -> dict[str, np.ndarray]:
     return out
 
 
-def _moves(problem, choice: np.ndarray, width: int = 8) -> list[tuple[float, dict[int, int]]]:
+def _moves(problem, choice: np.ndarray, width: int = 384) -> list[tuple[float, dict[int, int]]]:
     """Feasible single upgrades and (upgrade, downgrade) pairs from ``choice``, best predicted first:
-    (predicted change of total damage, {unit: new option index})."""
+    (predicted change of total damage, {unit: new option index}). Pairs are formed between the ``width``
+    upgrades of best predicted gain per budget spent and the ``width`` downgrades of least damage added per
+    budget freed (all of them on tables with fewer (unit, option) rows), so a move pairs a costly upgrade with
+    the downgrades that pay for it."""
     idx = np.arange(problem.n_units)
     damage = np.where(problem.valid, problem.damage, np.inf)
     costs = np.stack([np.where(problem.valid, c, np.inf) for c in problem.costs])  # (K, n, m)
-    here_cost = costs[:, idx, choice]  # (K, n)
     slack = problem.slack(choice)
     gain = damage - damage[idx, choice][:, None]  # < 0: predicted better
-    extra = costs - here_cost[..., None]  # (K, n, m)
+    share = (costs - costs[:, idx, choice][..., None]) / problem.limits()[:, None, None]  # (K, n, m)
     moves = []
     up_u, up_k = np.nonzero(gain < 0)
-    fits = np.all(extra[:, up_u, up_k] <= slack[:, None], axis=0)
+    up_cost = share[:, up_u, up_k]  # (K, U)
+    fits = np.all(up_cost * problem.limits()[:, None] <= slack[:, None], axis=0)
     moves += [(float(gain[u, k]), {int(u): int(k)}) for u, k in zip(up_u[fits], up_k[fits])]
-    # pairs: the best upgrades by predicted gain with the cheapest downgrades by damage added per cost saved
-    ups = [(u, k) for _, (u, k) in sorted(zip(gain[up_u, up_k], zip(up_u, up_k)))][:width]
-    down_u, down_k = np.nonzero((gain >= 0) & np.any(extra < 0, axis=0))
-    saved = np.max(-extra[:, down_u, down_k] / problem.limits()[:, None], axis=0)  # share of the budget freed
-    rate = gain[down_u, down_k] / np.maximum(saved, 1e-12)
-    downs = [(int(down_u[i]), int(down_k[i])) for i in np.argsort(rate)[: width * 2]]
-    for u, k in ups:
-        for v, j in downs:
-            if u == v:
-                continue
-            delta = extra[:, u, k] + extra[:, v, j]
-            if np.all(delta <= slack):
-                moves.append((float(gain[u, k] + gain[v, j]), {int(u): int(k), v: j}))
+    down_u, down_k = np.nonzero((gain >= 0) & np.any(share < 0, axis=0))
+    down_cost = share[:, down_u, down_k]
+    ups = np.argsort(gain[up_u, up_k] / np.maximum(up_cost.max(axis=0), 1e-12))[:width]
+    downs = np.argsort(gain[down_u, down_k] / np.maximum(-down_cost.min(axis=0), 1e-12))[:width]
+    pair_cost = up_cost[:, ups, None] + down_cost[:, None, downs]  # (K, U, D)
+    ok = np.all(pair_cost * problem.limits()[:, None, None] <= slack[:, None, None], axis=0)
+    ok &= up_u[ups][:, None] != down_u[downs][None, :]
+    net = gain[up_u, up_k][ups][:, None] + gain[down_u, down_k][downs][None, :]
+    for a, b in zip(*np.nonzero(ok)):
+        u, k, v, j = up_u[ups[a]], up_k[ups[a]], down_u[downs[b]], down_k[downs[b]]
+        moves.append((float(net[a, b]), {int(u): int(k), int(v): int(j)}))
     moves.sort(key=lambda m: m[0])
     return moves
 

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import platform
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -114,10 +115,11 @@ class Estimator(Configurable, ABC):
                 LOG.warning("mpsearch: cached table %s is unreadable (%s); recomputing it", path, err.what)
                 path.unlink(missing_ok=True)
         require_finite(units_for(model, layers))
+        began = time.perf_counter()
         with borrowed(model):
             extra = self._estimate(model, batches, layers, opts, objective)
         frame = cost_rows(layers, opts).merge(extra, on=["layer", "option"], how="left", validate="one_to_one")
-        table = CostTable(frame, meta)
+        table = CostTable(frame, {**meta, "estimate_s": round(time.perf_counter() - began, 3)})
         if path is not None:
             _store(table, path)
         return table

@@ -9,7 +9,7 @@ import torch
 import mpsearch
 from mpsearch.core import parse_option
 from mpsearch.quant.formats import quantize_weight
-from mpsearch.quant.gptq import GPTQ, gptq_quantize, reconstruction_error, use
+from mpsearch.quant.gptq import GPTQ, _key, factor, gptq_quantize, reconstruction_error, use
 
 OPTIONS = ["int4", "int3_asym", "int4_g32", "int3_g32_asym", "gptq:int4_g32", "gptq:int3_asym"]
 
@@ -76,8 +76,10 @@ def test_gptq_quantizer_collects_hessians_and_drives_quantize_weight(digits):
             model(b)
     handle.remove()
     x = torch.cat(x)
-    h = next(iter(v for k, v in quantizer.hessians.items() if k[2] == tuple(linear.weight.shape)))
-    torch.testing.assert_close(h, x.T @ x / len(x), rtol=1e-4, atol=1e-5)
+    h = x.T @ x / len(x)
+    expected = factor(h, 0.01, False).hinv  # the Cholesky factor of a near-singular H: compared to its scale
+    got = quantizer.factors[_key(linear.weight)].hinv
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
     with use(quantizer):
         q = quantize_weight(linear.weight, "int3")
         conv = quantize_weight(dict(model.named_modules())["features.0"].weight, "int3")
@@ -109,16 +111,42 @@ def test_gptq_covers_transformers_conv1d_through_its_transposed_view():
     # GPT-2 stores c_attn/c_proj/c_fc as Conv1D [in, out]; the unit's weight is a fresh transposed view per
     # access, and the Hessian must still be found for it
     from mpsearch.layers import find_units
-    from mpsearch.quant.gptq import _key
     from mpsearch.testing import tiny_transformers
 
     model, batches = tiny_transformers()["gpt2"]()
     quantizer = GPTQ(model, batches)
     conv1d = [u for u in find_units(model) if u.type.transposed]
-    assert conv1d and all(_key(u.weight) in quantizer.hessians for u in conv1d)
+    assert conv1d and all(_key(u.weight) in quantizer.factors for u in conv1d)
     for unit in conv1d:
-        h = quantizer.hessians[_key(unit.weight)]
+        h = _input_hessian(model, unit.module, batches)
         with use(quantizer):
             q = quantize_weight(unit.weight, "int3")
         rtn = quantize_weight(unit.weight, "int3")
         assert reconstruction_error(unit.weight, h, q) < reconstruction_error(unit.weight, h, rtn), unit.name
+
+
+def _input_hessian(model, module, batches) -> torch.Tensor:
+    xs = []
+    handle = module.register_forward_hook(lambda m, i, o: xs.append(i[0].reshape(-1, i[0].shape[-1]).float()))
+    with torch.no_grad():
+        for b in batches:
+            model(**b) if isinstance(b, dict) else model(b)
+    handle.remove()
+    x = torch.cat(xs)
+    return x.T @ x / len(x)
+
+
+def test_layers_fed_the_same_input_share_one_factor_equal_to_their_own_hessians():
+    from mpsearch.layers import find_units
+    from mpsearch.testing import tiny_transformers
+
+    model, batches = tiny_transformers()["llama"]()
+    quantizer = GPTQ(model, batches)
+    units = {u.name: u for u in find_units(model)}
+    q, k, v, o = (units[f"model.layers.0.self_attn.{p}_proj"] for p in "qkvo")
+    fq, fk, fv, fo = (quantizer.factors[_key(u.weight)] for u in (q, k, v, o))
+    assert fq is fk is fv and fo is not fq  # q/k/v read one tensor; o_proj reads the attention output
+    for unit in (k, o):
+        expected = factor(_input_hessian(model, unit.module, batches), 0.01, False).hinv
+        got = quantizer.factors[_key(unit.weight)].hinv
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))

@@ -223,6 +223,18 @@ def test_an_ilp_time_limit_bounds_the_whole_solve_and_always_returns_a_plan(back
         assert result.status == "optimal" and result.gap == 0.0 and wall < 0.5
     else:
         assert result.status in ("feasible", "time_limit", "optimal") and result.objective <= greedy.objective + 1e-12
+    _assert_no_child_left()
+
+
+def _assert_no_child_left(wait_s: float = 3.0) -> None:
+    """An abandoned backend leaves no process behind (HiGHS runs in a spawned child, killed at the deadline)."""
+    import multiprocessing
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert multiprocessing.active_children() == []
 
 
 def test_corrupt_cached_zoo_weights_are_rebuilt_and_said(caplog, tmp_path, monkeypatch):

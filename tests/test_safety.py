@@ -119,3 +119,39 @@ def test_safe_false_returns_the_solver_plan_and_bad_refine_is_refused(digits):
     with pytest.raises(mpsearch.MpsearchError, match="refine=-1 is not a count of measurements"):
         mpsearch.search(digits.model, digits.calibration, Budget(avg_bits=4.0), "sqnr", refine=-1)
     assert isinstance(plain, SearchResult)
+
+
+def test_moves_are_every_feasible_upgrade_and_upgrade_downgrade_pair_on_a_small_table():
+    # oracle: enumerate every single change and every pair of changes on two units; the move list must hold
+    # exactly the feasible upgrades and the feasible (upgrade, cost-saving downgrade) pairs, best predicted first
+    from mpsearch.safety import _moves
+
+    rng = np.random.default_rng(0)
+    predicted = {f"l{i}": dict(zip(BITS, np.sort(rng.random(4))[::-1] * rng.uniform(0.1, 10))) for i in range(7)}
+    problem = _problem(predicted, avg_bits=4.5)
+    choice = problem.choice_of(CoreDP().solve(problem).plan)
+    damage = problem.damage[np.arange(problem.n_units), choice]
+
+    def gain(u, k):
+        return problem.damage[u, k] - damage[u]
+
+    def feasible(move):
+        c = choice.copy()
+        for u, k in move.items():
+            c[u] = k
+        return problem.is_feasible(c)
+
+    def cheaper(u, k):
+        return problem.costs[0][u, k] < problem.costs[0][u, choice[u]]
+
+    m = problem.option_codes.shape[1]
+    expected = {((u, k),) for u in range(problem.n_units) for k in range(m) if gain(u, k) < 0 and feasible({u: k})}
+    for u, k, v, j in itertools.product(range(problem.n_units), range(m), range(problem.n_units), range(m)):
+        if u != v and gain(u, k) < 0 <= gain(v, j) and cheaper(v, j) and feasible({u: k, v: j}):
+            expected.add(((u, k), (v, j)))
+    moves = _moves(problem, choice)
+    got = {tuple(move.items()) for _, move in moves}
+    assert got == expected and len(moves) == len(expected) and any(len(m) == 2 for m in got)
+    assert [p for p, _ in moves] == sorted(p for p, _ in moves)
+    for predicted_change, move in moves:
+        assert predicted_change == pytest.approx(sum(gain(u, k) for u, k in move.items()))

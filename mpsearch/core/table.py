@@ -77,6 +77,9 @@ def cost_rows(layers: list[LayerInfo], options: list[Option]) -> pd.DataFrame:
     return frame if fits.all() else frame[fits.ravel()].reset_index(drop=True)
 
 
+VOLATILE_META = ("estimate_s",)  # a fact of the run that computed it, not of the table's content
+
+
 class CostTable:
     """Validated wrapper around a long DataFrame with one row per (layer, option).
 
@@ -169,9 +172,10 @@ class CostTable:
         return float(rows[column].sum())
 
     def fingerprint(self) -> str:
-        """Content hash of the table (rows and estimator metadata)."""
+        """Content hash of the table (rows and estimator metadata; not how long it took)."""
         h = hashlib.sha256(pd.util.hash_pandas_object(self.frame, index=False).values.tobytes())
-        h.update(json.dumps(self.meta, sort_keys=True, default=str).encode())
+        meta = {k: v for k, v in self.meta.items() if k not in VOLATILE_META}
+        h.update(json.dumps(meta, sort_keys=True, default=str).encode())
         return h.hexdigest()[:16]
 
     # ---------------------------------------------------------------- I/O

@@ -23,6 +23,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -48,7 +49,9 @@ def check_options(quantizer, options: list[Option]) -> None:
 
 
 class _Grid:
-    """An option's quantization grid: ``fit(cols)`` -> (scale, zero) per row; ``apply(col, scale, zero)``."""
+    """An option's grid, every kind in one form so the column loop is a handful of tensor ops:
+    ``fit(cols)`` -> (scale, zero, decode scale) per row; a column x is stored as
+    q = clamp(round(x / scale) + zero, lo, hi) and decodes to (q - zero) * decode scale."""
 
     def __init__(self, option: Option) -> None:
         self.option = option
@@ -58,29 +61,23 @@ class _Grid:
                 "use int<b>[_g<G>][_asym] or gptq:int<b>... options with quantizer='gptq', or quantizer='rtn'",
             )
         self.gptq = option.runtime == "gptq"
+        b = option.bits
+        # GPTQ's grid and asymmetric ints: levels 0 .. 2^b - 1; symmetric ints: -2^(b-1) .. 2^(b-1) - 1
+        self.lo, self.hi = (0, 2**b - 1) if self.gptq or not option.symmetric else (-(2 ** (b - 1)), 2 ** (b - 1) - 1)
 
-    def fit(self, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fit(self, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         o = self.option
-        if self.gptq:
+        if self.gptq:  # rounds with the float32 scale, decodes with the fp16 one GPTQModel stores
             scale, zero = gptq_grid.grid(cols, o)
-            return scale[:, 0], zero[:, 0]
+            return scale[:, 0], zero[:, 0], scale[:, 0].half().float()
         if o.symmetric:
             scale = (torch.maximum(cols.amax(1), -cols.amin(1)) / (2 ** (o.bits - 1) - 1)).half().float()
-            return torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(scale)
-        levels = 2**o.bits - 1
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            return scale, torch.zeros_like(scale), scale
         lo, hi = cols.amin(1).clamp(max=0), cols.amax(1).clamp(min=0)
-        scale = ((hi - lo) / levels).half().float()
+        scale = ((hi - lo) / self.hi).half().float()
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return scale, torch.clamp(torch.round(-lo / scale), 0, levels)
-
-    def apply(self, col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        o = self.option
-        if self.gptq:
-            return gptq_grid.dequantized(col, scale, zero, o)
-        if o.symmetric:
-            qmax = 2 ** (o.bits - 1) - 1
-            return torch.clamp(torch.round(col / scale), -qmax - 1, qmax) * scale
-        return (torch.clamp(torch.round(col / scale) + zero, 0, 2**o.bits - 1) - zero) * scale
+        return scale, torch.clamp(torch.round(-lo / scale), 0, self.hi), scale
 
 
 def gptq_quantize(
@@ -92,42 +89,62 @@ def gptq_quantize(
     act_order: bool = False,
 ) -> torch.Tensor:
     """GPTQ of ``w`` (out, in) against inputs with Hessian ``h`` (in, in); returns Q(w) in w's shape and dtype."""
-    grid = _Grid(option)
-    W = w.detach().reshape(w.shape[0], -1).float().clone()
-    H = h.to(W.device, torch.float64).clone()
-    n = W.shape[1]
-    group = option.group_size or n
+    return quantize_with(w, factor(h, damp, act_order, w.device), option, block_size)
+
+
+@dataclass
+class Factor:
+    """What GPTQ needs of a layer's Hessian, the same for every option: the column order, the columns no
+    input reaches, and the upper Cholesky factor of the damped inverse Hessian in that order."""
+
+    perm: torch.Tensor
+    dead: torch.Tensor
+    hinv: torch.Tensor
+
+
+def factor(h: torch.Tensor, damp: float, act_order: bool, device=None) -> Factor:
+    H = h.to(device or h.device, torch.float64).clone()
+    n = H.shape[0]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=H.device)
+    H = H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(n, dtype=H.dtype, device=H.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    return Factor(perm, dead, hinv)
+
+
+def quantize_with(w: torch.Tensor, f: Factor, option: Option, block_size: int = 128) -> torch.Tensor:
+    """GPTQ of ``w`` with a layer's ``factor``: Q(w) on ``option``'s grid, in w's shape and dtype."""
+    grid = _Grid(option)
+    W = w.detach().reshape(w.shape[0], -1).float().clone()
+    n, perm, hinv = W.shape[1], f.perm, f.hinv
+    W[:, f.dead] = 0
+    W = W[:, perm]
+    diag = hinv.diagonal().tolist()
     Q = torch.zeros_like(W)
-    scale = zero = None
-    if option.group_size is None:
-        scale, zero = grid.fit(W)
-    group_of = perm // group  # groups are fixed by the original column order (act_order keeps them)
+    # groups are fixed by the original column order (act_order keeps them); a group's grid is fitted when its
+    # first column comes up, on its columns as updated so far
+    group_of = (perm // (option.group_size or n)).tolist()
+    members: dict[int, list[int]] = {}
+    for pos, g in enumerate(group_of):
+        members.setdefault(g, []).append(pos)
     params: dict[int, tuple] = {}
     for start in range(0, n, block_size):
         end = min(start + block_size, n)
         W1, err = W[:, start:end].clone(), torch.zeros(W.shape[0], end - start, device=W.device)
-        h1 = hinv[start:end, start:end]
         for i in range(end - start):
+            g = group_of[start + i]
+            if g not in params:
+                here = [p - start for p in members[g] if start + i <= p < end]
+                later = [p for p in members[g] if p >= end]
+                params[g] = grid.fit(torch.cat([W1[:, here], W[:, later]], 1))
+            scale, zero, decode = params[g]
             col = W1[:, i]
-            if option.group_size is not None:
-                g = int(group_of[start + i])
-                if g not in params:  # fit the group when its first column comes up, on the updated weights
-                    members = (group_of == g).nonzero().squeeze(1)
-                    cur = torch.cat([W1[:, i:], W[:, end:]], 1)
-                    idx = members[members >= start + i] - (start + i)
-                    params[g] = grid.fit(cur[:, idx])
-                scale, zero = params[g]
-            q = grid.apply(col, scale, zero)
+            q = (torch.clamp(torch.round(col / scale) + zero, grid.lo, grid.hi) - zero) * decode
             Q[:, start + i] = q
-            e = (col - q) / h1[i, i]
-            W1[:, i:] -= e[:, None] * h1[i, i:][None, :]
+            e = (col - q) / diag[start + i]
+            W1[:, i:].addr_(e, hinv[start + i, start + i : end], alpha=-1)
             err[:, i] = e
         W[:, end:] -= err @ hinv[start:end, end:]
     Q = Q[:, torch.argsort(perm)]
@@ -135,8 +152,9 @@ def gptq_quantize(
 
 
 class GPTQ:
-    """GPTQ as mpsearch's quantizer: per linear unit, H = X^T X / tokens from one pass over ``batches``
-    (memory: in^2 floats per linear unit), then ``weight(w, option)`` = GPTQ of that unit's weight."""
+    """GPTQ as mpsearch's quantizer: per linear unit, H = X^T X / tokens from one pass over ``batches``,
+    factored once (``factors``; in^2 floats per distinct input: layers fed the same tensor, such as q/k/v
+    or gate/up, share one), then ``weight(w, option)`` = GPTQ of that unit's weight."""
 
     name = "gptq"
 
@@ -145,13 +163,19 @@ class GPTQ:
         from mpsearch.outputs import evaluating, raw_call
 
         self.block_size, self.damp, self.act_order = block_size, damp, act_order
-        self.hessians: dict[tuple, torch.Tensor] = {}
+        self.factors: dict[tuple, Factor] = {}
         counts: dict[str, int] = {}
         sums: dict[str, torch.Tensor] = {}
+        owner: dict[str, str] = {}  # unit -> the unit whose sum holds its inputs (itself, or a sibling's)
+        last: list = [None, None]  # the latest input seen and the unit that summed it
         units = [u for u in find_units(model) if isinstance(u.module, nn.Linear) or u.type.transposed]
 
         def hook(name: str):
             def fn(mod, inputs, output):
+                if inputs[0] is last[0] and owner.get(name, last[1]) == last[1]:
+                    owner[name] = last[1]
+                    return
+                owner[name], last[0], last[1] = name, inputs[0], name
                 x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
                 sums[name] = sums.get(name, 0) + x.T @ x
                 counts[name] = counts.get(name, 0) + x.shape[0]
@@ -163,22 +187,26 @@ class GPTQ:
             with evaluating(model), torch.no_grad():
                 for batch in batches:
                     raw_call(model, batch)
+                    last[:] = [None, None]
         finally:
             for h in handles:
                 h.remove()
+        factored: dict[str, Factor] = {}
         for u in units:
-            if u.name in sums:
-                w = u.weight
-                self.hessians[_key(w)] = sums[u.name] / max(counts[u.name], 1)
+            if u.name in owner:
+                src = owner[u.name]
+                if src not in factored:
+                    factored[src] = factor(sums.pop(src) / max(counts[src], 1), damp, act_order)
+                self.factors[_key(u.weight)] = factored[src]
 
     def params(self) -> dict:
         return {"block_size": self.block_size, "damp": self.damp, "act_order": self.act_order}
 
     def weight(self, w: torch.Tensor, option: Option, fallback) -> torch.Tensor:
-        h = self.hessians.get(_key(w))
-        if h is None:  # embeddings and convolutions: round to nearest
+        f = self.factors.get(_key(w))
+        if f is None:  # embeddings and convolutions: round to nearest
             return fallback(w, option)
-        return gptq_quantize(w, h, option, self.block_size, self.damp, self.act_order)
+        return quantize_with(w, f, option, self.block_size)
 
 
 def _key(w: torch.Tensor) -> tuple:
