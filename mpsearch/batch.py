@@ -12,11 +12,13 @@ re-running the same config skips finished cells and finishes the grid.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,10 +106,37 @@ def grid_problems(raw: dict) -> list[str]:
     return problems
 
 
+@contextlib.contextmanager
+def _writing(run_dir: Path) -> Iterator[None]:
+    """A file-system fault while writing the run (read-only, full disk, a file in the way) is one line naming
+    the path; the cells already finished are kept, so a re-run resumes."""
+    try:
+        yield
+    except OSError as err:
+        raise MpsearchError(
+            f"batch run dir {run_dir}: cannot write {err.filename or run_dir}: {err.strerror or type(err).__name__}",
+            "free space or make it writable (or pass --run-dir elsewhere) and re-run: finished cells are kept",
+        ) from None
+
+
+def _open_run_dir(run_dir: Path) -> tuple[Path, Path]:
+    """(tables, cells) folders of the run, made if missing; a run dir that is a file is refused at once."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MpsearchError(f"batch run dir {run_dir} is a file, not a directory", "pass --run-dir a folder path")
+    tables_dir, cells_dir = run_dir / "tables", run_dir / "cells"
+    with _writing(run_dir):
+        tables_dir.mkdir(parents=True, exist_ok=True)
+        cells_dir.mkdir(parents=True, exist_ok=True)
+    return tables_dir, cells_dir
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; a half-written one after a fault
 
 
 def _budget(spec: dict, table: CostTable) -> Budget:
@@ -130,9 +159,7 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
     from mpsearch import api
     from mpsearch.models import load
 
-    tables_dir, cells_dir = config.run_dir / "tables", config.run_dir / "cells"
-    tables_dir.mkdir(parents=True, exist_ok=True)
-    cells_dir.mkdir(parents=True, exist_ok=True)
+    tables_dir, cells_dir = _open_run_dir(config.run_dir)
     grid = list(itertools.product(config.models, config.estimators, config.solvers, config.budgets))
     todo = [g for g in grid if not (cells_dir / cell_id(*g) / "metrics.json").exists()]
     delay = float(os.environ.get("MPSEARCH_BATCH_CELL_DELAY", "0"))  # test hook: widen the kill window
@@ -152,8 +179,9 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
             table = api.estimate(zoo.model, zoo.calibration, estimator, config.options or zoo.options, zoo.loss)
             table.meta["model"] = model
             tmp = table_path.with_name(f".{table_path.name}.{os.getpid()}.tmp")
-            table.to_parquet(tmp)
-            tmp.replace(table_path)
+            with _writing(config.run_dir):
+                table.to_parquet(tmp)
+                tmp.replace(table_path)
         start = time.perf_counter()
         cell = cells_dir / cell_id(model, estimator, solver, budget_spec)
         ((key, value),) = budget_spec.items()
@@ -162,13 +190,15 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
         try:
             result = api.solve(table, _budget(budget_spec, table), solver)
         except InfeasibleBudgetError as err:  # a result too: recorded, and the grid goes on
-            cell.mkdir(exist_ok=True)
-            _write_atomic(cell / "metrics.json", json.dumps({**row, "status": "infeasible", "reason": str(err)}))
+            with _writing(config.run_dir):
+                cell.mkdir(exist_ok=True)
+                _write_atomic(cell / "metrics.json", json.dumps({**row, "status": "infeasible", "reason": str(err)}))
             bar.update()
             continue
         measured = api.evaluate(zoo.model, result.plan, zoo.evaluation, zoo.loss, progress=False)
-        cell.mkdir(exist_ok=True)
-        _write_atomic(cell / "plan.json", result.plan.to_json())
+        with _writing(config.run_dir):
+            cell.mkdir(exist_ok=True)
+            _write_atomic(cell / "plan.json", result.plan.to_json())
         metrics = {
             **row,
             "status": result.status,
@@ -180,11 +210,13 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
             "wall_s": time.perf_counter() - start,
         }
         time.sleep(delay)
-        _write_atomic(cell / "metrics.json", json.dumps(metrics))  # last: marks the cell finished
+        with _writing(config.run_dir):
+            _write_atomic(cell / "metrics.json", json.dumps(metrics))  # last: marks the cell finished
         bar.update()
     bar.close()
-    results = collect(config.run_dir)
-    _summary_plot(results, config.run_dir / "summary.png")
+    with _writing(config.run_dir):
+        results = collect(config.run_dir)
+        _summary_plot(results, config.run_dir / "summary.png")
     return results
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,14 +35,18 @@ class PlanFitness:
         self._current: dict = {}  # unit -> (option, quantized weight) of the latest plan
         self.calls = 0
 
-    @torch.no_grad()
     def __call__(self, plan: BitPlan) -> float:
+        return float(np.mean(self.losses(plan)))
+
+    @torch.no_grad()
+    def losses(self, plan: BitPlan) -> np.ndarray:
+        """The plan's loss on each batch (``fitness(plan)`` is their mean)."""
         wanted = resolve_plan(self.model, plan)
         with use(self.quantizer):
             self._current = self._quantized(wanted)
         self.calls += 1
         with evaluating(self.model), swapped(self.model, {u: q for u, (_, q) in self._current.items()}):
-            return self.objective.mean(self.model, self.batches, self.reference)
+            return np.array([float(self.objective(self.model, b, r)) for b, r in zip(self.batches, self.reference)])
 
     def _quantized(self, wanted: dict) -> dict:
         return {

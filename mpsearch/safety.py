@@ -25,20 +25,25 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mpsearch.core import SearchResult
-from mpsearch.data import n_samples, take
+from mpsearch.data import n_samples, split, take
 
 
 def holdout(batches: list, fraction: float = 0.25) -> tuple[list, list]:
     """(fit, check): the last ``fraction`` of the batches (at least one) held out; a single batch is split by
-    samples. With one sample there is nothing to hold out: (batches, batches)."""
+    samples. With one sample there is nothing to hold out: (batches, batches). A check of one batch is cut
+    in two, so that refinement has two folds to agree on (see ``_better``)."""
     if len(batches) >= 2:
         k = max(1, int(len(batches) * fraction))
-        return batches[:-k], batches[-k:]
-    n = n_samples(batches[0])
-    if n < 2:
-        return batches, batches
-    k = max(1, int(n * fraction))
-    return [take(batches[0], 0, n - k)], [take(batches[0], n - k, k)]
+        fit, check = batches[:-k], batches[-k:]
+    else:
+        n = n_samples(batches[0])
+        if n < 2:
+            return batches, batches
+        k = max(1, int(n * fraction))
+        fit, check = [take(batches[0], 0, n - k)], [take(batches[0], n - k, k)]
+    if len(check) == 1 and n_samples(check[0]) >= 2:
+        check = split(check[0], -(-n_samples(check[0]) // 2))
+    return fit, check
 
 
 @dataclass
@@ -102,9 +107,20 @@ def _moves(problem, choice: np.ndarray, width: int = 384) -> list[tuple[float, d
     return moves
 
 
-def refine(problem, choice: np.ndarray, loss: float, measure: Callable[[np.ndarray], float], max_evals: int):
+def _better(new: np.ndarray, old: np.ndarray) -> bool:
+    """Whether measured losses ``new`` beat ``old``: a lower mean and, with per-batch losses of two or more
+    batches, a lower mean on each of the two folds (even and odd batches), so that a move which only fits
+    the noise of some batches is not kept."""
+    new, old = np.atleast_1d(new), np.atleast_1d(old)
+    if new.mean() >= old.mean():
+        return False
+    return len(new) < 2 or (new[0::2].mean() < old[0::2].mean() and new[1::2].mean() < old[1::2].mean())
+
+
+def refine(problem, choice: np.ndarray, loss, measure: Callable[[np.ndarray], object], max_evals: int):
     """Measured local search from ``choice`` (measured ``loss``), at most ``max_evals`` more measurements:
-    (choice, its measured loss, moves kept, measurements made)."""
+    (choice, its measured loss, moves kept, measurements made). ``measure`` returns a loss or per-batch
+    losses (then a move must lower both folds' losses: see ``_better``)."""
     best, evals, kept = loss, 0, 0
     tried: set = set()
     while evals < max_evals:
@@ -119,7 +135,7 @@ def refine(problem, choice: np.ndarray, loss: float, measure: Callable[[np.ndarr
                 candidate[u] = k
             loss = measure(candidate)
             evals += 1
-            if loss < best:
+            if _better(loss, best):
                 choice, best, kept, improved = candidate, loss, kept + 1, True
                 break
             if evals >= max_evals:
@@ -137,17 +153,20 @@ def safeguard(problem, result: SearchResult, fitness, max_evals: int = 16, held_
     def plan_of(choice):
         return problem.result(choice, "feasible", "", {}, 0.0).plan
 
-    def measure(choice) -> float:
-        return float(fitness(plan_of(choice)))
+    def measure(choice) -> np.ndarray:  # per-batch losses where the fitness has them (PlanFitness.losses)
+        plan = plan_of(choice)
+        return np.atleast_1d(fitness.losses(plan) if hasattr(fitness, "losses") else float(fitness(plan)))
 
     began = time.perf_counter()
     start = problem.choice_of(result.plan)
     searched = measure(start)
-    choice, loss, moves, evals = refine(problem, start, searched, measure, max_evals)
-    report = SafetyReport(searched, loss, moves, evals, held_out=held_out, chosen="refined" if moves else "searched")
+    choice, losses, moves, evals = refine(problem, start, searched, measure, max_evals)
+    loss = float(losses.mean())
+    chosen = "refined" if moves else "searched"
+    report = SafetyReport(float(searched.mean()), loss, moves, evals, held_out=held_out, chosen=chosen)
     best_choice = choice
     for option, uniform in uniform_choices(problem).items():
-        report.uniform_losses[option] = measure(uniform)
+        report.uniform_losses[option] = float(measure(uniform).mean())
         if report.uniform_losses[option] < loss:
             loss, best_choice, report.chosen = report.uniform_losses[option], uniform, f"uniform-{option}"
     if best_choice is start:

@@ -19,6 +19,7 @@ FILES = {
     "other.json": json.dumps({"schema_version": 1, "plan": {"fc": "int8"}, "provenance": {"model": "minilm-l6"}}),
     "grid.toml": 'models = ["digits-cnn"]\nestimators = ["sqnr"]\nsolvers = ["dp"]\nbudgets = []\n',
     "notoml.toml": "models = [\n",
+    "ok.toml": 'models = ["digits-cnn"]\nestimators = ["sqnr"]\nsolvers = ["dp"]\nbudgets = [{avg_bits = 4.0}]\n',
     "table.parquet": "not parquet",
 }
 
@@ -74,6 +75,11 @@ CLI_CASES = [
     (["batch", "missing.toml"], "does not exist"),
     (["batch", "notoml.toml"], "is not valid TOML"),
     (["batch", "grid.toml"], "budgets must be a non-empty list"),
+    (["batch", "ok.toml", "--run-dir", "plan.json"], "batch run dir plan.json is a file, not a directory"),
+    (
+        ["batch", "ok.toml", "--run-dir", "/proc/mpsearch-run"],
+        "batch run dir /proc/mpsearch-run: cannot write /proc/mpsearch-run: No such",
+    ),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "the following arguments are required: command"),
 ]

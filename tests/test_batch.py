@@ -125,3 +125,38 @@ def test_an_infeasible_cell_is_a_result_row_and_the_grid_goes_on(tmp_path):
     assert by_budget.loc[6.0, "status"] == "optimal" and by_budget.loc[6.0, "avg_bits"] <= 6.0
     again = run_batch(BatchConfig.load(cfg), progress=False)  # a re-run completes: nothing left to do
     assert again.equals(results)
+
+
+def test_a_full_disk_mid_run_is_one_line_and_a_rerun_resumes_without_redoing_a_cell(tmp_path, monkeypatch):
+    import errno
+
+    from mpsearch.batch import run_batch
+    from mpsearch.core import MpsearchError
+
+    cfg = tmp_path / "grid.toml"
+    cfg.write_text(
+        f'run_dir = "{tmp_path / "run"}"\nmodels = ["digits-cnn"]\nestimators = ["sqnr"]\nsolvers = ["dp"]\n'
+        "budgets = [{avg_bits = 4.0}, {avg_bits = 6.0}]\n"
+    )
+    real, writes = Path.write_text, []
+
+    def fills_up(path, text, *args, **kwargs):
+        writes.append(path)
+        if len(writes) > 2:  # plan.json and metrics.json of the first cell fit; then the disk is full
+            real(path, text[: len(text) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", fills_up)
+    with pytest.raises(MpsearchError) as err:
+        run_batch(BatchConfig.load(cfg), progress=False)
+    assert "\n" not in str(err.value) and "No space left on device" in str(err.value)
+    assert "finished cells are kept" in str(err.value) and str(writes[-1]) in str(err.value)
+    cells = tmp_path / "run" / "cells"
+    done = sorted(cells.glob("*/metrics.json"))
+    assert len(done) == 1 and not list(cells.glob("*/.*.tmp"))  # the finished cell kept, no half-written file
+    stamp = done[0].stat().st_mtime_ns
+    monkeypatch.setattr(Path, "write_text", real)
+    results = run_batch(BatchConfig.load(cfg), progress=False)  # space again: the re-run finishes the grid
+    assert len(results) == 2 and set(results["status"]) == {"optimal"}
+    assert done[0].stat().st_mtime_ns == stamp  # not redone

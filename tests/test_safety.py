@@ -155,3 +155,31 @@ def test_moves_are_every_feasible_upgrade_and_upgrade_downgrade_pair_on_a_small_
     assert [p for p, _ in moves] == sorted(p for p, _ in moves)
     for predicted_change, move in moves:
         assert predicted_change == pytest.approx(sum(gain(u, k) for u, k in move.items()))
+
+
+def test_a_move_is_kept_only_when_both_folds_of_the_check_agree():
+    from mpsearch.safety import _better
+
+    old = np.array([1.0, 1.0, 1.0, 1.0])
+    assert _better(np.array([0.9, 0.95, 0.9, 0.95]), old)  # lower on even and odd batches
+    assert not _better(np.array([0.2, 1.1, 0.2, 1.1]), old)  # a lower mean carried by one fold only
+    assert not _better(np.array([1.0, 1.0, 1.0, 1.0]), old)
+    assert _better(np.array([0.5]), np.array([0.6])) and not _better(0.7, 0.6)  # one batch: the mean decides
+    # refinement with per-batch measurements: the move the table proposes first lowers the mean through one
+    # fold only (noise), so it is measured and rejected; the pair that lowers both is kept
+    predicted = {"a": {"int2": 9.0, "int4": 2.25, "int6": 0.5}, "c": {"int2": 1.0, "int4": 0.25, "int6": 0.06}}
+    problem = _problem(predicted, avg_bits=4.0)
+    names = problem.option_names
+    start = problem.choice_of(CoreDP().solve(problem).plan)  # a6 c2
+
+    def measure(choice):
+        picked = {u[0]: names[problem.option_codes[i, k]] for i, (u, k) in enumerate(zip(problem.units, choice))}
+        if picked == {"a": "int4", "c": "int4"}:
+            return np.array([0.1, 3.0, 0.1, 3.0])  # mean 1.55 < 2.0, but the odd batches got worse
+        if picked == {"a": "int2", "c": "int6"}:
+            return np.array([1.5, 1.5, 1.5, 1.5])
+        return np.array([2.0, 2.0, 2.0, 2.0])
+
+    choice, loss, kept, evals = refine(problem, start, measure(start), measure, max_evals=10)
+    picked = {u[0]: names[problem.option_codes[i, k]] for i, (u, k) in enumerate(zip(problem.units, choice))}
+    assert picked == {"a": "int2", "c": "int6"} and kept == 1 and float(np.mean(loss)) == 1.5 and evals >= 2
