@@ -6,6 +6,7 @@ validated (names and values) before any model copy or forward pass.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 
@@ -249,6 +250,11 @@ def search(
         slv.fitness = PlanFitness(module, fit, table.meta["loss"] if loss_fn is None else loss_fn, output_fn, q)
     import solvers
 
+    if target is not None:  # layers the runtime configures as one share an option (HQQ: by tag)
+        from mpsearch.export import get_target
+
+        ties = tuple(get_target(target).ties(table.layers))
+        budget = dataclasses.replace(budget, ties=budget.ties + ties) if ties else budget
     problem = solvers.Problem(table, budget)
     result = slv.solve(problem)
     if safe:

@@ -112,3 +112,23 @@ def test_cli_export(tmp_path, capsys, minilm_layers):
     assert "unknown target 'onnx'" in capsys.readouterr().err
     assert main(["export", str(path)]) == 2
     assert "export needs --target" in capsys.readouterr().err
+
+
+def test_a_search_for_hqq_ties_the_layers_of_a_tag_so_the_plan_always_exports():
+    # HQQ takes one config per tag (mlp.up_proj of every block): search --target hqq must not return a plan
+    # that gives two blocks' up_proj different options, which HQQ could not express
+    import mpsearch
+    from mpsearch.export.hqq import hqq_tag
+    from mpsearch.testing import tiny_transformers
+
+    model, batches = tiny_transformers()["llama"]()
+    options = ["int2_g16", "int4_g16", "int8_g16"]  # rows of 48 weights: groups of 16
+    budget = mpsearch.Budget(avg_bits=4.6)
+    result = mpsearch.search(model, batches, budget, "sqnr", options=options, target="hqq", safe=False)
+    by_tag: dict[str, set] = {}
+    for layer, option in result.plan.items():
+        by_tag.setdefault(hqq_tag(layer), set()).add(option)
+    assert all(len(options) == 1 for options in by_tag.values())
+    assert len({o for s in by_tag.values() for o in s}) > 1  # still a mixed plan, across tags
+    config = json.loads(export(result.plan, "hqq"))
+    assert set(config) == set(by_tag)

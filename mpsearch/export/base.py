@@ -38,6 +38,10 @@ class Target(ABC):
             out.append(full)
         return out
 
+    def ties(self, layers: Iterable[str]) -> list[tuple[str, ...]]:
+        """Groups of layers this runtime configures as one (they must share an option); none by default."""
+        return []
+
     def check(self, plan: BitPlan) -> None:
         """Raise naming the first layer whose option this runtime cannot store exactly."""
         for layer, name in plan.items():
