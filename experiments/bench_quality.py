@@ -236,6 +236,28 @@ def fair_targets(name: str, rows: list[dict]) -> dict:
     }
 
 
+def fair_table(rows: list[dict]) -> str:
+    """The README's markdown table of ``--fair`` rows (and one line per model with its targets)."""
+    lines = [
+        "| model | quantizer | budget | plan: bits, loss | returned (moves kept/measured) | uniform int4 loss "
+        "| best uniform within budget (loss) | vs best uniform | estimate s | search s (check s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        if r["method"] != "fair":
+            continue
+        mark = (" ✓" if r["loss"] <= r["int4_loss"] else " ✗") if r["budget"] == "0.875x int4" else ""
+        change = r["loss"] / r["best_uniform_loss"] - 1
+        worse = " ✗" if change > 1e-9 else ""
+        lines.append(
+            f"| {r['model']} | {r['quantizer']} | {r['budget']} | {r['avg_bits']:.2f}, {r['loss']:.4g}{mark} "
+            f"| {r['chosen']} ({r['refine_moves']}/{r['refine_evals']}) | {r['int4_loss']:.4g} "
+            f"| {r['best_uniform']} ({r['best_uniform_loss']:.4g}) | {change:+.0%} loss{worse} "
+            f"| {r['estimate_s']:.1f} | {r['search_s']:.1f} ({r['safety_s']:.1f}) |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -250,7 +272,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="experiments/results")
     p.add_argument("--fair", action="store_true", help="the default search vs fair uniform baselines (issue 13)")
     p.add_argument("--quantizers", nargs="+", default=["rtn", "gptq"], help="with --fair")
+    p.add_argument("--fair-table", metavar="JSONL", help="print the README table of --fair results and exit")
     args = p.parse_args(argv)
+    if args.fair_table:
+        print(fair_table([json.loads(line) for line in Path(args.fair_table).read_text().splitlines() if line]))
+        return 0
     if args.fair:
         models = args.models if "--models" in (argv or sys.argv) else list(ZOO)
         for spec in models:

@@ -150,3 +150,29 @@ def test_layers_fed_the_same_input_share_one_factor_equal_to_their_own_hessians(
         expected = factor(_input_hessian(model, unit.module, batches), 0.01, False).hinv
         got = quantizer.factors[_key(unit.weight)].hinv
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+
+
+def test_hessians_collected_in_memory_windows_equal_one_pass_and_offloaded_factors_give_the_same_weights():
+    # large models: Hessian sums gathered a few layers per calibration pass (max_bytes) must give the very
+    # factors of one pass; factors kept in CPU memory (offload) must quantize exactly as resident ones
+    from mpsearch.layers import find_units
+    from mpsearch.testing import tiny_transformers
+
+    model, batches = tiny_transformers()["llama"]()
+    whole = GPTQ(model, batches, max_bytes=None, offload=False)
+    one_layer = max(4 * u.weight.shape[-1] ** 2 for u in find_units(model))
+    windowed = GPTQ(model, batches, max_bytes=one_layer, offload=True)
+    linears = [u for u in find_units(model) if isinstance(u.module, torch.nn.Linear)]
+    assert whole.passes == 1 and 1 < windowed.passes <= len(linears)  # windows of at most one big layer
+    assert whole.factors.keys() == windowed.factors.keys()
+    for key, f in whole.factors.items():
+        assert torch.equal(f.hinv, windowed.factors[key].hinv) and windowed.factors[key].hinv.device.type == "cpu"
+    unit = linears[3]
+    with use(whole):
+        a = quantize_weight(unit.weight, "int3_g16")
+    with use(windowed):
+        b = quantize_weight(unit.weight, "int3_g16")
+    assert torch.equal(a, b)
+    for bad in ({"max_bytes": 0}, {"max_bytes": "lots"}, {"offload": "yes"}):
+        with pytest.raises(mpsearch.MpsearchError, match="is not valid"):
+            GPTQ(model, batches, **bad)

@@ -152,23 +152,57 @@ def quantize_with(w: torch.Tensor, f: Factor, option: Option, block_size: int = 
 
 
 class GPTQ:
-    """GPTQ as mpsearch's quantizer: per linear unit, H = X^T X / tokens from one pass over ``batches``,
-    factored once (``factors``; in^2 floats per distinct input: layers fed the same tensor, such as q/k/v
-    or gate/up, share one), then ``weight(w, option)`` = GPTQ of that unit's weight."""
+    """GPTQ as mpsearch's quantizer: per linear unit, H = X^T X / tokens over ``batches``, factored once
+    (``factors``; in^2 floats per distinct input: layers fed the same tensor, such as q/k/v or gate/up, share
+    one), then ``weight(w, option)`` = GPTQ of that unit's weight.
+
+    Memory for large models: ``max_bytes`` bounds the Hessian sums collected at once (None: every layer in
+    one calibration pass; else layers in windows, one pass each); ``offload=True`` keeps the factors in CPU
+    memory and moves one layer's to the weight's device when it is used. "auto" (default for both): on an
+    accelerator, windows of a quarter of its free memory, and offload when every layer's factor would take
+    more than half of it; on the CPU, one pass and no offload."""
 
     name = "gptq"
 
-    def __init__(self, model: nn.Module, batches: list, block_size: int = 128, damp: float = 0.01, act_order=False):
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: list,
+        block_size: int = 128,
+        damp: float = 0.01,
+        act_order: bool = False,
+        max_bytes: int | str | None = "auto",
+        offload: bool | str = "auto",
+    ):
         from mpsearch.layers import find_units
-        from mpsearch.outputs import evaluating, raw_call
 
         self.block_size, self.damp, self.act_order = block_size, damp, act_order
+        self.max_bytes, self.offload = max_bytes, offload
         self.factors: dict[tuple, Factor] = {}
+        self.passes = 0  # calibration passes made to collect the Hessians
+        self._on_device: tuple = (None, None)  # (key, factor) of the layer last moved to its weight's device
+        units = [u for u in find_units(model) if isinstance(u.module, nn.Linear) or u.type.transposed]
+        window, store = _memory_plan(units, max_bytes, offload)
+        self._store = store
+        done = 0
+        while done < len(units):
+            size, take_n = 0, 0
+            for u in units[done:]:
+                need = 4 * u.weight.shape[-1] ** 2
+                if take_n and window is not None and size + need > window:
+                    break
+                size, take_n = size + need, take_n + 1
+            self._collect(model, batches, units[done : done + take_n])
+            done += take_n
+
+    def _collect(self, model: nn.Module, batches: list, units: list) -> None:
+        """One calibration pass summing X^T X for ``units``; their factors into ``factors``."""
+        from mpsearch.outputs import evaluating, raw_call
+
         counts: dict[str, int] = {}
         sums: dict[str, torch.Tensor] = {}
         owner: dict[str, str] = {}  # unit -> the unit whose sum holds its inputs (itself, or a sibling's)
         last: list = [None, None]  # the latest input seen and the unit that summed it
-        units = [u for u in find_units(model) if isinstance(u.module, nn.Linear) or u.type.transposed]
 
         def hook(name: str):
             def fn(mod, inputs, output):
@@ -191,22 +225,54 @@ class GPTQ:
         finally:
             for h in handles:
                 h.remove()
+        self.passes += 1
         factored: dict[str, Factor] = {}
         for u in units:
             if u.name in owner:
                 src = owner[u.name]
                 if src not in factored:
-                    factored[src] = factor(sums.pop(src) / max(counts[src], 1), damp, act_order)
+                    f = factor(sums.pop(src) / max(counts[src], 1), self.damp, self.act_order)
+                    factored[src] = (
+                        f if self._store is None else Factor(*(t.to(self._store) for t in (f.perm, f.dead, f.hinv)))
+                    )
                 self.factors[_key(u.weight)] = factored[src]
 
     def params(self) -> dict:
         return {"block_size": self.block_size, "damp": self.damp, "act_order": self.act_order}
 
     def weight(self, w: torch.Tensor, option: Option, fallback) -> torch.Tensor:
-        f = self.factors.get(_key(w))
+        key = _key(w)
+        f = self.factors.get(key)
         if f is None:  # embeddings and convolutions: round to nearest
             return fallback(w, option)
+        if f.hinv.device != w.device:  # offloaded: one layer's factor on the device at a time
+            if self._on_device[0] != key:
+                self._on_device = (key, Factor(*(t.to(w.device) for t in (f.perm, f.dead, f.hinv))))
+            f = self._on_device[1]
         return quantize_with(w, f, option, self.block_size)
+
+
+def _memory_plan(units: list, max_bytes, offload) -> tuple[int | None, torch.device | None]:
+    """(bytes of Hessian sums per calibration pass or None for one pass, device to keep factors on or None
+    for where they are made), resolving "auto" from the free memory of the weights' device."""
+    for value, name in ((max_bytes, "max_bytes"), (offload, "offload")):
+        ok = value == "auto" or (
+            isinstance(value, bool) if name == "offload" else (value is None or (isinstance(value, int) and value > 0))
+        )
+        if not ok:
+            raise MpsearchError(
+                f"GPTQ {name}={value!r} is not valid",
+                "max_bytes: 'auto', None or a positive int; offload: 'auto', True or False",
+            )
+    device = units[0].weight.device if units else torch.device("cpu")
+    free = None
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    total = sum(4 * u.weight.shape[-1] ** 2 for u in units)  # every layer's factor (an upper bound: no sharing)
+    window = (free // 4 if free is not None else None) if max_bytes == "auto" else max_bytes
+    if offload == "auto":
+        offload = free is not None and total > free // 2
+    return window, (torch.device("cpu") if offload else None)
 
 
 def _key(w: torch.Tensor) -> tuple:
