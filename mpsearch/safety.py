@@ -5,7 +5,8 @@ The cost table is additive and predicted; the model is neither. After the solver
 
 1. **refines** the plan with measured local search on a held-out split of the calibration data: moves
    ranked by the table (an upgrade that fits the unused budget, or an upgrade paired with a downgrade that
-   pays for it) are tried best-predicted first, and a move is kept only when the measured loss drops;
+   pays for it) are tried best-predicted first, and a move is kept only when the measured loss drops on
+   both folds of the split (even and odd batches), not through the noise of a few samples;
 2. **compares** the result with every uniform option of the table that meets the budget, measured on the
    same split, and returns whichever measures best (a uniform option when it wins).
 
