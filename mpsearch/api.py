@@ -250,12 +250,7 @@ def search(
         slv.fitness = PlanFitness(module, fit, table.meta["loss"] if loss_fn is None else loss_fn, output_fn, q)
     import solvers
 
-    if target is not None:  # layers the runtime configures as one share an option (HQQ: by tag)
-        from mpsearch.export import get_target
-
-        ties = tuple(get_target(target).ties(table.layers))
-        budget = dataclasses.replace(budget, ties=budget.ties + ties) if ties else budget
-    problem = solvers.Problem(table, budget)
+    problem = solvers.Problem(table, with_runtime_ties(budget, target, table))
     result = slv.solve(problem)
     if safe:
         from mpsearch.fitness import PlanFitness
@@ -265,6 +260,16 @@ def search(
     result.plan.provenance["quantizer"] = "gptq" if q is not None else "rtn"
     result.extra["table"] = table
     return result
+
+
+def with_runtime_ties(budget: Budget, target: str | None, table: CostTable) -> Budget:
+    """``budget`` with the ties of ``target``'s runtime added: layers it configures as one (HQQ: by tag)."""
+    if target is None:
+        return budget
+    from mpsearch.export import get_target
+
+    ties = tuple(get_target(target).ties(table.layers))
+    return dataclasses.replace(budget, ties=budget.ties + ties) if ties else budget
 
 
 def search_components(estimator, solver, estimator_params: dict | None = None, solver_params: dict | None = None):
@@ -328,7 +333,7 @@ def pareto(
     frame = table.frame.assign(stored_bits=table.frame["bits"] * table.frame["n_params"])
     largest = frame.groupby("layer", sort=False)[["size_bytes", "stored_bits"]].max().sum()  # the largest plan
     top = largest["size_bytes"] if axis == "size_bytes" else largest["stored_bits"] / table.total_params()
-    budget = Budget(**{axis: float(top)})
+    budget = with_runtime_ties(Budget(**{axis: float(top)}), target, table)
     front = front_solver.solve(solvers.Problem(table, budget))
     front.meta["uniform"] = {o: (costs[o], table.uniform_cost(o, "damage")) for o in uniform}
     front.meta["label"] = table.meta.get("estimator", "front")

@@ -132,3 +132,22 @@ def test_a_search_for_hqq_ties_the_layers_of_a_tag_so_the_plan_always_exports():
     assert len({o for s in by_tag.values() for o in s}) > 1  # still a mixed plan, across tags
     config = json.loads(export(result.plan, "hqq"))
     assert set(config) == set(by_tag)
+
+
+def test_a_pareto_front_for_hqq_has_one_option_per_tag_at_every_point():
+    import mpsearch
+    from mpsearch.export.hqq import hqq_tag
+    from mpsearch.testing import tiny_transformers
+
+    model, batches = tiny_transformers()["llama"]()
+    options = ["int2_g16", "int4_g16", "int8_g16"]
+    front = mpsearch.pareto(model, batches, "sqnr", options, loss_fn="kl", target="hqq")
+    frame = front.to_frame()
+    assert len(frame) > 2
+    for i in range(len(frame)):
+        plan = front.plan_at(size_bytes=float(frame.iloc[i]["size_bytes"]))
+        tags: dict[str, set] = {}
+        for layer, option in plan.items():
+            tags.setdefault(hqq_tag(layer), set()).add(option)
+        assert all(len(s) == 1 for s in tags.values())
+        export(plan, "hqq")  # never refused
