@@ -28,7 +28,7 @@ from mpsearch.core import (
 )
 from mpsearch.data import as_batches
 from mpsearch.layers import discover, require_finite, require_layers
-from mpsearch.names import DEFAULT_ESTIMATOR  # the best-measured estimator (see mpsearch.names)
+from mpsearch.names import DEFAULT_ESTIMATOR, QUANTIZERS  # (DEFAULT_ESTIMATOR: see mpsearch.names)
 from mpsearch.outputs import OutputFn, evaluating, metric_of, nll_sum, raw_call, reduce_output, resolve_objective
 from mpsearch.quant.apply import quantized_weights, resolve_plan, swapped
 from mpsearch.quant.gptq import use
@@ -59,9 +59,6 @@ def _resolve_model(model, data, loss_fn, options, device=None, target: str | Non
             "move it first (model.to('cuda')) and leave device unset",
         )
     return model, data, loss_fn, DEFAULT_OPTIONS if options is None else options, None
-
-
-QUANTIZERS = ("rtn", "gptq")
 
 
 def quantizer_kind(quantizer) -> str:
@@ -244,18 +241,16 @@ def search(
     )
     if name:
         table.meta["model"] = name
-    if needs_fitness:
-        from mpsearch.fitness import PlanFitness
-
-        slv.fitness = PlanFitness(module, fit, table.meta["loss"] if loss_fn is None else loss_fn, output_fn, q)
     import solvers
+    from mpsearch.fitness import PlanFitness
 
+    loss = table.meta["loss"] if loss_fn is None else loss_fn  # the table's resolved loss, for measurements
+    if needs_fitness:
+        slv.fitness = PlanFitness(module, fit, loss, output_fn, q)
     problem = solvers.Problem(table, with_runtime_ties(budget, target, table))
     result = slv.solve(problem)
     if safe:
-        from mpsearch.fitness import PlanFitness
-
-        measure = PlanFitness(module, check, table.meta["loss"] if loss_fn is None else loss_fn, output_fn, q)
+        measure = PlanFitness(module, check, loss, output_fn, q)
         result = safeguard(problem, result, measure, refine, held_out=check is not fit)
     result.plan.provenance["quantizer"] = "gptq" if q is not None else "rtn"
     result.extra["table"] = table

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,10 +130,15 @@ def _open_run_dir(run_dir: Path) -> tuple[Path, Path]:
     return tables_dir, cells_dir
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, content: str | Callable[[Path], object]) -> None:
+    """Write ``content`` (text, or a function writing a file at the path it is given) to ``path`` through a
+    temp file renamed over it: a crash or a fault never leaves a half-written file where a reader looks."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
+        if isinstance(content, str):
+            tmp.write_text(content)
+        else:
+            content(tmp)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)  # gone after the rename; a half-written one after a fault
@@ -178,10 +183,8 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
         else:
             table = api.estimate(zoo.model, zoo.calibration, estimator, config.options or zoo.options, zoo.loss)
             table.meta["model"] = model
-            tmp = table_path.with_name(f".{table_path.name}.{os.getpid()}.tmp")
             with _writing(config.run_dir):
-                table.to_parquet(tmp)
-                tmp.replace(table_path)
+                _write_atomic(table_path, table.to_parquet)
         start = time.perf_counter()
         cell = cells_dir / cell_id(model, estimator, solver, budget_spec)
         ((key, value),) = budget_spec.items()
@@ -223,9 +226,7 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
 def collect(run_dir: Path) -> pd.DataFrame:
     rows = [json.loads(p.read_text()) for p in sorted((run_dir / "cells").glob("*/metrics.json"))]
     results = pd.DataFrame(rows)
-    tmp = run_dir / f".results.{os.getpid()}.parquet"
-    results.to_parquet(tmp, index=False)
-    tmp.replace(run_dir / "results.parquet")
+    _write_atomic(run_dir / "results.parquet", lambda tmp: results.to_parquet(tmp, index=False))
     _write_atomic(run_dir / "results.csv", results.to_csv(index=False))
     return results
 

@@ -325,7 +325,7 @@ DEVICE_HELP = "where the zoo model runs: auto (default: cuda when available, els
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser, built from names only (``mpsearch.names``): no torch import, ``--help`` is instant."""
-    from mpsearch.names import DEFAULT_ESTIMATOR, ESTIMATOR_NAMES, SOLVER_NAMES, ZOO_NAMES
+    from mpsearch.names import DEFAULT_ESTIMATOR, ESTIMATOR_NAMES, QUANTIZERS, SOLVER_NAMES, ZOO_NAMES
 
     parser = _Parser(prog="mpsearch", description="Mixed-precision bit-allocation search.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         "within the budget on a held-out quarter of the calibration data, and return the best measured)",
     )
     s.add_argument("--refine", type=int, default=16, help="measured refinement moves to try (0: none)")
-    s.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"], help=QUANTIZER_HELP)
+    s.add_argument("--quantizer", default="rtn", choices=list(QUANTIZERS), help=QUANTIZER_HELP)
     s.add_argument("--out", help="write the plan JSON here")
     s.add_argument("--table", help="write the cost table (Parquet) here")
     s.set_defaults(func=cmd_search)

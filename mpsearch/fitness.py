@@ -46,7 +46,7 @@ class PlanFitness:
             self._current = self._quantized(wanted)
         self.calls += 1
         with evaluating(self.model), swapped(self.model, {u: q for u, (_, q) in self._current.items()}):
-            return np.array([float(self.objective(self.model, b, r)) for b, r in zip(self.batches, self.reference)])
+            return np.array(self.objective.losses(self.model, self.batches, self.reference))
 
     def _quantized(self, wanted: dict) -> dict:
         return {

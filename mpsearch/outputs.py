@@ -158,8 +158,12 @@ class Objective:
         return self.loss(self.output(model, batch), reference)
 
     @torch.no_grad()
+    def losses(self, model: nn.Module, batches: list, references: list[torch.Tensor]) -> list[float]:
+        """The loss on each batch."""
+        return [float(self(model, b, r)) for b, r in zip(batches, references)]
+
     def mean(self, model: nn.Module, batches: list, references: list[torch.Tensor]) -> float:
-        return sum(float(self(model, b, r)) for b, r in zip(batches, references)) / len(batches)
+        return sum(self.losses(model, batches, references)) / len(batches)
 
 
 def resolve_objective(loss_fn, output_fn: OutputFn | None, model: nn.Module | None = None, batch=None) -> Objective:

@@ -87,18 +87,19 @@ def _moves(problem, choice: np.ndarray, width: int = 384) -> list[tuple[float, d
     costs = np.stack([np.where(problem.valid, c, np.inf) for c in problem.costs])  # (K, n, m)
     slack = problem.slack(choice)
     gain = damage - damage[idx, choice][:, None]  # < 0: predicted better
-    share = (costs - costs[:, idx, choice][..., None]) / problem.limits()[:, None, None]  # (K, n, m)
+    extra = costs - costs[:, idx, choice][..., None]  # (K, n, m): what each change adds to each constraint
+    share = extra / problem.limits()[:, None, None]  # the same as a share of each budget, to rank by
     moves = []
     up_u, up_k = np.nonzero(gain < 0)
-    up_cost = share[:, up_u, up_k]  # (K, U)
-    fits = np.all(up_cost * problem.limits()[:, None] <= slack[:, None], axis=0)
+    up_cost = extra[:, up_u, up_k]  # (K, U)
+    fits = np.all(up_cost <= slack[:, None], axis=0)
     moves += [(float(gain[u, k]), {int(u): int(k)}) for u, k in zip(up_u[fits], up_k[fits])]
-    down_u, down_k = np.nonzero((gain >= 0) & np.any(share < 0, axis=0))
-    down_cost = share[:, down_u, down_k]
-    ups = np.argsort(gain[up_u, up_k] / np.maximum(up_cost.max(axis=0), 1e-12))[:width]
-    downs = np.argsort(gain[down_u, down_k] / np.maximum(-down_cost.min(axis=0), 1e-12))[:width]
+    down_u, down_k = np.nonzero((gain >= 0) & np.any(extra < 0, axis=0))
+    down_cost = extra[:, down_u, down_k]
+    ups = np.argsort(gain[up_u, up_k] / np.maximum(share[:, up_u, up_k].max(axis=0), 1e-12))[:width]
+    downs = np.argsort(gain[down_u, down_k] / np.maximum(-share[:, down_u, down_k].min(axis=0), 1e-12))[:width]
     pair_cost = up_cost[:, ups, None] + down_cost[:, None, downs]  # (K, U, D)
-    ok = np.all(pair_cost * problem.limits()[:, None, None] <= slack[:, None, None], axis=0)
+    ok = np.all(pair_cost <= slack[:, None, None], axis=0)
     ok &= up_u[ups][:, None] != down_u[downs][None, :]
     net = gain[up_u, up_k][ups][:, None] + gain[down_u, down_k][downs][None, :]
     for a, b in zip(*np.nonzero(ok)):

@@ -76,7 +76,6 @@ def load_digits_cnn() -> DigitsCNN:
                 "mpsearch: cached weights %s are unreadable (%s); training digits-cnn again", path, type(err).__name__
             )
             path.unlink(missing_ok=True)
-            model = DigitsCNN()
     model = train_digits()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")

@@ -101,6 +101,9 @@ class Factor:
     dead: torch.Tensor
     hinv: torch.Tensor
 
+    def to(self, device) -> Factor:
+        return Factor(self.perm.to(device), self.dead.to(device), self.hinv.to(device))
+
 
 def factor(h: torch.Tensor, damp: float, act_order: bool, device=None) -> Factor:
     H = h.to(device or h.device, torch.float64).clone()
@@ -182,18 +185,9 @@ class GPTQ:
         self.passes = 0  # calibration passes made to collect the Hessians
         self._on_device: tuple = (None, None)  # (key, factor) of the layer last moved to its weight's device
         units = [u for u in find_units(model) if isinstance(u.module, nn.Linear) or u.type.transposed]
-        window, store = _memory_plan(units, max_bytes, offload)
-        self._store = store
-        done = 0
-        while done < len(units):
-            size, take_n = 0, 0
-            for u in units[done:]:
-                need = 4 * u.weight.shape[-1] ** 2
-                if take_n and window is not None and size + need > window:
-                    break
-                size, take_n = size + need, take_n + 1
-            self._collect(model, batches, units[done : done + take_n])
-            done += take_n
+        window, self._store = _memory_plan(units, max_bytes, offload)
+        for group in _windows(units, window):
+            self._collect(model, batches, group)
 
     def _collect(self, model: nn.Module, batches: list, units: list) -> None:
         """One calibration pass summing X^T X for ``units``; their factors into ``factors``."""
@@ -232,9 +226,7 @@ class GPTQ:
                 src = owner[u.name]
                 if src not in factored:
                     f = factor(sums.pop(src) / max(counts[src], 1), self.damp, self.act_order)
-                    factored[src] = (
-                        f if self._store is None else Factor(*(t.to(self._store) for t in (f.perm, f.dead, f.hinv)))
-                    )
+                    factored[src] = f if self._store is None else f.to(self._store)
                 self.factors[_key(u.weight)] = factored[src]
 
     def params(self) -> dict:
@@ -247,28 +239,43 @@ class GPTQ:
             return fallback(w, option)
         if f.hinv.device != w.device:  # offloaded: one layer's factor on the device at a time
             if self._on_device[0] != key:
-                self._on_device = (key, Factor(*(t.to(w.device) for t in (f.perm, f.dead, f.hinv))))
+                self._on_device = (key, f.to(w.device))
             f = self._on_device[1]
         return quantize_with(w, f, option, self.block_size)
+
+
+def _hessian_bytes(unit) -> int:
+    """Bytes of a unit's float32 Hessian sum (and of its factor): in x in."""
+    return 4 * unit.weight.shape[-1] ** 2
+
+
+def _windows(units: list, window: int | None) -> list[list]:
+    """``units`` in order, cut into runs whose Hessian sums fit ``window`` bytes (None: one run; a unit larger
+    than the window is a run of its own)."""
+    runs: list[list] = [[]]
+    size = 0
+    for u in units:
+        if runs[-1] and window is not None and size + _hessian_bytes(u) > window:
+            runs.append([])
+            size = 0
+        runs[-1].append(u)
+        size += _hessian_bytes(u)
+    return [r for r in runs if r]
 
 
 def _memory_plan(units: list, max_bytes, offload) -> tuple[int | None, torch.device | None]:
     """(bytes of Hessian sums per calibration pass or None for one pass, device to keep factors on or None
     for where they are made), resolving "auto" from the free memory of the weights' device."""
-    for value, name in ((max_bytes, "max_bytes"), (offload, "offload")):
-        ok = value == "auto" or (
-            isinstance(value, bool) if name == "offload" else (value is None or (isinstance(value, int) and value > 0))
-        )
-        if not ok:
-            raise MpsearchError(
-                f"GPTQ {name}={value!r} is not valid",
-                "max_bytes: 'auto', None or a positive int; offload: 'auto', True or False",
-            )
+    hint = "max_bytes: 'auto', None or a positive int; offload: 'auto', True or False"
+    if not (max_bytes in ("auto", None) or (isinstance(max_bytes, int) and max_bytes > 0)):
+        raise MpsearchError(f"GPTQ max_bytes={max_bytes!r} is not valid", hint)
+    if not (offload == "auto" or isinstance(offload, bool)):
+        raise MpsearchError(f"GPTQ offload={offload!r} is not valid", hint)
     device = units[0].weight.device if units else torch.device("cpu")
     free = None
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-    total = sum(4 * u.weight.shape[-1] ** 2 for u in units)  # every layer's factor (an upper bound: no sharing)
+    total = sum(_hessian_bytes(u) for u in units)  # every layer's factor (an upper bound: no sharing)
     window = (free // 4 if free is not None else None) if max_bytes == "auto" else max_bytes
     if offload == "auto":
         offload = free is not None and total > free // 2
