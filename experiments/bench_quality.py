@@ -12,6 +12,7 @@ object per (model, method, budget): model, method, budget, avg_bits, size_bytes,
     python experiments/bench_quality.py --model my_pkg.my_module:build   # a user model (see --help)
     python experiments/bench_quality.py --fair          # issue 13: default search (safe) vs fair uniforms,
                                                         # RTN and GPTQ, budgets 3.0/3.5/4.0 bits, 0.875x int4
+    python experiments/bench_quality.py --fair --models minilm-l6 --n-calib 128   # more calibration samples
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 
 import solvers.ilp  # noqa: F401  (OR-Tools first)
 from mpsearch import Budget, estimate, evaluate, solve, uniform_plan
+from mpsearch.data import n_samples
 from mpsearch.fitness import PlanFitness
 from mpsearch.models import ZOO, ZooModel, load
 from solvers import Evolutionary, Problem
@@ -38,10 +40,13 @@ SEARCH_OPTIONS = ["int3", "int4", "int5", "int6", "int8", "int3_g128", "int4_g12
 ESTIMATORS = ["sqnr", "hessian", "fisher", "entropy", "relevance"]
 
 
-def load_model(spec: str) -> ZooModel:
-    """A zoo name, or ``module:function`` returning a ZooModel (model, calibration, evaluation, loss)."""
+def load_model(spec: str, n_calib: int | None = None) -> ZooModel:
+    """A zoo name (with ``n_calib`` calibration samples, default the zoo's), or ``module:function`` returning a
+    ZooModel (model, calibration, evaluation, loss)."""
     if spec in ZOO:
-        return load(spec)
+        return load(spec, n_calib=n_calib)
+    if n_calib is not None:
+        raise SystemExit(f"--n-calib is for zoo models; {spec} builds its own calibration data")
     module, _, fn = spec.partition(":")
     return getattr(importlib.import_module(module), fn)()
 
@@ -187,6 +192,7 @@ def fair(zoo: ZooModel, quantizers: list[str], estimator: str | None) -> list[di
                         "quantizer": quantizer,
                         "estimator": estimator,
                         "budget": label,
+                        "n_calib": n_samples_of(zoo.calibration),
                         "avg_bits": plan_m["avg_bits"],
                         "size_bytes": plan_m["size_bytes"],
                         "loss": plan_m["loss"],
@@ -210,6 +216,10 @@ def fair(zoo: ZooModel, quantizers: list[str], estimator: str | None) -> list[di
             )
     rows.append(emit(fair_targets(name, rows)))
     return rows
+
+
+def n_samples_of(batches: list) -> int:
+    return sum(n_samples(b) for b in batches)
 
 
 def _measure(zoo: ZooModel, quantizer, plan) -> dict:
@@ -239,7 +249,8 @@ def fair_targets(name: str, rows: list[dict]) -> dict:
 def fair_table(rows: list[dict]) -> str:
     """The README's markdown table of ``--fair`` rows (and one line per model with its targets)."""
     lines = [
-        "| model | quantizer | budget | plan: bits, loss | returned (moves kept/measured) | uniform int4 loss "
+        "| model (calibration samples) | quantizer | budget | plan: bits, loss | returned (moves kept/measured) "
+        "| uniform int4 loss "
         "| best uniform within budget (loss) | vs best uniform | estimate s | search s (check s) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -250,7 +261,8 @@ def fair_table(rows: list[dict]) -> str:
         change = r["loss"] / r["best_uniform_loss"] - 1
         worse = " ✗" if change > 1e-9 else ""
         lines.append(
-            f"| {r['model']} | {r['quantizer']} | {r['budget']} | {r['avg_bits']:.2f}, {r['loss']:.4g}{mark} "
+            f"| {r['model']} ({r.get('n_calib', 'zoo default')}) | {r['quantizer']} | {r['budget']} "
+            f"| {r['avg_bits']:.2f}, {r['loss']:.4g}{mark} "
             f"| {r['chosen']} ({r['refine_moves']}/{r['refine_evals']}) | {r['int4_loss']:.4g} "
             f"| {r['best_uniform']} ({r['best_uniform_loss']:.4g}) | {change:+.0%} loss{worse} "
             f"| {r['estimate_s']:.1f} | {r['search_s']:.1f} ({r['safety_s']:.1f}) |"
@@ -273,6 +285,7 @@ def main(argv=None) -> int:
     p.add_argument("--fair", action="store_true", help="the default search vs fair uniform baselines (issue 13)")
     p.add_argument("--quantizers", nargs="+", default=["rtn", "gptq"], help="with --fair")
     p.add_argument("--fair-table", metavar="JSONL", help="print the README table of --fair results and exit")
+    p.add_argument("--n-calib", type=int, default=None, help="with --fair: calibration samples of zoo models")
     args = p.parse_args(argv)
     if args.fair_table:
         print(fair_table([json.loads(line) for line in Path(args.fair_table).read_text().splitlines() if line]))
@@ -280,7 +293,7 @@ def main(argv=None) -> int:
     if args.fair:
         models = args.models if "--models" in (argv or sys.argv) else list(ZOO)
         for spec in models:
-            fair(load_model(spec), args.quantizers, args.estimators[0] if args.estimators else None)
+            fair(load_model(spec, args.n_calib), args.quantizers, args.estimators[0] if args.estimators else None)
         return 0
     estimators = args.estimators or (["fisher"] if args.quick else ESTIMATORS)
     trials = args.trials if args.trials is not None else (8 if args.quick else 100)

@@ -126,11 +126,18 @@ def test_gptq_covers_transformers_conv1d_through_its_transposed_view():
 
 
 def _input_hessian(model, module, batches) -> torch.Tensor:
+    """X^T X / tokens of ``module``'s inputs, a padded token batch run one sequence at a time cut to its real
+    tokens (right padding), so no padding can enter: the oracle for GPTQ's masked collection."""
     xs = []
     handle = module.register_forward_hook(lambda m, i, o: xs.append(i[0].reshape(-1, i[0].shape[-1]).float()))
     with torch.no_grad():
         for b in batches:
-            model(**b) if isinstance(b, dict) else model(b)
+            if not isinstance(b, dict):
+                model(b)
+                continue
+            for ids, mask in zip(b["input_ids"], b["attention_mask"]):
+                n = int(mask.sum())
+                model(input_ids=ids[None, :n], attention_mask=mask[None, :n])
     handle.remove()
     x = torch.cat(xs)
     return x.T @ x / len(x)
@@ -146,6 +153,7 @@ def test_layers_fed_the_same_input_share_one_factor_equal_to_their_own_hessians(
     q, k, v, o = (units[f"model.layers.0.self_attn.{p}_proj"] for p in "qkvo")
     fq, fk, fv, fo = (quantizer.factors[_key(u.weight)] for u in (q, k, v, o))
     assert fq is fk is fv and fo is not fq  # q/k/v read one tensor; o_proj reads the attention output
+    assert int(batches[0]["attention_mask"].sum()) < batches[0]["attention_mask"].numel()  # padding to leave out
     for unit in (k, o):
         expected = factor(_input_hessian(model, unit.module, batches), 0.01, False).hinv
         got = quantizer.factors[_key(unit.weight)].hinv
@@ -176,3 +184,20 @@ def test_hessians_collected_in_memory_windows_equal_one_pass_and_offloaded_facto
     for bad in ({"max_bytes": 0}, {"max_bytes": "lots"}, {"offload": "yes"}):
         with pytest.raises(mpsearch.MpsearchError, match="is not valid"):
             GPTQ(model, batches, **bad)
+
+
+def test_gptq_says_which_hessians_have_fewer_real_tokens_than_inputs(caplog):
+    # the tiny llama's batch has 42 real tokens (one sequence half padding): fewer than down_proj's 48 inputs,
+    # more than the 32 of every other layer; three copies of it are enough for every layer
+    from mpsearch.testing import tiny_transformers
+
+    model, batches = tiny_transformers()["llama"]()
+    assert int(batches[0]["attention_mask"].sum()) == 42
+    with caplog.at_level("WARNING", logger="mpsearch"):
+        GPTQ(model, batches)
+    said = [r.getMessage() for r in caplog.records if "fewer calibration tokens" in r.getMessage()]
+    assert len(said) == 1 and "of 2 layer(s)" in said[0] and "mlp.down_proj: 42 tokens for 48 inputs" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mpsearch"):
+        GPTQ(model, batches * 3)
+    assert not [r for r in caplog.records if "fewer calibration tokens" in r.getMessage()]

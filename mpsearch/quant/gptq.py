@@ -19,6 +19,7 @@ convolutions, which GPTQ does not cover here). ``use(quantizer)`` makes ``quanti
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +32,8 @@ from torch import nn
 from mpsearch.core import MpsearchError
 from mpsearch.core.options import Option
 from mpsearch.quant import gptq_grid
+
+LOG = logging.getLogger("mpsearch")
 
 
 def has_grid(option: Option) -> bool:
@@ -155,7 +158,8 @@ def quantize_with(w: torch.Tensor, f: Factor, option: Option, block_size: int = 
 
 
 class GPTQ:
-    """GPTQ as mpsearch's quantizer: per linear unit, H = X^T X / tokens over ``batches``, factored once
+    """GPTQ as mpsearch's quantizer: per linear unit, H = X^T X / tokens over ``batches`` (real tokens only:
+    see ``token_rows``), factored once
     (``factors``; in^2 floats per distinct input: layers fed the same tensor, such as q/k/v or gate/up, share
     one), then ``weight(w, option)`` = GPTQ of that unit's weight.
 
@@ -191,12 +195,13 @@ class GPTQ:
 
     def _collect(self, model: nn.Module, batches: list, units: list) -> None:
         """One calibration pass summing X^T X for ``units``; their factors into ``factors``."""
-        from mpsearch.outputs import evaluating, raw_call
+        from mpsearch.outputs import attention_mask, evaluating, raw_call
 
         counts: dict[str, int] = {}
         sums: dict[str, torch.Tensor] = {}
         owner: dict[str, str] = {}  # unit -> the unit whose sum holds its inputs (itself, or a sibling's)
         last: list = [None, None]  # the latest input seen and the unit that summed it
+        mask: list = [None]  # the current batch's attention mask (B, T), as bools
 
         def hook(name: str):
             def fn(mod, inputs, output):
@@ -204,7 +209,7 @@ class GPTQ:
                     owner[name] = last[1]
                     return
                 owner[name], last[0], last[1] = name, inputs[0], name
-                x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+                x = token_rows(inputs[0].detach(), mask[0]).float()
                 sums[name] = sums.get(name, 0) + x.T @ x
                 counts[name] = counts.get(name, 0) + x.shape[0]
 
@@ -214,12 +219,15 @@ class GPTQ:
         try:
             with evaluating(model), torch.no_grad():
                 for batch in batches:
+                    m = attention_mask(batch)
+                    mask[0] = m.bool() if isinstance(m, torch.Tensor) and m.dim() == 2 else None
                     raw_call(model, batch)
                     last[:] = [None, None]
         finally:
             for h in handles:
                 h.remove()
         self.passes += 1
+        _warn_few_tokens({src: counts[src] for src in set(owner.values())}, {u.name: u for u in units})
         factored: dict[str, Factor] = {}
         for u in units:
             if u.name in owner:
@@ -242,6 +250,32 @@ class GPTQ:
                 self._on_device = (key, f.to(w.device))
             f = self._on_device[1]
         return quantize_with(w, f, option, self.block_size)
+
+
+def _warn_few_tokens(counts: dict[str, int], units: dict) -> None:
+    """Say (once per calibration pass) which Hessians come from fewer real tokens than the layer has inputs:
+    H is then singular but for the damping, and GPTQ fits those few tokens at the cost of any others."""
+    few = {name: n for name, n in counts.items() if n < units[name].weight.shape[-1]}
+    if few:
+        name = min(few, key=lambda k: few[k] / units[k].weight.shape[-1])
+        LOG.warning(
+            "mpsearch: GPTQ's Hessians of %d layer(s) come from fewer calibration tokens than inputs (%s: %d tokens "
+            "for %d inputs); GPTQ overfits so few tokens: pass more calibration data (GPTQ's authors use 128 "
+            "sequences of 2048 tokens)",
+            len(few),
+            name,
+            few[name],
+            units[name].weight.shape[-1],
+        )
+
+
+def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A layer input's rows (tokens) that enter the Hessian: with a batch's attention mask (B, T) and an input
+    laid out (B, T, in), only the real tokens (padding is never read by the model's outputs, and llm-compressor's
+    GPTQ leaves it out the same way); any other layout, every row."""
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.to(x.device)]
+    return x.reshape(-1, x.shape[-1])
 
 
 def _hessian_bytes(unit) -> int:
