@@ -234,6 +234,7 @@ def fair_targets(name: str, rows: list[dict]) -> dict:
     return {
         "model": name,
         "method": "fair_targets",
+        "n_calib": rows[0].get("n_calib") if rows else None,
         "at_0875_beats_int4": all(r["loss"] <= r["int4_loss"] for r in small),
         "never_worse_than_best_uniform": all(r["loss"] <= r["best_uniform_loss"] * (1 + 1e-9) for r in wins),
         "mean_loss_reduction_vs_best_uniform": float(np.mean(reductions)) if reductions else None,

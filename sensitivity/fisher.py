@@ -12,6 +12,7 @@ from mpsearch.core.params import Interval
 from mpsearch.data import n_samples, take
 from mpsearch.outputs import Objective, model_device
 from mpsearch.quant import quantization_error
+from mpsearch.quant.gptq import current
 from sensitivity.base import NAN, Estimator, trainable_weights, units_for
 from sensitivity.sums import dot64, sum64
 
@@ -108,10 +109,12 @@ class Fisher(Estimator):
             for h in handles:
                 h.remove()
         rows = []
+        quantizer = current()
         with torch.no_grad():
             for unit, f in zip(units, fisher):
                 f = f.div_(seen).t() if unit.type.transposed else f.div_(seen)  # the unit's (out, in) layout
                 trace = sum64(f)
+                h = quantizer.hessian(unit.weight, shrunk=True) if quantizer is not None else None
                 for opt in options:
                     if not opt.fits(tuple(unit.weight.shape)):  # no row in the table
                         rows.append({"layer": unit.name, "option": opt.name, "damage": NAN})
@@ -121,7 +124,7 @@ class Fisher(Estimator):
                         {
                             "layer": unit.name,
                             "option": opt.name,
-                            "damage": 0.5 * dot64(d, weight=f),
+                            "damage": 0.5 * (dot64(d, weight=f) if h is None else correlated_damage(d, f, h)),
                             "fisher": trace,
                             "perturbation": dot64(d),
                         }
@@ -142,3 +145,26 @@ class Fisher(Estimator):
             (torch.randn(out.shape, generator=gen, device=out.device), 1.0 / self.n_targets)
             for _ in range(self.n_targets)
         ]
+
+
+def correlated_damage(d: torch.Tensor, f: torch.Tensor, h: torch.Tensor) -> float:
+    """sum_o (sum_i F_oi d_oi^2) (d_o H d_o^T) / (sum_i H_ii d_oi^2): the Fisher damage of a linear layer's
+    error ``d`` (out, in) with its rows' cross-column terms, for GPTQ's errors, which are correlated by design.
+
+    K-FAC factors a linear layer's Fisher as G (x) H, H = E[x x^T] the inputs' Hessian GPTQ quantizes
+    against, so a row's damage is G_o d_o H d_o^T; G_o is estimated from the measured diagonal F_oi ~ G_o H_ii
+    as the d^2-weighted ratio, which makes this the diagonal damage sum_i F_oi d_oi^2 when H is diagonal.
+    The diagonal alone overrates GPTQ's error, whose columns cancel each other's effect on the output (the
+    error GPTQ minimizes is d H d^T), by a factor that differs per layer and option. GPTQ fits d to the
+    calibration tokens' H, though: with few tokens per input, d H d^T is far below what held-out inputs see
+    (10x at half as many tokens as inputs), so the estimator passes H shrunk towards its diagonal as far as
+    its off-diagonal is uncertain (``GPTQ.hessian(w, shrunk=True)``)."""
+    total = 0.0
+    for dc, fc in zip(d.reshape(d.shape[0], -1).split(4096), f.reshape(f.shape[0], -1).split(4096)):
+        sq = dc.square()
+        diag_f = (fc * sq).sum(1, dtype=torch.float64)
+        quad = ((dc @ h) * dc).sum(1, dtype=torch.float64)
+        diag_h = (sq * h.diagonal()).sum(1, dtype=torch.float64)
+        ratio = torch.where(diag_h > 0, quad / diag_h.clamp(min=1e-300), torch.ones_like(quad))
+        total += float((diag_f * ratio).sum())
+    return total

@@ -5,10 +5,11 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import mpsearch
 from mpsearch.core import parse_option
-from mpsearch.quant.formats import quantize_weight
+from mpsearch.quant.formats import quantization_error, quantize_weight
 from mpsearch.quant.gptq import GPTQ, _key, factor, gptq_quantize, reconstruction_error, use
 
 OPTIONS = ["int4", "int3_asym", "int4_g32", "int3_g32_asym", "gptq:int4_g32", "gptq:int3_asym"]
@@ -52,7 +53,8 @@ def test_real_weights_and_brute_force_bound_gptq():
     x = _correlated_inputs(256, 6, seed=3)
     h = x.T @ x / len(x)
     opt = parse_option("int2")  # per channel: the grid (each row's scale) is fixed, only levels are chosen
-    q = gptq_quantize(w, h, opt, damp=0.0)
+    q = gptq_quantize(w, h, opt, damp=0.0, act_order=False)  # the paper's column order
+    q_act = gptq_quantize(w, h, opt, damp=0.0, act_order=True)
     rtn = quantize_weight(w, opt)
     scale = (w.abs().amax(1, keepdim=True) / 1).half().float()
     best = 0.0
@@ -62,6 +64,7 @@ def test_real_weights_and_brute_force_bound_gptq():
         best += float(torch.einsum("ki,ij,kj->k", d.double(), h.double(), d.double()).min())
     err_q, err_rtn = reconstruction_error(w, h, q), reconstruction_error(w, h, rtn)
     assert best - 1e-9 <= err_q <= err_rtn
+    assert best - 1e-9 <= reconstruction_error(w, h, q_act)  # any order: no better than the optimum
     assert err_q < err_rtn  # on this layer the error feedback finds a strictly better rounding
 
 
@@ -77,9 +80,11 @@ def test_gptq_quantizer_collects_hessians_and_drives_quantize_weight(digits):
     handle.remove()
     x = torch.cat(x)
     h = x.T @ x / len(x)
-    expected = factor(h, 0.01, False).hinv  # the Cholesky factor of a near-singular H: compared to its scale
+    expected = factor(h, 0.01, True).hinv  # the Cholesky factor of a near-singular H: compared to its scale
     got = quantizer.factors[_key(linear.weight)].hinv
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+    assert (torch.diag(h) == 0).any()  # inputs ReLU never lets through: their rows and columns stay zero
+    torch.testing.assert_close(quantizer.hessian(linear.weight), h, rtol=1e-3, atol=1e-4 * float(h.abs().max()))
     with use(quantizer):
         q = quantize_weight(linear.weight, "int3")
         conv = quantize_weight(dict(model.named_modules())["features.0"].weight, "int3")
@@ -97,7 +102,7 @@ def test_search_and_evaluate_with_gptq_use_it_end_to_end(digits):
         digits.model, digits.calibration, budget, "sqnr", options=options, loss_fn="kl", safe=False, quantizer="gptq"
     )
     assert gptq.plan.provenance["quantizer"] == "gptq" and rtn.plan.provenance["quantizer"] == "rtn"
-    assert gptq.extra["table"].meta["quantizer"] == "gptq(block_size=128, damp=0.01, act_order=False)"
+    assert gptq.extra["table"].meta["quantizer"] == "gptq(block_size=128, damp=0.01, act_order=True)"
     plan = rtn.plan
     m_rtn = mpsearch.evaluate(digits.model, plan, digits.evaluation, "kl")
     m_gptq = mpsearch.evaluate(
@@ -155,7 +160,7 @@ def test_layers_fed_the_same_input_share_one_factor_equal_to_their_own_hessians(
     assert fq is fk is fv and fo is not fq  # q/k/v read one tensor; o_proj reads the attention output
     assert int(batches[0]["attention_mask"].sum()) < batches[0]["attention_mask"].numel()  # padding to leave out
     for unit in (k, o):
-        expected = factor(_input_hessian(model, unit.module, batches), 0.01, False).hinv
+        expected = factor(_input_hessian(model, unit.module, batches), 0.01, True).hinv
         got = quantizer.factors[_key(unit.weight)].hinv
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
 
@@ -201,3 +206,64 @@ def test_gptq_says_which_hessians_have_fewer_real_tokens_than_inputs(caplog):
     with caplog.at_level("WARNING", logger="mpsearch"):
         GPTQ(model, batches * 3)
     assert not [r for r in caplog.records if "fewer calibration tokens" in r.getMessage()]
+
+
+def _classifier(d_in: int, seed: int):
+    """A softmax classifier y = W x and a source of its correlated inputs."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d_in, d_in, generator=g) / d_in**0.5 + torch.eye(d_in)
+    model = nn.Sequential(nn.Linear(d_in, 10, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(10, d_in, generator=g) * 0.3)
+    return model, lambda n: torch.randn(n, d_in, generator=g) @ mix
+
+
+def _second_order_kl(model, x: torch.Tensor, d: torch.Tensor) -> float:
+    """1/2 E[(d x)^T (diag p - p p^T) (d x)]: the KL a weight error d of y = W x costs, to second order (the
+    Fisher of a softmax classifier is E[(diag p - p p^T) (x) x x^T])."""
+    with torch.no_grad():
+        p = torch.softmax(model(x), -1)
+    dx = x @ d.T
+    return 0.5 * float(((dx**2 * p).sum(1) - (dx * p).sum(1) ** 2).mean())
+
+
+@pytest.mark.parametrize("tokens", [16, 512])
+def test_fisher_damage_of_gptq_errors_counts_their_cross_terms_as_held_out_inputs_see_them(tokens):
+    # GPTQ's errors cancel across correlated inputs, which the Fisher diagonal alone cannot see (it overrates
+    # them several times over); but they cancel on the calibration tokens GPTQ fitted, and with fewer tokens
+    # than inputs far less on held-out ones. The damage must follow the held-out KL in both regimes (16
+    # tokens for 32 inputs: the warning about too few tokens is expected)
+    from sensitivity import Fisher
+
+    model, inputs = _classifier(32, seed=5)
+    x, held_out = inputs(tokens), inputs(20000)
+    batches = [x[i : i + 16] for i in range(0, tokens, 16)]
+    quantizer = GPTQ(model, batches)
+    fisher = Fisher(max_samples=tokens, progress=False)
+    table = fisher.estimate(model, batches, ["int3", "int4"], loss_fn="kl", quantizer=quantizer)
+    damage = table.frame.set_index("option")["damage"]
+    with torch.no_grad():
+        p = torch.softmax(model(x), -1)
+    for name in ("int3", "int4"):
+        with use(quantizer), torch.no_grad():
+            d = quantization_error(model[0].weight, name)
+        truth = _second_order_kl(model, held_out, d)
+        diagonal = 0.5 * float(((p * (1 - p)).T @ x**2 / len(x) * d**2).sum())
+        in_sample = _second_order_kl(model, x, d)  # what the cross terms of the calibration tokens alone say
+        assert 0.7 * truth < damage[name] < 1.5 * truth
+        if tokens > 32:  # enough tokens: the diagonal is what is far off
+            assert diagonal > 2.5 * truth
+        else:  # too few: the calibration tokens' own cross terms are
+            assert in_sample < 0.3 * truth
+
+
+def test_shrinkage_follows_how_well_the_tokens_determine_the_off_diagonal():
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 4))
+    white = [torch.randn(256, 24, generator=g) for _ in range(4)]  # population off-diagonal: zero
+    mix = torch.randn(24, 24, generator=g) + 3 * torch.ones(24, 24)
+    many = [torch.randn(256, 24, generator=g) @ mix for _ in range(16)]  # strong correlation, 4096 tokens
+    few = [many[0][:12]]  # the same population, half as many tokens as inputs
+    rho = {k: GPTQ(model, b).shrinkage[_key(model[0].weight)] for k, b in (("white", white), ("many", many))}
+    rho["few"] = GPTQ(model, few).shrinkage[_key(model[0].weight)]
+    assert rho["white"] > 0.8 and rho["many"] < 0.05 and rho["few"] > 3 * rho["many"]
