@@ -36,6 +36,8 @@ class Fisher(Estimator):
     Memory above the model: the float32 accumulators (1x an fp32 model's weights, 2x a bf16 one's) and one
     sample's graph. Columns: ``fisher`` (trace of
     the layer's Fisher diagonal), ``perturbation``. Uses up to ``max_samples`` samples, draws with ``seed``.
+    With a GPTQ quantizer, ``cross_terms`` (default) counts each linear row's cross-column terms through its
+    inputs' Hessian (``correlated_damage``); False: the diagonal alone.
     """
 
     name = "fisher"
@@ -45,6 +47,7 @@ class Fisher(Estimator):
         "n_targets": [Interval(int, 1)],
         "exact_classes": [Interval(int, 0)],
         "seed": [Interval(int, 0)],
+        "cross_terms": [bool],
         "progress": [bool],
     }
 
@@ -54,12 +57,14 @@ class Fisher(Estimator):
         n_targets: int = 4,
         exact_classes: int = 16,
         seed: int = 0,
+        cross_terms: bool = True,
         progress: bool = True,
     ) -> None:
         self.max_samples = max_samples
         self.n_targets = n_targets
         self.exact_classes = exact_classes
         self.seed = seed
+        self.cross_terms = cross_terms
         self.progress = progress
 
     def _estimate(
@@ -109,7 +114,7 @@ class Fisher(Estimator):
             for h in handles:
                 h.remove()
         rows = []
-        quantizer = current()
+        quantizer = current() if self.cross_terms else None
         with torch.no_grad():
             for unit, f in zip(units, fisher):
                 f = f.div_(seen).t() if unit.type.transposed else f.div_(seen)  # the unit's (out, in) layout

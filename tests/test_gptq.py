@@ -124,6 +124,8 @@ def test_gptq_covers_transformers_conv1d_through_its_transposed_view():
     assert conv1d and all(_key(u.weight) in quantizer.factors for u in conv1d)
     for unit in conv1d:
         h = _input_hessian(model, unit.module, batches)
+        got = quantizer.hessian(unit.weight)  # in the unit's (out, in) layout, through the transposed view
+        torch.testing.assert_close(got, h, rtol=1e-3, atol=1e-4 * float(h.abs().max()))
         with use(quantizer):
             q = quantize_weight(unit.weight, "int3")
         rtn = quantize_weight(unit.weight, "int3")
@@ -242,6 +244,9 @@ def test_fisher_damage_of_gptq_errors_counts_their_cross_terms_as_held_out_input
     fisher = Fisher(max_samples=tokens, progress=False)
     table = fisher.estimate(model, batches, ["int3", "int4"], loss_fn="kl", quantizer=quantizer)
     damage = table.frame.set_index("option")["damage"]
+    diagonal_only = Fisher(max_samples=tokens, cross_terms=False, progress=False)
+    alone = diagonal_only.estimate(model, batches, ["int3", "int4"], loss_fn="kl", quantizer=quantizer)
+    alone = alone.frame.set_index("option")["damage"]
     with torch.no_grad():
         p = torch.softmax(model(x), -1)
     for name in ("int3", "int4"):
@@ -251,6 +256,7 @@ def test_fisher_damage_of_gptq_errors_counts_their_cross_terms_as_held_out_input
         diagonal = 0.5 * float(((p * (1 - p)).T @ x**2 / len(x) * d**2).sum())
         in_sample = _second_order_kl(model, x, d)  # what the cross terms of the calibration tokens alone say
         assert 0.7 * truth < damage[name] < 1.5 * truth
+        assert alone[name] == pytest.approx(diagonal, rel=1e-3)  # cross_terms=False: the diagonal, as before
         if tokens > 32:  # enough tokens: the diagonal is what is far off
             assert diagonal > 2.5 * truth
         else:  # too few: the calibration tokens' own cross terms are
@@ -264,6 +270,6 @@ def test_shrinkage_follows_how_well_the_tokens_determine_the_off_diagonal():
     mix = torch.randn(24, 24, generator=g) + 3 * torch.ones(24, 24)
     many = [torch.randn(256, 24, generator=g) @ mix for _ in range(16)]  # strong correlation, 4096 tokens
     few = [many[0][:12]]  # the same population, half as many tokens as inputs
-    rho = {k: GPTQ(model, b).shrinkage[_key(model[0].weight)] for k, b in (("white", white), ("many", many))}
-    rho["few"] = GPTQ(model, few).shrinkage[_key(model[0].weight)]
+    rho = {k: GPTQ(model, b).factors[_key(model[0].weight)].rho for k, b in (("white", white), ("many", many))}
+    rho["few"] = GPTQ(model, few).factors[_key(model[0].weight)].rho
     assert rho["white"] > 0.8 and rho["many"] < 0.05 and rho["few"] > 3 * rho["many"]

@@ -101,14 +101,16 @@ def gptq_quantize(
 @dataclass
 class Factor:
     """What GPTQ needs of a layer's Hessian, the same for every option: the column order, the columns no
-    input reaches, and the upper Cholesky factor of the damped inverse Hessian in that order."""
+    input reaches, and the upper Cholesky factor of the damped inverse Hessian in that order; ``rho``, how
+    uncertain the Hessian's off-diagonal is (``_shrinkage``; 0 where it is not estimated)."""
 
     perm: torch.Tensor
     dead: torch.Tensor
     hinv: torch.Tensor
+    rho: float = 0.0
 
     def to(self, device) -> Factor:
-        return Factor(self.perm.to(device), self.dead.to(device), self.hinv.to(device))
+        return Factor(self.perm.to(device), self.dead.to(device), self.hinv.to(device), self.rho)
 
 
 def factor(h: torch.Tensor, damp: float, act_order: bool, device=None) -> Factor:
@@ -189,7 +191,6 @@ class GPTQ:
         self.block_size, self.damp, self.act_order = block_size, damp, act_order
         self.max_bytes, self.offload = max_bytes, offload
         self.factors: dict[tuple, Factor] = {}
-        self.shrinkage: dict[tuple, float] = {}  # how far H's off-diagonal is from its population's: see _shrinkage
         self.passes = 0  # calibration passes made to collect the Hessians
         self._on_device: tuple = (None, None)  # (key, factor) of the layer last moved to its weight's device
         self._hessian: tuple = (None, None, None)  # (factor, shrunk, H) of the last ``hessian`` asked for
@@ -204,7 +205,7 @@ class GPTQ:
 
         counts: dict[str, int] = {}
         sums: dict[str, torch.Tensor] = {}
-        fourth: dict[str, float] = {}  # sum over tokens and pairs i != j of (x_i x_j)^2, for ``shrinkage``
+        fourth: dict[str, torch.Tensor] = {}  # sum over tokens and pairs i != j of (x_i x_j)^2, for ``_shrinkage``
         owner: dict[str, str] = {}  # unit -> the unit whose sum holds its inputs (itself, or a sibling's)
         last: list = [None, None]  # the latest input seen and the unit that summed it
         mask: list = [None]  # the current batch's attention mask (B, T), as bools
@@ -220,7 +221,7 @@ class GPTQ:
                 counts[name] = counts.get(name, 0) + x.shape[0]
                 sq = x.square()  # per token: (sum_i x_i^2)^2 - sum_i x_i^4 = sum over pairs i != j of (x_i x_j)^2
                 pairs = sq.sum(1, dtype=torch.float64).square_().sum() - sq.square_().sum(dtype=torch.float64)
-                fourth[name] = fourth.get(name, 0.0) + float(pairs)
+                fourth[name] = fourth.get(name, 0) + pairs  # a tensor: no device sync in the hook
 
             return fn
 
@@ -237,16 +238,16 @@ class GPTQ:
                 h.remove()
         self.passes += 1
         _warn_few_tokens({src: counts[src] for src in set(owner.values())}, {u.name: u for u in units})
-        factored: dict[str, tuple[Factor, float]] = {}
+        factored: dict[str, Factor] = {}
         for u in units:
             if u.name in owner:
                 src = owner[u.name]
                 if src not in factored:
                     h = sums.pop(src) / max(counts[src], 1)
                     f = factor(h, self.damp, self.act_order)
-                    rho = _shrinkage(h, fourth[src], counts[src])
-                    factored[src] = (f if self._store is None else f.to(self._store), rho)
-                self.factors[_key(u.weight)], self.shrinkage[_key(u.weight)] = factored[src]
+                    f.rho = _shrinkage(h, float(fourth.pop(src)), counts[src])
+                    factored[src] = f if self._store is None else f.to(self._store)
+                self.factors[_key(u.weight)] = factored[src]
 
     def params(self) -> dict:
         return {"block_size": self.block_size, "damp": self.damp, "act_order": self.act_order}
@@ -265,7 +266,7 @@ class GPTQ:
     def hessian(self, w: torch.Tensor, shrunk: bool = False) -> torch.Tensor | None:
         """H = X^T X / tokens of ``w``'s inputs (in, in), in w's column order, float32 on w's device (None: no
         Hessian for w), recovered from its factor rather than kept twice. ``shrunk``: the estimate of the
-        inputs' population second moment (1 - rho) H + rho diag(H), rho from ``_shrinkage``."""
+        inputs' population second moment (1 - rho) H + rho diag(H), rho the factor's (``_shrinkage``)."""
         f = self.factors.get(_key(w))
         if f is None:
             return None
@@ -275,14 +276,14 @@ class GPTQ:
         stored, f = f, f.to(w.device)
         h = torch.cholesky_inverse(f.hinv.double(), upper=True)  # (U^T U)^-1: the damped H in GPTQ's order
         back = torch.argsort(f.perm)
-        h = h[back][:, back]
+        h = h[back[:, None], back]  # one in x in copy, in w's column order
         # ``factor`` added damp * mean(diag) to a diagonal whose mean was 1 / (1 + damp) of the damped one's
         h.diagonal().sub_(self.damp / (1 + self.damp) * float(h.diagonal().mean()))
         h[f.dead] = 0
         h[:, f.dead] = 0
-        if shrunk:
-            rho = self.shrinkage[_key(w)]
-            h = (1 - rho) * h + rho * torch.diag(h.diagonal())
+        if shrunk:  # (1 - rho) H + rho diag(H), in place: the diagonal kept, the rest scaled
+            diag = h.diagonal().clone()
+            h.mul_(1 - f.rho).diagonal().copy_(diag)
         self._hessian = (stored, shrunk, h.float())
         return self._hessian[2]
 
