@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-from memory import PeakMemory  # experiments/memory.py
+from memory import PeakMemory, emit_rows, run_child  # experiments/memory.py
 
 MODEL, N_CALIB = "smollm2-135m", 16
 
@@ -75,15 +72,7 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(args.child == "on")), flush=True)
         return 0
-    rows = {}
-    for arm in ("off", "on"):  # the baseline first
-        cmd = [sys.executable, __file__, "--child", arm]
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        if done.returncode != 0:
-            print(done.stderr[-3000:], file=sys.stderr)
-            return done.returncode
-        rows[arm] = json.loads(done.stdout.strip().splitlines()[-1])
-    on, off = rows["on"], rows["off"]
+    off, on = (run_child([sys.executable, __file__, "--child", arm]) for arm in ("off", "on"))  # the baseline first
     ratio = {
         "kind": "ratio",
         "model": MODEL,
@@ -91,10 +80,7 @@ def main(argv=None) -> int:
         "peak_rss_on_over_off": round(on["peak_rss_bytes"] / off["peak_rss_bytes"], 3),
         "peak_over_loaded_on_over_off": round(on["peak_over_loaded_bytes"] / max(off["peak_over_loaded_bytes"], 1), 3),
     }
-    with Path(args.out).open("a") as f:
-        for row in (off, on, ratio):
-            print(json.dumps(row), flush=True)
-            f.write(json.dumps(row) + "\n")
+    emit_rows(args.out, [off, on, ratio])
     return 0
 
 

@@ -50,3 +50,28 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device)
         return rss("VmHWM")
+
+
+def run_child(cmd: list[str]) -> dict:
+    """A benchmark arm run as its own process (so its peak memory is its own; progress bars off): the last JSON
+    object it printed. Exits with its stderr's tail when it fails."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(done.returncode)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def emit_rows(path: str | Path, rows: list[dict]) -> None:
+    """Print ``rows`` one JSON object per line and append them to the JSONL file ``path``."""
+    import json
+
+    with Path(path).open("a") as f:
+        for row in rows:
+            print(json.dumps(row), flush=True)
+            f.write(json.dumps(row) + "\n")

@@ -10,7 +10,8 @@ from torch import nn
 import mpsearch
 from mpsearch.core import parse_option
 from mpsearch.quant.formats import quantization_error, quantize_weight
-from mpsearch.quant.gptq import GPTQ, _key, factor, gptq_quantize, reconstruction_error, use
+from mpsearch.quant.gptq import GPTQ, _key, damped, factor, gptq_quantize, reconstruction_error, sample_ids, use
+from mpsearch.quant.gptq_shrink import Moments, shrink
 
 OPTIONS = ["int4", "int3_asym", "int4_g32", "int3_g32_asym", "gptq:int4_g32", "gptq:int3_asym"]
 
@@ -70,7 +71,7 @@ def test_real_weights_and_brute_force_bound_gptq():
 
 def test_gptq_quantizer_collects_hessians_and_drives_quantize_weight(digits):
     model = digits.model
-    quantizer = GPTQ(model, digits.calibration)
+    quantizer = GPTQ(model, digits.calibration, shrink=False)  # the reference's sample Hessian
     linear = dict(model.named_modules())["classifier.0"]
     x = []
     handle = linear.register_forward_hook(lambda m, i, o: x.append(i[0].reshape(-1, i[0].shape[-1])))
@@ -84,7 +85,19 @@ def test_gptq_quantizer_collects_hessians_and_drives_quantize_weight(digits):
     got = quantizer.factors[_key(linear.weight)].hinv
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
     assert (torch.diag(h) == 0).any()  # inputs ReLU never lets through: their rows and columns stay zero
-    torch.testing.assert_close(quantizer.hessian(linear.weight), h, rtol=1e-3, atol=1e-4 * float(h.abs().max()))
+    torch.testing.assert_close(
+        quantizer.hessian(linear.weight, shrunk=False), h, rtol=1e-3, atol=1e-4 * float(h.abs().max())
+    )
+    shrinking = GPTQ(model, digits.calibration)  # the default: H shrunk as far as cross-validation says
+    f = shrinking.factors[_key(linear.weight)]
+    assert 0 < f.rho < 1 and f.rho == quantizer.factors[_key(linear.weight)].rho
+    assert f.solved in (0.0, f.rho / 2, f.rho) and quantizer.factors[_key(linear.weight)].solved == 0
+    expected = factor(shrink(h.clone(), f.solved), 0.01, True).hinv
+    torch.testing.assert_close(f.hinv, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+    for q in (quantizer, shrinking):  # either factor gives back the sample H and the population estimate
+        for shrunk, want in ((False, h), (True, shrink(h.clone(), f.rho))):
+            got = q.hessian(linear.weight, shrunk=shrunk)
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * float(h.abs().max()))
     with use(quantizer):
         q = quantize_weight(linear.weight, "int3")
         conv = quantize_weight(dict(model.named_modules())["features.0"].weight, "int3")
@@ -102,7 +115,7 @@ def test_search_and_evaluate_with_gptq_use_it_end_to_end(digits):
         digits.model, digits.calibration, budget, "sqnr", options=options, loss_fn="kl", safe=False, quantizer="gptq"
     )
     assert gptq.plan.provenance["quantizer"] == "gptq" and rtn.plan.provenance["quantizer"] == "rtn"
-    assert gptq.extra["table"].meta["quantizer"] == "gptq(block_size=128, damp=0.01, act_order=True)"
+    assert gptq.extra["table"].meta["quantizer"] == "gptq(block_size=128, damp=0.01, act_order=True, shrink=True)"
     plan = rtn.plan
     m_rtn = mpsearch.evaluate(digits.model, plan, digits.evaluation, "kl")
     m_gptq = mpsearch.evaluate(
@@ -119,12 +132,12 @@ def test_gptq_covers_transformers_conv1d_through_its_transposed_view():
     from mpsearch.testing import tiny_transformers
 
     model, batches = tiny_transformers()["gpt2"]()
-    quantizer = GPTQ(model, batches)
+    quantizer = GPTQ(model, batches, shrink=False)
     conv1d = [u for u in find_units(model) if u.type.transposed]
     assert conv1d and all(_key(u.weight) in quantizer.factors for u in conv1d)
     for unit in conv1d:
         h = _input_hessian(model, unit.module, batches)
-        got = quantizer.hessian(unit.weight)  # in the unit's (out, in) layout, through the transposed view
+        got = quantizer.hessian(unit.weight, shrunk=False)  # in the unit's (out, in) layout, via the transposed view
         torch.testing.assert_close(got, h, rtol=1e-3, atol=1e-4 * float(h.abs().max()))
         with use(quantizer):
             q = quantize_weight(unit.weight, "int3")
@@ -155,7 +168,7 @@ def test_layers_fed_the_same_input_share_one_factor_equal_to_their_own_hessians(
     from mpsearch.testing import tiny_transformers
 
     model, batches = tiny_transformers()["llama"]()
-    quantizer = GPTQ(model, batches)
+    quantizer = GPTQ(model, batches, shrink=False)
     units = {u.name: u for u in find_units(model)}
     q, k, v, o = (units[f"model.layers.0.self_attn.{p}_proj"] for p in "qkvo")
     fq, fk, fv, fo = (quantizer.factors[_key(u.weight)] for u in (q, k, v, o))
@@ -229,18 +242,20 @@ def _second_order_kl(model, x: torch.Tensor, d: torch.Tensor) -> float:
     return 0.5 * float(((dx**2 * p).sum(1) - (dx * p).sum(1) ** 2).mean())
 
 
+@pytest.mark.parametrize("shrink", [False, True])
 @pytest.mark.parametrize("tokens", [16, 512])
-def test_fisher_damage_of_gptq_errors_counts_their_cross_terms_as_held_out_inputs_see_them(tokens):
+def test_fisher_damage_of_gptq_errors_counts_their_cross_terms_as_held_out_inputs_see_them(tokens, shrink):
     # GPTQ's errors cancel across correlated inputs, which the Fisher diagonal alone cannot see (it overrates
     # them several times over); but they cancel on the calibration tokens GPTQ fitted, and with fewer tokens
-    # than inputs far less on held-out ones. The damage must follow the held-out KL in both regimes (16
-    # tokens for 32 inputs: the warning about too few tokens is expected)
+    # than inputs far less on held-out ones (most of all when GPTQ solves against the sample Hessian). The
+    # damage must follow the held-out KL in every regime (16 tokens for 32 inputs: the warning about too few
+    # tokens is expected)
     from sensitivity import Fisher
 
     model, inputs = _classifier(32, seed=5)
     x, held_out = inputs(tokens), inputs(20000)
     batches = [x[i : i + 16] for i in range(0, tokens, 16)]
-    quantizer = GPTQ(model, batches)
+    quantizer = GPTQ(model, batches, shrink=shrink)
     fisher = Fisher(max_samples=tokens, progress=False)
     table = fisher.estimate(model, batches, ["int3", "int4"], loss_fn="kl", quantizer=quantizer)
     damage = table.frame.set_index("option")["damage"]
@@ -258,8 +273,8 @@ def test_fisher_damage_of_gptq_errors_counts_their_cross_terms_as_held_out_input
         assert 0.7 * truth < damage[name] < 1.5 * truth
         assert alone[name] == pytest.approx(diagonal, rel=1e-3)  # cross_terms=False: the diagonal, as before
         if tokens > 32:  # enough tokens: the diagonal is what is far off
-            assert diagonal > 2.5 * truth
-        else:  # too few: the calibration tokens' own cross terms are
+            assert diagonal > 2 * truth
+        elif not shrink:  # too few, and GPTQ fitted them: the calibration tokens' own cross terms are
             assert in_sample < 0.3 * truth
 
 
@@ -273,3 +288,86 @@ def test_shrinkage_follows_how_well_the_tokens_determine_the_off_diagonal():
     rho = {k: GPTQ(model, b).factors[_key(model[0].weight)].rho for k, b in (("white", white), ("many", many))}
     rho["few"] = GPTQ(model, few).factors[_key(model[0].weight)].rho
     assert rho["white"] > 0.8 and rho["many"] < 0.05 and rho["few"] > 3 * rho["many"]
+    one = GPTQ(model, [many[0][:1]])  # one token: nothing is known off the diagonal, GPTQ solves with it alone
+    f = one.factors[_key(model[0].weight)]
+    assert f.rho == f.solved == 1
+    h = one.hessian(model[0].weight)
+    assert h.diagonal().min() > 0 and torch.count_nonzero(h - torch.diag(h.diagonal())) == 0
+    with pytest.raises(mpsearch.MpsearchError, match="sample Hessian cannot be recovered.*shrink=False"):
+        one.hessian(model[0].weight, shrunk=False)
+
+
+def _population_errors(tokens: int, seed: int, name: str = "int3") -> dict:
+    """Errors tr(D S D^T) on the population second moment S of correlated inputs x = z M (S = M^T M, known),
+    of GPTQ fitted to ``tokens`` of them: against the sample H, the cross-validated shrinkage (the default),
+    the Schaefer-Strimmer shrinkage alone, and round to nearest."""
+    d_in = 48
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d_in, d_in, generator=g) / d_in**0.5 + torch.eye(d_in)
+    model = nn.Sequential(nn.Linear(d_in, 32, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(32, d_in, generator=g) * 0.1)
+    w, population = model[0].weight.detach(), mix.T @ mix
+    batches = [torch.randn(tokens // 4, d_in, generator=g) @ mix for _ in range(4)]
+    errors = {}
+    for shrinks in (False, True):
+        quantizer = GPTQ(model, batches, shrink=shrinks)
+        with use(quantizer):
+            errors["cv" if shrinks else "sample"] = reconstruction_error(w, population, quantize_weight(w, name))
+    rho = quantizer.factors[_key(w)].rho
+    h = quantizer.hessian(w, shrunk=False)
+    errors["rho"] = reconstruction_error(w, population, gptq_quantize(w, shrink(h, rho), parse_option(name)))
+    errors["rtn"] = reconstruction_error(w, population, quantize_weight(w, name))
+    return errors
+
+
+def test_with_fewer_tokens_than_inputs_the_shrunk_hessian_halves_gptqs_error_on_fresh_inputs():
+    # half as many tokens as inputs: the sample H is singular and GPTQ fitted to it errs twice as much as round
+    # to nearest on fresh inputs; shrunk (cross-validation keeps the full estimate here) it beats both
+    runs = [_population_errors(24, seed) for seed in range(4)]
+    mean = {k: np.mean([r[k] for r in runs]) for k in runs[0]}
+    assert mean["sample"] > 1.5 * mean["rtn"]
+    assert mean["cv"] < 0.6 * mean["sample"] and mean["cv"] < mean["rtn"]
+
+
+def test_cross_validation_keeps_the_shrinkage_from_costing_gptq_where_tokens_are_plenty():
+    # 8x as many tokens as inputs: the Schaefer-Strimmer weight alone over-shrinks for GPTQ's purpose; the
+    # cross-validated choice must stay with the sample H's error, well below round to nearest
+    runs = [_population_errors(384, seed) for seed in range(6)]
+    mean = {k: np.mean([r[k] for r in runs]) for k in runs[0]}
+    assert mean["rho"] > 1.05 * mean["sample"]
+    assert mean["cv"] < 1.02 * mean["sample"] and mean["cv"] < 0.7 * mean["rtn"]
+
+
+def test_calibration_samples_alternate_between_the_folds_and_the_folds_sum_to_the_hessian():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]])
+    x = torch.randn(3, 4, 5)
+    ids = sample_ids(x, mask)
+    assert ids.tolist() == [0, 0, 0, 1, 2, 2]  # the real tokens' sequences, padding left out
+    assert sample_ids(x[:, 0], None).tolist() == [0, 1, 2]
+    assert sample_ids(x, None).tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    m = Moments()
+    rows = x[mask.bool()]
+    m.add(rows, ids, 3)
+    m.add(rows, ids, 3)  # the second batch starts at sample 3: its first sequence goes to the odd fold
+    assert m.tokens == [3 + 2 + 1, 1 + 3 + 2]  # even: sequences 0, 2 of the first batch, 1 of the second
+    torch.testing.assert_close(m.hessian(), torch.cat([rows, rows]).T @ torch.cat([rows, rows]) / 12)
+    even = torch.cat([rows[:3], rows[4:], rows[3:4]])
+    torch.testing.assert_close(m.hessian(0), even.T @ even / 6)
+
+
+def test_expected_error_is_gptqs_error_on_other_inputs_per_unit_of_rounding_noise():
+    # the closed form cross-validation scores candidates with: rounding errors of a fine grid are independent
+    # and uniform (variance scale^2 / 12), and GPTQ's error on inputs with another Hessian must average to it
+    from mpsearch.quant.gptq_shrink import expected_error
+
+    x_fit, x_test = _correlated_inputs(64, 32, seed=4), _correlated_inputs(4096, 32, seed=5)
+    h_fit, h_test = x_fit.T @ x_fit / 64, x_test.T @ x_test / 4096
+    H, perm, _ = damped(h_fit, 0.01, True)
+    w = torch.randn(4000, 32, generator=torch.Generator().manual_seed(6))
+    d = (gptq_quantize(w, h_fit, parse_option("int8")) - w).double()
+    scale = (w.abs().amax(1) / 127).half().double()
+    measured = float(((d @ h_test.double()) * d).sum())
+    assert measured == pytest.approx(float((scale**2 / 12).sum()) * expected_error(H, perm, h_test), rel=0.05)
+    in_sample = float((1 / factor(h_fit, 0.01, True).hinv.double().diagonal().square()).sum())  # U H U^T = I
+    assert expected_error(H, perm, H[perm.argsort()][:, perm.argsort()]) == pytest.approx(in_sample, rel=1e-4)

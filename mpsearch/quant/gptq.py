@@ -10,8 +10,11 @@ grid is fitted when its first column comes up, on the weights as updated so far 
 (the reference fits on the block-stale copy; here the fresher one). GPTQModel's default group-aware
 reordering (a group's columns together, groups by their largest H diagonal) was measured worse on
 minilm-l6's grouped options (uniform int3_g64_asym 0.078 vs 0.068 here), so it is not used. Hessians come
-from the full-precision model's inputs (not re-collected after each quantized layer,
-as sequential GPTQ does). Written here after the reference implementation (IST-DASLab/gptq, gptq.py)
+from the full-precision model's inputs (not re-collected after each quantized layer, as sequential GPTQ does).
+
+``GPTQ`` solves against the calibration Hessian shrunk towards its diagonal as far as cross-validation says
+(``gptq_shrink``; ``shrink=False``: the sample H, as the reference), which matters with few tokens per input
+and leaves GPTQ as the reference with many. Written here after the reference implementation (IST-DASLab/gptq, gptq.py)
 because the libraries that ship it (GPTQModel, AutoGPTQ) build CUDA kernels and cannot be installed here,
 and its quantizer must be mpsearch's exact grid.
 
@@ -35,6 +38,7 @@ from torch import nn
 from mpsearch.core import MpsearchError
 from mpsearch.core.options import Option
 from mpsearch.quant import gptq_grid
+from mpsearch.quant.gptq_shrink import Moments, choose_rho, expected_error, shrink
 
 LOG = logging.getLogger("mpsearch")
 
@@ -101,19 +105,29 @@ def gptq_quantize(
 @dataclass
 class Factor:
     """What GPTQ needs of a layer's Hessian, the same for every option: the column order, the columns no
-    input reaches, and the upper Cholesky factor of the damped inverse Hessian in that order; ``rho``, how
-    uncertain the Hessian's off-diagonal is (``_shrinkage``; 0 where it is not estimated)."""
+    input reaches, and the upper Cholesky factor of the damped inverse Hessian in that order. ``rho``: how
+    uncertain the Hessian's off-diagonal is (``gptq_shrink.shrinkage``; 0 where it is not estimated);
+    ``solved``: the shrinkage of the Hessian factored here (``gptq_shrink.choose_rho``; 0: the sample H)."""
 
     perm: torch.Tensor
     dead: torch.Tensor
     hinv: torch.Tensor
     rho: float = 0.0
+    solved: float = 0.0
 
     def to(self, device) -> Factor:
-        return Factor(self.perm.to(device), self.dead.to(device), self.hinv.to(device), self.rho)
+        return Factor(self.perm.to(device), self.dead.to(device), self.hinv.to(device), self.rho, self.solved)
 
 
 def factor(h: torch.Tensor, damp: float, act_order: bool, device=None) -> Factor:
+    H, perm, dead = damped(h, damp, act_order, device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    return Factor(perm, dead, hinv)
+
+
+def damped(h: torch.Tensor, damp: float, act_order: bool, device=None) -> tuple[torch.Tensor, ...]:
+    """(H, perm, dead): ``h`` as GPTQ factors it, float64 in its column order ``perm`` with the columns no input
+    reaches (``dead``) given a unit diagonal and damping added."""
     H = h.to(device or h.device, torch.float64).clone()
     n = H.shape[0]
     dead = torch.diag(H) == 0
@@ -121,8 +135,7 @@ def factor(h: torch.Tensor, damp: float, act_order: bool, device=None) -> Factor
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=H.device)
     H = H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(n, dtype=H.dtype, device=H.device)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
-    return Factor(perm, dead, hinv)
+    return H, perm, dead
 
 
 def quantize_with(w: torch.Tensor, f: Factor, option: Option, block_size: int = 128) -> torch.Tensor:
@@ -164,7 +177,7 @@ def quantize_with(w: torch.Tensor, f: Factor, option: Option, block_size: int = 
 
 class GPTQ:
     """GPTQ as mpsearch's quantizer: per linear unit, H = X^T X / tokens over ``batches`` (real tokens only:
-    see ``token_rows``), factored once
+    see ``token_rows``), shrunk towards its diagonal (``shrink``; see the module's docstring), factored once
     (``factors``; in^2 floats per distinct input: layers fed the same tensor, such as q/k/v or gate/up, share
     one), then ``weight(w, option)`` = GPTQ of that unit's weight.
 
@@ -183,12 +196,13 @@ class GPTQ:
         block_size: int = 128,
         damp: float = 0.01,
         act_order: bool = True,
+        shrink: bool = True,
         max_bytes: int | str | None = "auto",
         offload: bool | str = "auto",
     ):
         from mpsearch.layers import find_units
 
-        self.block_size, self.damp, self.act_order = block_size, damp, act_order
+        self.block_size, self.damp, self.act_order, self.shrink = block_size, damp, act_order, shrink
         self.max_bytes, self.offload = max_bytes, offload
         self.factors: dict[tuple, Factor] = {}
         self.passes = 0  # calibration passes made to collect the Hessians
@@ -203,9 +217,7 @@ class GPTQ:
         """One calibration pass summing X^T X for ``units``; their factors into ``factors``."""
         from mpsearch.outputs import attention_mask, evaluating, raw_call
 
-        counts: dict[str, int] = {}
-        sums: dict[str, torch.Tensor] = {}
-        fourth: dict[str, torch.Tensor] = {}  # sum over tokens and pairs i != j of (x_i x_j)^2, for ``_shrinkage``
+        moments: dict[str, Moments] = {}
         owner: dict[str, str] = {}  # unit -> the unit whose sum holds its inputs (itself, or a sibling's)
         last: list = [None, None]  # the latest input seen and the unit that summed it
         mask: list = [None]  # the current batch's attention mask (B, T), as bools
@@ -216,12 +228,9 @@ class GPTQ:
                     owner[name] = last[1]
                     return
                 owner[name], last[0], last[1] = name, inputs[0], name
-                x = token_rows(inputs[0].detach(), mask[0]).float()
-                sums[name] = sums.get(name, 0) + x.T @ x
-                counts[name] = counts.get(name, 0) + x.shape[0]
-                sq = x.square()  # per token: (sum_i x_i^2)^2 - sum_i x_i^4 = sum over pairs i != j of (x_i x_j)^2
-                pairs = sq.sum(1, dtype=torch.float64).square_().sum() - sq.square_().sum(dtype=torch.float64)
-                fourth[name] = fourth.get(name, 0) + pairs  # a tensor: no device sync in the hook
+                x = inputs[0].detach()
+                n = x.shape[0] if x.dim() > 1 else 1
+                moments.setdefault(name, Moments()).add(token_rows(x, mask[0]).float(), sample_ids(x, mask[0]), n)
 
             return fn
 
@@ -237,20 +246,28 @@ class GPTQ:
             for h in handles:
                 h.remove()
         self.passes += 1
-        _warn_few_tokens({src: counts[src] for src in set(owner.values())}, {u.name: u for u in units})
+        _warn_few_tokens({src: sum(moments[src].tokens) for src in set(owner.values())}, {u.name: u for u in units})
         factored: dict[str, Factor] = {}
         for u in units:
             if u.name in owner:
                 src = owner[u.name]
                 if src not in factored:
-                    h = sums.pop(src) / max(counts[src], 1)
-                    f = factor(h, self.damp, self.act_order)
-                    f.rho = _shrinkage(h, float(fourth.pop(src)), counts[src])
+                    m = moments.pop(src)
+                    h = m.hessian()
+                    rho = m.rho(h)
+                    solved = choose_rho(m, rho, self._score) if self.shrink else 0.0
+                    f = factor(shrink(h, solved), self.damp, self.act_order)
+                    f.rho, f.solved = rho, solved
                     factored[src] = f if self._store is None else f.to(self._store)
                 self.factors[_key(u.weight)] = factored[src]
 
+    def _score(self, h_fit: torch.Tensor, h_test: torch.Tensor) -> float:
+        """GPTQ's expected error on inputs with Hessian ``h_test`` when it solves with ``h_fit``."""
+        H, perm, _ = damped(h_fit, self.damp, self.act_order)
+        return expected_error(H, perm, h_test)
+
     def params(self) -> dict:
-        return {"block_size": self.block_size, "damp": self.damp, "act_order": self.act_order}
+        return {"block_size": self.block_size, "damp": self.damp, "act_order": self.act_order, "shrink": self.shrink}
 
     def weight(self, w: torch.Tensor, option: Option, fallback) -> torch.Tensor:
         key = _key(w)
@@ -263,13 +280,22 @@ class GPTQ:
             f = self._on_device[1]
         return quantize_with(w, f, option, self.block_size)
 
-    def hessian(self, w: torch.Tensor, shrunk: bool = False) -> torch.Tensor | None:
-        """H = X^T X / tokens of ``w``'s inputs (in, in), in w's column order, float32 on w's device (None: no
+    def hessian(self, w: torch.Tensor, shrunk: bool = True) -> torch.Tensor | None:
+        """The Hessian of ``w``'s inputs (in, in), in w's column order, float32 on w's device (None: no
         Hessian for w), recovered from its factor rather than kept twice. ``shrunk``: the estimate of the
-        inputs' population second moment (1 - rho) H + rho diag(H), rho the factor's (``_shrinkage``)."""
+        inputs' population second moment (1 - rho) H + rho diag(H), rho the factor's Schaefer-Strimmer weight;
+        else the sample H = X^T X / tokens (not kept where GPTQ solved against diag(H) alone)."""
         f = self.factors.get(_key(w))
         if f is None:
             return None
+        target = f.rho if shrunk else 0.0
+        if f.solved >= 1 and target < 1:
+            raise MpsearchError(
+                f"GPTQ solved against the diagonal of this layer's Hessian alone and kept no off-diagonal "
+                f"(the shrinkage cross-validation chose rho = 1), so its {'shrunk' if shrunk else 'sample'} "
+                "Hessian cannot be recovered",
+                "build it with GPTQ(model, data, shrink=False) to keep the sample Hessian X^T X / tokens",
+            )
         last, was_shrunk, h = self._hessian
         if last is f and was_shrunk == shrunk and h.device == w.device:  # q/k/v, gate/up: one input
             return h
@@ -281,23 +307,10 @@ class GPTQ:
         h.diagonal().sub_(self.damp / (1 + self.damp) * float(h.diagonal().mean()))
         h[f.dead] = 0
         h[:, f.dead] = 0
-        if shrunk:  # (1 - rho) H + rho diag(H), in place: the diagonal kept, the rest scaled
-            diag = h.diagonal().clone()
-            h.mul_(1 - f.rho).diagonal().copy_(diag)
+        if target != f.solved:  # off the diagonal the factor holds (1 - solved) H: rescale to (1 - target) H
+            shrink(h, 1 - (1 - target) / (1 - f.solved))
         self._hessian = (stored, shrunk, h.float())
         return self._hessian[2]
-
-
-def _shrinkage(h: torch.Tensor, fourth: float, tokens: int) -> float:
-    """The weight rho in [0, 1] of the Ledoit-Wolf-type estimate (1 - rho) H + rho diag(H) of the inputs'
-    population second moment, H = X^T X / tokens (Schaefer and Strimmer 2005, target "D": rho = the summed
-    variance of H's off-diagonal entries over their summed squares; ``fourth`` = sum over tokens and pairs
-    i != j of (x_i x_j)^2 gives the variances). Near 1 with fewer tokens than inputs, near 0 with many."""
-    h = h.double()
-    off = float(h.square().sum() - h.diagonal().square().sum())
-    if off <= 0 or tokens < 2:
-        return 1.0
-    return min(1.0, max(0.0, (fourth / tokens - off) / (tokens * off)))
 
 
 def _warn_few_tokens(counts: dict[str, int], units: dict) -> None:
@@ -308,8 +321,8 @@ def _warn_few_tokens(counts: dict[str, int], units: dict) -> None:
         name = min(few, key=lambda k: few[k] / units[k].weight.shape[-1])
         LOG.warning(
             "mpsearch: GPTQ's Hessians of %d layer(s) come from fewer calibration tokens than inputs (%s: %d tokens "
-            "for %d inputs); GPTQ overfits so few tokens: pass more calibration data (GPTQ's authors use 128 "
-            "sequences of 2048 tokens)",
+            "for %d inputs); GPTQ overfits so few tokens (its shrunk Hessians only limit that): pass more "
+            "calibration data (GPTQ's authors use 128 sequences of 2048 tokens)",
             len(few),
             name,
             few[name],
@@ -326,22 +339,31 @@ def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def sample_ids(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The sample (index along the batch) each of ``token_rows(x, mask)``'s rows comes from."""
+    batch = x.shape[0] if x.dim() > 1 else 1
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return torch.repeat_interleave(torch.arange(batch, device=x.device), mask.to(x.device).sum(1))
+    rows = x.numel() // max(x.shape[-1], 1)
+    return torch.arange(rows, device=x.device) // max(rows // batch, 1)
+
+
 def _hessian_bytes(unit) -> int:
-    """Bytes of a unit's float32 Hessian sum (and of its factor): in x in."""
+    """Bytes of a unit's float32 factor, in x in (its Hessian sums while collecting: twice that, one per fold)."""
     return 4 * unit.weight.shape[-1] ** 2
 
 
 def _windows(units: list, window: int | None) -> list[list]:
-    """``units`` in order, cut into runs whose Hessian sums fit ``window`` bytes (None: one run; a unit larger
-    than the window is a run of its own)."""
+    """``units`` in order, cut into runs whose Hessian sums (two per unit: ``Moments``' folds) fit ``window``
+    bytes (None: one run; a unit larger than the window is a run of its own)."""
     runs: list[list] = [[]]
     size = 0
     for u in units:
-        if runs[-1] and window is not None and size + _hessian_bytes(u) > window:
+        if runs[-1] and window is not None and size + 2 * _hessian_bytes(u) > window:
             runs.append([])
             size = 0
         runs[-1].append(u)
-        size += _hessian_bytes(u)
+        size += 2 * _hessian_bytes(u)
     return [r for r in runs if r]
 
 
