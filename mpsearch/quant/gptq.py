@@ -13,10 +13,11 @@ minilm-l6's grouped options (uniform int3_g64_asym 0.078 vs 0.068 here), so it i
 from the full-precision model's inputs (not re-collected after each quantized layer, as sequential GPTQ does).
 
 ``GPTQ`` solves against the calibration Hessian shrunk towards its diagonal as far as cross-validation says
-(``gptq_shrink``; ``shrink=False``: the sample H, as the reference), which matters with few tokens per input
-and leaves GPTQ as the reference with many. Written here after the reference implementation (IST-DASLab/gptq, gptq.py)
-because the libraries that ship it (GPTQModel, AutoGPTQ) build CUDA kernels and cannot be installed here,
-and its quantizer must be mpsearch's exact grid.
+(``gptq_shrink``; ``shrink=False``: the sample H, as the reference); it matters most with few tokens per input.
+
+Written here after the reference implementation (IST-DASLab/gptq, gptq.py) because the libraries that ship it
+(GPTQModel, AutoGPTQ) build CUDA kernels and cannot be installed here, and its quantizer must be mpsearch's
+exact grid.
 
 ``GPTQ(model, batches)``: the Hessians of every linear unit from one calibration pass; as a quantizer,
 ``weight(w, option)`` runs GPTQ for a unit's weight (RTN for weights it has no Hessian for: embeddings and

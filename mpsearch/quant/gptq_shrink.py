@@ -113,7 +113,7 @@ def expected_error(H: torch.Tensor, perm: torch.Tensor, h: torch.Tensor) -> floa
     sum_j (L^-1 h' L^-T)_jj L_jj^2 with h' = J h J in GPTQ's order: one Cholesky factorization and two
     triangular solves, a third of ``factor``'s work."""
     L = torch.linalg.cholesky(H.flip(0, 1))
-    h = h.to(H.device, torch.float64)[perm][:, perm].flip(0, 1)
-    y = torch.linalg.solve_triangular(L, h, upper=False)  # L^-1 h'
-    z = torch.linalg.solve_triangular(L, y.T.contiguous(), upper=False)  # L^-1 h' L^-T
+    back = perm.flip(0)  # GPTQ's order reversed: h' in one copy
+    y = torch.linalg.solve_triangular(L, h.to(H.device, torch.float64)[back[:, None], back], upper=False)  # L^-1 h'
+    z = torch.linalg.solve_triangular(L, y.mT, upper=False)  # L^-1 h' L^-T
     return float((z.diagonal() * L.diagonal().square()).sum())
