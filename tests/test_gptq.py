@@ -342,10 +342,10 @@ def test_cross_validation_keeps_the_shrinkage_from_costing_gptq_where_tokens_are
 def test_calibration_samples_alternate_between_the_folds_and_the_folds_sum_to_the_hessian():
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]])
     x = torch.randn(3, 4, 5)
-    ids = sample_ids(x, mask)
-    assert ids.tolist() == [0, 0, 0, 1, 2, 2]  # the real tokens' sequences, padding left out
-    assert sample_ids(x[:, 0], None).tolist() == [0, 1, 2]
-    assert sample_ids(x, None).tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    ids, batch = sample_ids(x, mask)
+    assert ids.tolist() == [0, 0, 0, 1, 2, 2] and batch == 3  # the real tokens' sequences, padding left out
+    assert sample_ids(x[:, 0], None)[0].tolist() == [0, 1, 2]
+    assert sample_ids(x, None)[0].tolist() == [0] * 4 + [1] * 4 + [2] * 4
     m = Moments()
     rows = x[mask.bool()]
     m.add(rows, ids, 3)
@@ -371,3 +371,17 @@ def test_expected_error_is_gptqs_error_on_other_inputs_per_unit_of_rounding_nois
     assert measured == pytest.approx(float((scale**2 / 12).sum()) * expected_error(H, perm, h_test), rel=0.05)
     in_sample = float((1 / factor(h_fit, 0.01, True).hinv.double().diagonal().square()).sum())  # U H U^T = I
     assert expected_error(H, perm, H[perm.argsort()][:, perm.argsort()]) == pytest.approx(in_sample, rel=1e-4)
+
+
+def test_a_factor_solved_with_the_shrunk_hessian_gives_back_the_sample_and_the_shrunk_one():
+    # few correlated tokens: cross-validation keeps a shrinkage in the factor, and hessian() must undo it for the
+    # sample H and rescale it to the Schaefer-Strimmer estimate, as a GPTQ that kept the sample H gives them
+    model, inputs = _classifier(32, seed=9)
+    batches = [inputs(12) for _ in range(4)]
+    w = model[0].weight
+    shrinking, sample = GPTQ(model, batches), GPTQ(model, batches, shrink=False)
+    f = shrinking.factors[_key(w)]
+    assert 0 < f.solved < 1 and f.rho == sample.factors[_key(w)].rho
+    for shrunk in (False, True):
+        want = sample.hessian(w, shrunk=shrunk)
+        torch.testing.assert_close(shrinking.hessian(w, shrunk=shrunk), want, rtol=1e-3, atol=1e-4 * float(want.max()))

@@ -230,8 +230,7 @@ class GPTQ:
                     return
                 owner[name], last[0], last[1] = name, inputs[0], name
                 x = inputs[0].detach()
-                n = x.shape[0] if x.dim() > 1 else 1
-                moments.setdefault(name, Moments()).add(token_rows(x, mask[0]).float(), sample_ids(x, mask[0]), n)
+                moments.setdefault(name, Moments()).add(token_rows(x, mask[0]).float(), *sample_ids(x, mask[0]))
 
             return fn
 
@@ -340,13 +339,14 @@ def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def sample_ids(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The sample (index along the batch) each of ``token_rows(x, mask)``'s rows comes from."""
+def sample_ids(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """(the sample, i.e. index along the batch, each of ``token_rows(x, mask)``'s rows comes from; the batch's
+    number of samples)."""
     batch = x.shape[0] if x.dim() > 1 else 1
     if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-        return torch.repeat_interleave(torch.arange(batch, device=x.device), mask.to(x.device).sum(1))
+        return torch.repeat_interleave(torch.arange(batch, device=x.device), mask.to(x.device).sum(1)), batch
     rows = x.numel() // max(x.shape[-1], 1)
-    return torch.arange(rows, device=x.device) // max(rows // batch, 1)
+    return torch.arange(rows, device=x.device) // max(rows // batch, 1), batch
 
 
 def _hessian_bytes(unit) -> int:

@@ -92,12 +92,12 @@ def choose_rho(moments: Moments, rho: float, score: Callable) -> float:
         return 0.0
     if min(moments.tokens) == 0:  # one sample: nothing to cross-validate with, the estimate alone
         return rho
+    folds = [moments.hessian(k).double() for k in (0, 1)]
+    rhos = [moments.rho(h, k) for k, h in enumerate(folds)]
     errors = [0.0] * len(CANDIDATES)
     for fit, test in ((0, 1), (1, 0)):
-        h_fit, h_test = moments.hessian(fit).double(), moments.hessian(test).double()
-        r_fit = moments.rho(h_fit, fit)
         for k, c in enumerate(CANDIDATES):
-            errors[k] += score(shrink(h_fit.clone(), c * r_fit), h_test)
+            errors[k] += score(shrink(folds[fit].clone(), c * rhos[fit]), folds[test])
     return CANDIDATES[min(range(len(errors)), key=errors.__getitem__)] * rho
 
 
