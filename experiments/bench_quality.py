@@ -183,7 +183,11 @@ def fair(zoo: ZooModel, quantizers: list[str], estimator: str | None) -> list[di
             wall = time.perf_counter() - start
             fits = {o: m for o, m in uniform.items() if o in options and m[axis] <= limit * (1 + 1e-9)}
             best_uniform = min(fits, key=lambda o: fits[o]["loss"]) if fits else None
-            plan_m, searched_m = measure(result.plan), measure(result.extra["searched_plan"])
+            # the plans with the very quantizer they were searched with (GPTQ on the fit split, from its spec)
+            searched = functools.partial(
+                evaluate, zoo.model, data=zoo.evaluation, loss=zoo.loss, calibration=zoo.calibration
+            )
+            plan_m, searched_m = searched(plan=result.plan), searched(plan=result.extra["searched_plan"])
             rows.append(
                 emit(
                     {

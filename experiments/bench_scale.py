@@ -134,16 +134,15 @@ def gptq_all(model, batches) -> list[str]:
     import torch
 
     from mpsearch.layers import find_units
-    from mpsearch.quant import quantize_weight
-    from mpsearch.quant.gptq import GPTQ, use
+    from mpsearch.quant.gptq import GPTQ, covers
 
     quantizer = GPTQ(model, batches)
     done = []
-    with use(quantizer), torch.no_grad():
+    with torch.no_grad():
         for unit in find_units(model):
-            if unit.type.optional:  # embeddings: not GPTQ's
+            if not covers(unit):  # embeddings, convolutions: not GPTQ's
                 continue
-            quantize_weight(unit.weight, "int4_g128")
+            quantizer.quantize(unit, "int4_g128")
             done.append(unit.name)
     return done
 

@@ -38,6 +38,9 @@ _LAZY = {
     "apply_plan": "mpsearch.quant",
     "quantized": "mpsearch.quant",
     "quantize_weight": "mpsearch.quant",
+    "Quantizer": "mpsearch.quant.quantizer",
+    "RTN": "mpsearch.quant.quantizer",
+    "GPTQ": "mpsearch.quant.gptq",
     "discover": "mpsearch.layers",
     "load_model": "mpsearch.models",
 }

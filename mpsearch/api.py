@@ -26,13 +26,13 @@ from mpsearch.core import (
     parse_option,
     parse_options,
 )
-from mpsearch.data import as_batches
+from mpsearch.data import as_batches, data_fingerprint
 from mpsearch.layers import discover, require_finite, require_layers
-from mpsearch.names import DEFAULT_ESTIMATOR, QUANTIZERS  # (DEFAULT_ESTIMATOR: see mpsearch.names)
+from mpsearch.names import DEFAULT_ESTIMATOR  # (see mpsearch.names)
 from mpsearch.outputs import OutputFn, evaluating, metric_of, nll_sum, raw_call, reduce_output, resolve_objective
 from mpsearch.quant.apply import quantized_weights, resolve_plan, swapped
-from mpsearch.quant.gptq import use
-from mpsearch.safety import holdout, safeguard
+from mpsearch.quant.quantizer import for_plan, make_quantizer, quantizer_class, quantizer_name
+from mpsearch.safety import HOLDOUT_FRACTION, holdout, safeguard
 
 
 def _resolve_model(model, data, loss_fn, options, device=None, target: str | None = None):
@@ -59,27 +59,6 @@ def _resolve_model(model, data, loss_fn, options, device=None, target: str | Non
             "move it first (model.to('cuda')) and leave device unset",
         )
     return model, data, loss_fn, DEFAULT_OPTIONS if options is None else options, None
-
-
-def quantizer_kind(quantizer) -> str:
-    """ "rtn" (None or "rtn") or "gptq" ("gptq" or a GPTQ instance); anything else is a one-line error."""
-    from mpsearch.quant.gptq import GPTQ
-
-    if quantizer is None or quantizer == "rtn":
-        return "rtn"
-    if quantizer == "gptq" or isinstance(quantizer, GPTQ):
-        return "gptq"
-    raise MpsearchError(f"unknown quantizer {quantizer!r}", f"use one of {list(QUANTIZERS)}")
-
-
-def make_quantizer(quantizer, model: nn.Module, batches: list):
-    """None for "rtn" (round to nearest), a GPTQ with the model's calibration Hessians for "gptq"; a GPTQ
-    instance passes through."""
-    from mpsearch.quant.gptq import GPTQ
-
-    if quantizer_kind(quantizer) == "rtn":
-        return None
-    return quantizer if isinstance(quantizer, GPTQ) else GPTQ(model, batches)
 
 
 def check_refine(refine) -> None:
@@ -150,13 +129,15 @@ def estimate(
     ``cache``: reuse/store the table in the on-disk cache; ``device``: where a zoo model is loaded (default:
     CUDA when available); a module runs where it lives; ``target``: a runtime of ``mpsearch.export.TARGETS``
     whose options (sizes and quantization math its own) are estimated; ``quantizer``: "rtn" (round to
-    nearest) or "gptq" (GPTQ with Hessians from ``data``; see mpsearch.quant.gptq).
+    nearest), "gptq" (GPTQ with Hessians from ``data``, cached under its spec; see mpsearch.quant.gptq) or a
+    ``mpsearch.quant.quantizer.Quantizer``.
     """
     _no_extra("estimate", extra)
     est = make_estimator(estimator, estimator_params)
+    quantizer_name(quantizer)  # an unknown name fails before any work
     module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options, device, target)
     data = as_batches(data)
-    q = make_quantizer(quantizer, module, data)
+    q = make_quantizer(quantizer, module, data, cache=cache)
     table = est.estimate(
         module, data, options, loss_fn, cache=cache, output_fn=output_fn, include=include, exclude=exclude, quantizer=q
     )
@@ -217,8 +198,9 @@ def search(
     ``safe`` (default): a quarter of the calibration data is held out of the estimate; on it the plan is
     refined by up to ``refine`` measured moves and compared with every uniform option within the budget,
     and the best measured plan is returned (``result.extra["safety"]`` has the losses; see mpsearch.safety).
-    ``quantizer``: "rtn" (round to nearest) or "gptq" (GPTQ with the calibration Hessians): the table, the
-    check and the plan's provenance use it, and ``evaluate`` should too.
+    ``quantizer``: "rtn" (round to nearest), "gptq" (GPTQ with the Hessians of the calibration data's fit split)
+    or a Quantizer: the table and the check use it, and the plan's provenance records its ``spec()``, so that
+    ``apply_plan``, ``quantized`` and ``evaluate`` rebuild exactly that math (or refuse).
     The cost table is kept in ``result.extra["table"]``.
     """
     _no_extra("search", extra)
@@ -226,15 +208,12 @@ def search(
     est, slv, needs_fitness = search_components(estimator, solver, estimator_params, solver_params)
     module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options, device, target)
     opts = parse_options(options)
-    if quantizer_kind(quantizer) == "gptq":  # refuse options it has no grid for, before any work
-        from mpsearch.quant.gptq import GPTQ, check_options
-
-        check_options(GPTQ, opts)
+    quantizer_class(quantizer).check_options(opts)  # refuse options it has no grid for, before any work
     check_refine(refine)
     data = as_batches(data)  # iterated several times below
     example = data[0] if budget.bops is not None else None
     check_budget(module, budget, options, example, include, exclude)
-    fit, check = holdout(data) if safe else (data, data)
+    fit, check = holdout(data, HOLDOUT_FRACTION) if safe else (data, data)
     q = make_quantizer(quantizer, module, fit)
     table = est.estimate(
         module, fit, options, loss_fn, output_fn=output_fn, include=include, exclude=exclude, quantizer=q
@@ -249,10 +228,12 @@ def search(
         slv.fitness = PlanFitness(module, fit, loss, output_fn, q)
     problem = solvers.Problem(table, with_runtime_ties(budget, target, table))
     result = slv.solve(problem)
+    result.plan.provenance["quantizer"] = q.spec()  # before the check: its plans inherit the provenance
+    if safe and fit is not data:  # how to take the quantizer's calibration split out of the data again
+        result.plan.provenance["calibration"] = {"data": data_fingerprint(data), "holdout": HOLDOUT_FRACTION}
     if safe:
         measure = PlanFitness(module, check, loss, output_fn, q)
         result = safeguard(problem, result, measure, refine, held_out=check is not fit)
-    result.plan.provenance["quantizer"] = "gptq" if q is not None else "rtn"
     result.extra["table"] = table
     return result
 
@@ -350,7 +331,7 @@ def evaluate(
     data: Iterable,
     loss: str | None = None,
     output_fn: OutputFn | None = None,
-    quantizer="rtn",
+    quantizer=None,
     calibration: Iterable | None = None,
     progress: bool = True,
 ) -> dict:
@@ -362,13 +343,13 @@ def evaluate(
     Metric: ``perplexity`` on the data for causal LMs (lower is better; ``perplexity_fp`` beside it), else
     ``neg_kl`` = -KL or ``cosine`` = mean cosine similarity (higher is better). Returns avg_bits,
     size_bytes, metric_name, metric, higher_is_better, loss_name, loss.
-    ``quantizer``: "rtn", or "gptq" with its Hessians from ``calibration`` (never from ``data``: the
-    evaluation stays held out), or a GPTQ instance. ``progress``: a progress bar over the batches.
+    ``quantizer``: None (the plan's own, from its provenance's spec: see ``mpsearch.quant.quantizer.for_plan``),
+    a name or a Quantizer (refused when it differs from the plan's spec); a GPTQ plan is rebuilt exactly from
+    ``calibration`` (the data given to search; never ``data``: the evaluation stays held out) or the cache,
+    or refused. ``progress``: a progress bar over the batches.
     """
     batches = as_batches(data)
-    if quantizer == "gptq" and calibration is None:
-        raise MpsearchError("quantizer='gptq' needs calibration data for its Hessians", "pass calibration=")
-    q = make_quantizer(quantizer, model, as_batches(calibration) if calibration is not None else [])
+    q = for_plan(model, plan, quantizer, calibration, "evaluate")
     if loss is not None and loss not in ("kl", "cosine"):
         raise MpsearchError(f"unknown loss {loss!r}", "use 'kl' or 'cosine'")
     sizes = plan_size(model, plan)
@@ -378,8 +359,7 @@ def evaluate(
         objective = resolve_objective(loss, output_fn, model, batches[0])
         metric_name, higher = metric_of(model, objective.name, output_fn)
         lm = metric_name == "perplexity"
-        with use(q):
-            q_weights = quantized_weights(model, plan)
+        q_weights = quantized_weights(model, plan, q)
         bar = tqdm(batches, desc="evaluate", disable=not progress or len(batches) < 2, leave=False)
         for batch in bar:  # one forward of each model per batch serves the loss and the perplexity
             raw = {"fp": raw_call(model, batch)}

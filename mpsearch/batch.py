@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import pandas as pd
 import tomllib
 
 from mpsearch.core import Budget, CostTable, InfeasibleBudgetError, MpsearchError
+from mpsearch.data import write_atomic
 
 BUDGET_KEYS = ("avg_bits", "size_bytes", "size_fraction")
 
@@ -130,18 +131,16 @@ def _open_run_dir(run_dir: Path) -> tuple[Path, Path]:
     return tables_dir, cells_dir
 
 
-def _write_atomic(path: Path, content: str | Callable[[Path], object]) -> None:
-    """Write ``content`` (text, or a function writing a file at the path it is given) to ``path`` through a
-    temp file renamed over it: a crash or a fault never leaves a half-written file where a reader looks."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        if isinstance(content, str):
-            tmp.write_text(content)
-        else:
-            content(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)  # gone after the rename; a half-written one after a fault
+def _solver_params(solver: str, zoo) -> dict:
+    """What a solver needs beyond the table: a measured fitness for those that evaluate plans on the model
+    (``evolutionary``), on the zoo model's calibration data (never its evaluation data)."""
+    import solvers
+
+    if "fitness" not in solvers.REGISTRY[solver].required_params():
+        return {}
+    from mpsearch.fitness import PlanFitness
+
+    return {"fitness": PlanFitness(zoo.model, zoo.calibration, zoo.loss)}
 
 
 def _budget(spec: dict, table: CostTable) -> Budget:
@@ -184,24 +183,24 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
             table = api.estimate(zoo.model, zoo.calibration, estimator, config.options or zoo.options, zoo.loss)
             table.meta["model"] = model
             with _writing(config.run_dir):
-                _write_atomic(table_path, table.to_parquet)
+                write_atomic(table_path, table.to_parquet)
         start = time.perf_counter()
         cell = cells_dir / cell_id(model, estimator, solver, budget_spec)
         ((key, value),) = budget_spec.items()
         row = {"cell": cell.name, "model": model, "estimator": estimator, "solver": solver}
         row.update(budget_kind=key, budget_value=value)
         try:
-            result = api.solve(table, _budget(budget_spec, table), solver)
+            result = api.solve(table, _budget(budget_spec, table), solver, _solver_params(solver, zoo))
         except InfeasibleBudgetError as err:  # a result too: recorded, and the grid goes on
             with _writing(config.run_dir):
                 cell.mkdir(exist_ok=True)
-                _write_atomic(cell / "metrics.json", json.dumps({**row, "status": "infeasible", "reason": str(err)}))
+                write_atomic(cell / "metrics.json", json.dumps({**row, "status": "infeasible", "reason": str(err)}))
             bar.update()
             continue
         measured = api.evaluate(zoo.model, result.plan, zoo.evaluation, zoo.loss, progress=False)
         with _writing(config.run_dir):
             cell.mkdir(exist_ok=True)
-            _write_atomic(cell / "plan.json", result.plan.to_json())
+            write_atomic(cell / "plan.json", result.plan.to_json())
         metrics = {
             **row,
             "status": result.status,
@@ -214,7 +213,7 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
         }
         time.sleep(delay)
         with _writing(config.run_dir):
-            _write_atomic(cell / "metrics.json", json.dumps(metrics))  # last: marks the cell finished
+            write_atomic(cell / "metrics.json", json.dumps(metrics))  # last: marks the cell finished
         bar.update()
     bar.close()
     with _writing(config.run_dir):
@@ -226,8 +225,8 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
 def collect(run_dir: Path) -> pd.DataFrame:
     rows = [json.loads(p.read_text()) for p in sorted((run_dir / "cells").glob("*/metrics.json"))]
     results = pd.DataFrame(rows)
-    _write_atomic(run_dir / "results.parquet", lambda tmp: results.to_parquet(tmp, index=False))
-    _write_atomic(run_dir / "results.csv", results.to_csv(index=False))
+    write_atomic(run_dir / "results.parquet", lambda tmp: results.to_parquet(tmp, index=False))
+    write_atomic(run_dir / "results.csv", results.to_csv(index=False))
     return results
 
 

@@ -137,6 +137,7 @@ def cmd_evaluate(args) -> int:
     from mpsearch import api
     from mpsearch.core import BitPlan, InvalidPlanError
     from mpsearch.layers import discover
+    from mpsearch.quant.quantizer import for_plan
 
     plan = BitPlan.load(args.plan)
     made_for = plan.provenance.get("model")
@@ -148,10 +149,9 @@ def cmd_evaluate(args) -> int:
     zoo = _load(args.model, args.device)
     shapes = {info.name: info.shape for info in discover(zoo.model)[0]}
     plan.check_layers(list(shapes), f"model {args.model!r}")
-    quantizer = plan.provenance.get("quantizer", "rtn")  # measure with the quantizer the plan was searched with
-    if quantizer == "gptq":
-        _status("collecting GPTQ's calibration Hessians ...")
-    q = api.make_quantizer(quantizer, zoo.model, zoo.calibration)
+    # the quantizer the plan was searched with, rebuilt exactly from its spec (the search's calibration split)
+    q = for_plan(zoo.model, plan, None, zoo.calibration, "evaluate")
+    quantizer = q.label()
     _status(f"measuring the planned model ({quantizer}) ...")
     measured = api.evaluate(zoo.model, plan, zoo.evaluation, zoo.loss, quantizer=q)
     planned = list(plan.assignments)

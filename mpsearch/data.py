@@ -5,9 +5,11 @@ How a batch is fed to a model and how its output is reduced for a loss: ``mpsear
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -26,6 +28,37 @@ def cache_root() -> Path:
     return root
 
 
+LOG = logging.getLogger("mpsearch")
+_UNWRITABLE: set = set()  # cache folders already reported as unwritable (said once per process)
+
+
+def write_atomic(path: Path, content: str | Callable[[Path], object]) -> None:
+    """Write ``content`` (text, or a function writing a file at the path it is given) to ``path`` through a
+    temp file renamed over it: a crash or a fault never leaves a half-written file where a reader looks."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if isinstance(content, str):
+            tmp.write_text(content)
+        else:
+            content(tmp)
+        tmp.replace(path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # gone after the rename; a half-written one after a fault
+
+
+def store_in_cache(path: Path, content: str | Callable[[Path], object]) -> None:
+    """``write_atomic`` into the cache; a cache that cannot be written (read-only, full, not a folder) is said
+    once, and the work goes on without it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, content)
+    except OSError as err:
+        if path.parent not in _UNWRITABLE:
+            _UNWRITABLE.add(path.parent)
+            LOG.warning("mpsearch: cannot write the cache %s (%s); going on without caching", path.parent, err)
+
+
 def as_batches(data: Iterable) -> list:
     """Materialize calibration data (it is iterated several times) and check it is not empty."""
     if isinstance(data, torch.Tensor | Mapping):
@@ -38,12 +71,21 @@ def as_batches(data: Iterable) -> list:
     return batches
 
 
-def _tensors(batch) -> list[torch.Tensor]:
-    if isinstance(batch, torch.Tensor):
-        return [batch]
+def _leaves(batch, label: str = "") -> Iterator[tuple[str, object]]:
+    """(path, value) of every leaf of a batch: tensors and other values inside tensors, tuples, lists and dicts
+    (keys sorted), nested to any depth, so two batches of the same form differ here whenever their data does."""
     if isinstance(batch, Mapping):
-        return [batch[k] for k in sorted(batch) if isinstance(batch[k], torch.Tensor)]
-    return [t for t in batch if isinstance(t, torch.Tensor)]
+        for key in sorted(batch, key=str):
+            yield from _leaves(batch[key], f"{label}.{key}")
+    elif isinstance(batch, tuple | list):
+        for i, item in enumerate(batch):
+            yield from _leaves(item, f"{label}[{i}]")
+    else:
+        yield label, batch
+
+
+def _tensors(batch) -> list[torch.Tensor]:
+    return [v for _, v in _leaves(batch) if isinstance(v, torch.Tensor)]
 
 
 def hash_tensor(h, t: torch.Tensor, label: str = "") -> None:
@@ -54,18 +96,28 @@ def hash_tensor(h, t: torch.Tensor, label: str = "") -> None:
 
 
 def data_fingerprint(batches: list) -> str:
+    """Hash of every leaf of every batch (tensors by shape, dtype and bytes; other values by their repr), with
+    its place in the batch, so that no two different calibration sets share one."""
     h = hashlib.sha256()
-    for batch in batches:
-        for t in _tensors(batch):
-            hash_tensor(h, t)
+    for i, batch in enumerate(batches):
+        for label, value in _leaves(batch, f"{i}"):
+            if isinstance(value, torch.Tensor):
+                hash_tensor(h, value, label)
+            else:
+                h.update(f"{label}={value!r}".encode())
     return h.hexdigest()[:16]
 
 
 def n_samples(batch) -> int:
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0])
-    first = next(v for v in (batch.values() if isinstance(batch, Mapping) else batch) if isinstance(v, torch.Tensor))
-    return int(first.shape[0])
+    tensors = _tensors(batch)
+    if not tensors:
+        raise MpsearchError(
+            f"a calibration batch ({type(batch).__name__}) holds no tensor",
+            "pass batches of tensors (a tokenizer's output with return_tensors='pt', a tensor, or a tuple of them)",
+        )
+    return int(tensors[0].shape[0])
 
 
 def take(batch, i: int, count: int = 1):

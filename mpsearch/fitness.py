@@ -9,9 +9,9 @@ from torch import nn
 from mpsearch.core import BitPlan
 from mpsearch.data import as_batches
 from mpsearch.outputs import OutputFn, evaluating, resolve_objective
-from mpsearch.quant import quantize_weight, swapped
+from mpsearch.quant import swapped
 from mpsearch.quant.apply import resolve_plan
-from mpsearch.quant.gptq import use
+from mpsearch.quant.quantizer import RTN, Quantizer
 
 
 class PlanFitness:
@@ -22,13 +22,18 @@ class PlanFitness:
     the model is unchanged between calls. Quantized weights are kept per (layer, option) in use and only
     layers whose option changed are re-quantized, so a trial costs one forward pass over the batches; the
     memory beside the model is the current plan's quantized weights. ``calls`` counts evaluations.
-    ``quantizer``: None (round to nearest) or a ``mpsearch.quant.gptq.GPTQ``."""
+    ``quantizer``: the ``Quantizer`` whose weights are measured (None: round to nearest, ``RTN``)."""
 
     def __init__(
-        self, model: nn.Module, data, loss: str | None = None, output_fn: OutputFn | None = None, quantizer=None
+        self,
+        model: nn.Module,
+        data,
+        loss: str | None = None,
+        output_fn: OutputFn | None = None,
+        quantizer: Quantizer | None = None,
     ) -> None:
         self.batches = as_batches(data)
-        self.model, self.quantizer = model, quantizer
+        self.model, self.quantizer = model, RTN() if quantizer is None else quantizer
         with evaluating(model), torch.no_grad():
             self.objective = resolve_objective(loss, output_fn, model, self.batches[0])
             self.reference = self.objective.references(model, self.batches)
@@ -42,8 +47,7 @@ class PlanFitness:
     def losses(self, plan: BitPlan) -> np.ndarray:
         """The plan's loss on each batch (``fitness(plan)`` is their mean)."""
         wanted = resolve_plan(self.model, plan)
-        with use(self.quantizer):
-            self._current = self._quantized(wanted)
+        self._current = self._quantized(wanted)
         self.calls += 1
         with evaluating(self.model), swapped(self.model, {u: q for u, (_, q) in self._current.items()}):
             return np.array(self.objective.losses(self.model, self.batches, self.reference))
@@ -52,6 +56,6 @@ class PlanFitness:
         return {
             unit: self._current[unit]
             if unit in self._current and self._current[unit][0] == option
-            else (option, quantize_weight(unit.weight, option))
+            else (option, self.quantizer.quantize(unit, option))
             for unit, option in wanted.items()
         }

@@ -24,12 +24,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from mpsearch.core import SearchResult
 from mpsearch.data import n_samples, split, take
 
+HOLDOUT_FRACTION = 0.25  # of the calibration batches held out of the estimate for the measured check
 
-def holdout(batches: list, fraction: float = 0.25) -> tuple[list, list]:
+
+def holdout(batches: list, fraction: float = HOLDOUT_FRACTION) -> tuple[list, list]:
     """(fit, check): the last ``fraction`` of the batches (at least one) held out; a single batch is split by
     samples. With one sample there is nothing to hold out: (batches, batches). A check of one batch is cut
     in two, so that refinement has two folds to agree on (see ``_better``)."""
@@ -76,12 +79,17 @@ def uniform_choices(problem) -> dict[str, np.ndarray]:
     return out
 
 
-def _moves(problem, choice: np.ndarray, width: int = 384) -> list[tuple[float, dict[int, int]]]:
-    """Feasible single upgrades and (upgrade, downgrade) pairs from ``choice``, best predicted first:
-    (predicted change of total damage, {unit: new option index}). Pairs are formed between the ``width``
-    upgrades of best predicted gain per budget spent and the ``width`` downgrades of least damage added per
-    budget freed (all of them on tables with fewer (unit, option) rows), so a move pairs a costly upgrade with
-    the downgrades that pay for it."""
+MOVE_WIDTH = 384  # upgrades and downgrades ranked per kind when moves are formed (``_moves``)
+MAX_DOWNGRADES = 8  # most downgrades one move may spend to pay for an upgrade
+
+
+def _moves(problem, choice: np.ndarray, width: int = MOVE_WIDTH) -> list[tuple[float, dict[int, int]]]:
+    """Feasible single upgrades, (upgrade, downgrade) pairs and (upgrade, several downgrades) bundles from
+    ``choice``, best predicted first: (predicted change of total damage, {unit: new option index}). Pairs are
+    formed between the ``width`` upgrades of best predicted gain per budget spent and the ``width`` downgrades
+    of least damage added per budget freed (all of them on tables with fewer (unit, option) rows), so a move
+    pairs a costly upgrade with the downgrade that pays for it; an upgrade no single downgrade pays for gets
+    the cheapest downgrades of other units, in that order, until it fits (at most ``MAX_DOWNGRADES``)."""
     idx = np.arange(problem.n_units)
     damage = np.where(problem.valid, problem.damage, np.inf)
     costs = np.stack([np.where(problem.valid, c, np.inf) for c in problem.costs])  # (K, n, m)
@@ -105,8 +113,28 @@ def _moves(problem, choice: np.ndarray, width: int = 384) -> list[tuple[float, d
     for a, b in zip(*np.nonzero(ok)):
         u, k, v, j = up_u[ups[a]], up_k[ups[a]], down_u[downs[b]], down_k[downs[b]]
         moves.append((float(net[a, b]), {int(u): int(k), int(v): int(j)}))
+    for a in np.nonzero(~ok.any(axis=1))[0]:  # no single downgrade pays for this upgrade: bundle several
+        move = _bundle(int(up_u[ups[a]]), int(up_k[ups[a]]), down_u[downs], down_k[downs], extra, slack)
+        if move is not None:
+            moves.append((float(sum(gain[u, k] for u, k in move.items())), move))
     moves.sort(key=lambda m: m[0])
     return moves
+
+
+def _bundle(u: int, k: int, down_u, down_k, extra: np.ndarray, slack: np.ndarray) -> dict[int, int] | None:
+    """Upgrade (u, k) plus the first downgrades of other units (one each, in ranked order) that make it fit
+    every constraint, or None when ``MAX_DOWNGRADES`` of them do not."""
+    move, cost = {u: k}, extra[:, u, k].copy()
+    for v, j in zip(down_u.tolist(), down_k.tolist()):
+        if v in move or not np.any(extra[:, v, j] < 0):
+            continue
+        move[v] = j
+        cost += extra[:, v, j]
+        if np.all(cost <= slack):
+            return move
+        if len(move) > MAX_DOWNGRADES:
+            return None
+    return None
 
 
 def _better(new: np.ndarray, old: np.ndarray) -> bool:
@@ -147,18 +175,32 @@ def refine(problem, choice: np.ndarray, loss, measure: Callable[[np.ndarray], ob
     return choice, best, kept, evals
 
 
-def safeguard(problem, result: SearchResult, fitness, max_evals: int = 16, held_out: bool = True) -> SearchResult:
+def safeguard(
+    problem, result: SearchResult, fitness, max_evals: int = 16, held_out: bool = True, progress: bool = True
+) -> SearchResult:
     """Refine ``result`` with measured moves, compare it with the uniform options within the budget, and
     return the best measured plan; ``result.extra["safety"]`` holds the comparison (and its seconds),
-    ``result.extra["searched_plan"]`` the solver's plan."""
+    ``result.extra["searched_plan"]`` the solver's plan. ``progress``: a bar over the measurements (at most
+    1 + ``max_evals`` + one per uniform option)."""
 
     def plan_of(choice):
         return problem.result(choice, "feasible", "", {}, 0.0).plan
 
+    uniforms = uniform_choices(problem)
+    bar = tqdm(total=1 + max_evals + len(uniforms), desc="measured check", disable=not progress, leave=False)
+
     def measure(choice) -> np.ndarray:  # per-batch losses where the fitness has them (PlanFitness.losses)
         plan = plan_of(choice)
+        bar.update()
         return np.atleast_1d(fitness.losses(plan) if hasattr(fitness, "losses") else float(fitness(plan)))
 
+    try:
+        return _safeguard(problem, result, measure, max_evals, held_out, uniforms)
+    finally:
+        bar.close()
+
+
+def _safeguard(problem, result: SearchResult, measure, max_evals: int, held_out: bool, uniforms: dict):
     began = time.perf_counter()
     start = problem.choice_of(result.plan)
     searched = measure(start)
@@ -167,7 +209,7 @@ def safeguard(problem, result: SearchResult, fitness, max_evals: int = 16, held_
     chosen = "refined" if moves else "searched"
     report = SafetyReport(float(searched.mean()), loss, moves, evals, held_out=held_out, chosen=chosen)
     best_choice = choice
-    for option, uniform in uniform_choices(problem).items():
+    for option, uniform in uniforms.items():
         report.uniform_losses[option] = float(measure(uniform).mean())
         if report.uniform_losses[option] < loss:
             loss, best_choice, report.chosen = report.uniform_losses[option], uniform, f"uniform-{option}"

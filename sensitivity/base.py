@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import logging
-import os
 import platform
 import time
 from abc import ABC, abstractmethod
@@ -22,11 +20,10 @@ from torch import nn
 
 from mpsearch.core import DEFAULT_OPTIONS, CostTable, LayerInfo, MpsearchError, Option, cost_rows, parse_options
 from mpsearch.core.params import Configurable
-from mpsearch.data import as_batches, cache_root, data_fingerprint
+from mpsearch.data import as_batches, cache_root, data_fingerprint, store_in_cache
 from mpsearch.layers import Unit, discover, find_units, model_fingerprint, require_finite, require_layers
 from mpsearch.outputs import LossFn, Objective, OutputFn, evaluating, model_device, resolve_objective
-from mpsearch.quant import quantization_error
-from mpsearch.quant.gptq import check_options, current, use
+from mpsearch.quant.quantizer import RTN, Quantizer
 from sensitivity.sums import dot64
 
 
@@ -61,8 +58,9 @@ class Estimator(Configurable, ABC):
 
         ``loss_fn``: None (KL of logits; cosine for embedding models), "kl", "cosine" or f(output, reference).
         ``output_fn(output, batch) -> tensor`` overrides the output convention (``mpsearch.outputs``);
-        ``include``/``exclude``: FQN patterns selecting layers (``mpsearch.layers``); ``quantizer``: None
-        (round to nearest) or a ``mpsearch.quant.gptq.GPTQ``: every quantized weight is then GPTQ's.
+        ``include``/``exclude``: FQN patterns selecting layers (``mpsearch.layers``); ``quantizer``: a
+        ``mpsearch.quant.quantizer.Quantizer`` (None: round to nearest, ``RTN``) that makes every quantized
+        weight of the estimate; the table records its ``spec()``.
         With ``cache`` (a named loss, no output_fn), the table is stored under ``$MPSEARCH_CACHE/tables`` keyed
         by the model and data fingerprints, the estimator and its parameters, the options, the layers, the
         loss and a hash of the estimator code; an identical second call loads it instead of recomputing.
@@ -72,11 +70,14 @@ class Estimator(Configurable, ABC):
             raise MpsearchError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass an nn.Module")
         batches = as_batches(data)
         opts = parse_options(options)
-        if quantizer is not None:
-            check_options(quantizer, opts)
+        quantizer = RTN() if quantizer is None else quantizer
+        if not isinstance(quantizer, Quantizer):
+            raise MpsearchError(
+                f"quantizer {quantizer!r} is not a Quantizer", "pass mpsearch.quant.quantizer.RTN() or a GPTQ instance"
+            )
+        quantizer.check_options(opts)
         try:
-            with use(quantizer):
-                return self._table(model, batches, opts, loss_fn, cache, output_fn, include, exclude)
+            return self._table(model, batches, opts, loss_fn, cache, output_fn, include, exclude, quantizer)
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if not _out_of_memory(err):
                 raise
@@ -85,7 +86,7 @@ class Estimator(Configurable, ABC):
                 self.memory_hint,
             ) from err
 
-    def _table(self, model, batches, opts, loss_fn, cache, output_fn, include, exclude) -> CostTable:
+    def _table(self, model, batches, opts, loss_fn, cache, output_fn, include, exclude, quantizer) -> CostTable:
         """Discover the layers, resolve the loss, use the cached table or run ``_estimate``."""
         layers, ties = discover(model, example=batches[0], include=include, exclude=exclude)
         require_layers(layers)
@@ -100,7 +101,7 @@ class Estimator(Configurable, ABC):
             "layers": [info.name for info in layers],
             "aliases": {info.name: list(info.aliases) for info in layers if info.aliases},
             "architecture": getattr(getattr(model, "config", None), "model_type", None),
-            "quantizer": quantizer_name(current()),
+            "quantizer": quantizer.spec(),
             "model_fingerprint": model_fingerprint(model),
             "data_fingerprint": data_fingerprint(batches),
             "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
@@ -117,48 +118,30 @@ class Estimator(Configurable, ABC):
         require_finite(units_for(model, layers))
         began = time.perf_counter()
         with borrowed(model):
-            extra = self._estimate(model, batches, layers, opts, objective)
+            extra = self._estimate(model, batches, layers, opts, objective, quantizer)
         frame = cost_rows(layers, opts).merge(extra, on=["layer", "option"], how="left", validate="one_to_one")
         table = CostTable(frame, {**meta, "estimate_s": round(time.perf_counter() - began, 3)})
         if path is not None:
-            _store(table, path)
+            store_in_cache(path, table.to_parquet)
         return table
 
     @abstractmethod
     def _estimate(
-        self, model: nn.Module, batches: list, layers: list[LayerInfo], options: list[Option], objective: Objective
+        self,
+        model: nn.Module,
+        batches: list,
+        layers: list[LayerInfo],
+        options: list[Option],
+        objective: Objective,
+        quantizer: Quantizer,
     ) -> pd.DataFrame:
         """Return a frame with columns layer, option, damage (and raw columns). ``model`` is the caller's,
         borrowed: set ``requires_grad`` or hooks freely (restored / removed afterwards), but never write a
-        weight — swap quantized ones in with ``mpsearch.quant.swapped``."""
+        weight — swap quantized ones in with ``mpsearch.quant.swapped``. Every quantized weight comes from
+        ``quantizer`` (``quantizer.quantize(unit, option)`` / ``quantizer.error(unit, option)``)."""
 
 
 LOG = logging.getLogger("mpsearch")
-_UNWRITABLE: set = set()  # cache folders already reported as unwritable (said once per process)
-
-
-def _store(table: CostTable, path: Path) -> None:
-    """Write a table to the cache atomically (a crash never leaves a half-written one); a cache that cannot
-    be written (read-only, full, not a folder) is said once, and the search goes on without it."""
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table.to_parquet(tmp)
-        tmp.replace(path)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if path.parent not in _UNWRITABLE:
-            _UNWRITABLE.add(path.parent)
-            LOG.warning("mpsearch: cannot write the cache %s (%s); going on without caching", path.parent, err)
-
-
-def quantizer_name(quantizer) -> str:
-    """ "rtn" (round to nearest) or the quantizer's name with its parameters, e.g. "gptq(damp=0.01, ...)"."""
-    if quantizer is None:
-        return "rtn"
-    params = ", ".join(f"{k}={v}" for k, v in quantizer.params().items())
-    return f"{quantizer.name}({params})" if params else quantizer.name
 
 
 def _out_of_memory(err: BaseException) -> bool:
@@ -225,7 +208,7 @@ def trainable_weights(model: nn.Module, layers: list[LayerInfo]) -> list[nn.Para
     return params
 
 
-def weight_perturbations(model: nn.Module, layers: list[LayerInfo], options: list[Option]) -> dict:
+def weight_perturbations(model: nn.Module, layers: list[LayerInfo], options: list[Option], quantizer) -> dict:
     """||Q(W) - W||^2 per (layer, option); one quantized copy of one layer at a time (NaN, not computed, where
     the option cannot store the layer)."""
     out = {}
@@ -233,7 +216,7 @@ def weight_perturbations(model: nn.Module, layers: list[LayerInfo], options: lis
         for unit in units_for(model, layers):
             w = unit.weight
             for opt in options:
-                out[unit.name, opt.name] = dot64(quantization_error(w, opt)) if opt.fits(tuple(w.shape)) else NAN
+                out[unit.name, opt.name] = dot64(quantizer.error(unit, opt)) if opt.fits(tuple(w.shape)) else NAN
     return out
 
 

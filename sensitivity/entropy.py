@@ -12,6 +12,7 @@ from torch import nn
 from mpsearch.core import LayerInfo, Option
 from mpsearch.core.params import Interval
 from mpsearch.outputs import Objective, model_device, raw_call
+from mpsearch.quant.quantizer import Quantizer
 from sensitivity.base import Estimator, units_for, weight_perturbations
 from sensitivity.sums import dot64
 
@@ -55,7 +56,13 @@ class Entropy(Estimator):
 
     @torch.no_grad()
     def _estimate(
-        self, model: nn.Module, batches: list, layers: list[LayerInfo], options: list[Option], objective: Objective
+        self,
+        model: nn.Module,
+        batches: list,
+        layers: list[LayerInfo],
+        options: list[Option],
+        objective: Objective,
+        quantizer: Quantizer,
     ):
         gen = torch.Generator(device=model_device(model)).manual_seed(self.seed)
         units = units_for(model, layers)
@@ -82,7 +89,7 @@ class Entropy(Estimator):
         h_act = {name: histogram_entropy(torch.cat(xs), self.bins) for name, xs in collected.items()}
         h_w = {u.name: histogram_entropy(u.weight, self.bins) for u in units}
         mean_h = float(np.mean(list(h_act.values())))
-        perturb = weight_perturbations(model, layers, options)
+        perturb = weight_perturbations(model, layers, options, quantizer)
         energy = {u.name: dot64(u.weight) for u in units}
         frame = pd.DataFrame(
             [

@@ -11,8 +11,7 @@ from mpsearch.core import LayerInfo, MpsearchError, Option
 from mpsearch.core.params import Interval
 from mpsearch.data import n_samples, take
 from mpsearch.outputs import Objective, model_device
-from mpsearch.quant import quantization_error
-from mpsearch.quant.gptq import current
+from mpsearch.quant.quantizer import Quantizer
 from sensitivity.base import NAN, Estimator, trainable_weights, units_for
 from sensitivity.sums import dot64, sum64
 
@@ -68,7 +67,13 @@ class Fisher(Estimator):
         self.progress = progress
 
     def _estimate(
-        self, model: nn.Module, batches: list, layers: list[LayerInfo], options: list[Option], objective: Objective
+        self,
+        model: nn.Module,
+        batches: list,
+        layers: list[LayerInfo],
+        options: list[Option],
+        objective: Objective,
+        quantizer: Quantizer,
     ):
         if objective.name not in ("kl", "cosine"):
             raise MpsearchError(
@@ -114,17 +119,16 @@ class Fisher(Estimator):
             for h in handles:
                 h.remove()
         rows = []
-        quantizer = current() if self.cross_terms else None
         with torch.no_grad():
             for unit, f in zip(units, fisher):
                 f = f.div_(seen).t() if unit.type.transposed else f.div_(seen)  # the unit's (out, in) layout
                 trace = sum64(f)
-                h = quantizer.hessian(unit.weight, shrunk=True) if quantizer is not None else None
+                h = quantizer.hessian(unit, shrunk=True) if self.cross_terms else None
                 for opt in options:
                     if not opt.fits(tuple(unit.weight.shape)):  # no row in the table
                         rows.append({"layer": unit.name, "option": opt.name, "damage": NAN})
                         continue
-                    d = quantization_error(unit.weight, opt)
+                    d = quantizer.error(unit, opt)
                     rows.append(
                         {
                             "layer": unit.name,

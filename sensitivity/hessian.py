@@ -209,7 +209,7 @@ class HessianTrace(Estimator):
                 "pass min_probes <= max_probes",
             )
 
-    def _estimate(self, model, batches, layers, options, objective: Objective):
+    def _estimate(self, model, batches, layers, options, objective: Objective, quantizer):
         start = time.perf_counter()
         params = trainable_weights(model, layers)
         hvp = HessianVectorProduct(model, batches, objective, params, self.micro_batch)
@@ -225,7 +225,7 @@ class HessianTrace(Estimator):
                 gen = torch.Generator(device=model_device(model)).manual_seed(self.seed)
                 est = hutchpp(hvp, shapes, gen, self.sketch, self.max_probes, bar.update)
         trace_s = time.perf_counter() - trace_start
-        perturb = weight_perturbations(model, layers, options)
+        perturb = weight_perturbations(model, layers, options, quantizer)
         self.stats_ = {
             "hvps": hvp.count,
             "hvp_s": hvp.seconds,

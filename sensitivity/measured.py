@@ -9,7 +9,8 @@ from tqdm.auto import tqdm
 
 from mpsearch.core import LayerInfo, Option
 from mpsearch.outputs import Objective
-from mpsearch.quant import quantize_weight, swapped
+from mpsearch.quant import swapped
+from mpsearch.quant.quantizer import Quantizer
 from sensitivity.base import NAN, Estimator, units_for
 
 
@@ -30,7 +31,13 @@ class Measured(Estimator):
 
     @torch.no_grad()
     def _estimate(
-        self, model: nn.Module, batches: list, layers: list[LayerInfo], options: list[Option], objective: Objective
+        self,
+        model: nn.Module,
+        batches: list,
+        layers: list[LayerInfo],
+        options: list[Option],
+        objective: Objective,
+        quantizer: Quantizer,
     ):
         reference = objective.references(model, batches)
         base = objective.mean(model, batches, reference)
@@ -42,7 +49,7 @@ class Measured(Estimator):
                     rows.append({"layer": unit.name, "option": opt.name, "damage": NAN, "loss": NAN})
                     bar.update()
                     continue
-                with swapped(model, {unit: quantize_weight(unit.weight, opt)}):
+                with swapped(model, {unit: quantizer.quantize(unit, opt)}):
                     loss = objective.mean(model, batches, reference)
                 rows.append({"layer": unit.name, "option": opt.name, "damage": loss - base, "loss": loss})
                 bar.update()

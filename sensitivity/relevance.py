@@ -8,6 +8,7 @@ from torch import nn
 from mpsearch.core import LayerInfo, Option
 from mpsearch.data import n_samples, take
 from mpsearch.outputs import LOSSES, Objective, model_device
+from mpsearch.quant.quantizer import Quantizer
 from sensitivity.base import Estimator, units_for
 from sensitivity.sqnr import noise_ratios
 from sensitivity.sums import sum64
@@ -92,7 +93,13 @@ class Relevance(Estimator):
         self.progress = progress
 
     def _estimate(
-        self, model: nn.Module, batches: list, layers: list[LayerInfo], options: list[Option], objective: Objective
+        self,
+        model: nn.Module,
+        batches: list,
+        layers: list[LayerInfo],
+        options: list[Option],
+        objective: Objective,
+        quantizer: Quantizer,
     ):
         units = units_for(model, layers)
         names = [n for u in units for n in u.names]  # a shared weight gathers the relevance of all its uses
@@ -104,7 +111,9 @@ class Relevance(Estimator):
             u.name: sum(rel["signed"][n] for n in u.names) / rel["score"] if rel["score"] else float("nan")
             for u in units
         }
-        frame = noise_ratios(model, batches, units, options, self.progress)[["layer", "option", "output_nsr"]]
+        frame = noise_ratios(model, batches, units, options, quantizer, self.progress)[
+            ["layer", "option", "output_nsr"]
+        ]
         frame["relevance"] = frame["layer"].map(share)
         frame["damage"] = frame["relevance"] * frame["output_nsr"]
         return frame

@@ -14,7 +14,6 @@ from mpsearch.core import LayerInfo, Option
 from mpsearch.core.params import OneOf
 from mpsearch.layers import Unit
 from mpsearch.outputs import Objective, raw_call
-from mpsearch.quant import quantization_error, quantize_weight
 from sensitivity.base import NAN, Estimator, units_for
 from sensitivity.sums import dot64
 
@@ -47,16 +46,15 @@ class _Direct:
     wider in than out) or more time than the products themselves (few calibration tokens): ||X dW^T||^2 is
     summed batch by batch, dW requantized each time (one option's dW alive at a time, nothing kept)."""
 
-    def __init__(self, unit: Unit, options: list[Option]) -> None:
-        self.unit = unit
+    def __init__(self, unit: Unit, options: list[Option], quantizer) -> None:
+        self.unit, self.quantizer = unit, quantizer
         self.options = [opt for opt in options if opt.fits(tuple(unit.weight.shape))]
         self.total = {opt.name: 0.0 for opt in self.options}
 
     def observe(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        w = self.unit.weight
         for opt in self.options:
-            delta = quantization_error(w, opt)
+            delta = self.quantizer.error(self.unit, opt)
             self.total[opt.name] += float((x @ delta.T).square_().sum())
 
     def noise(self, delta: torch.Tensor, option: str) -> float:
@@ -98,6 +96,7 @@ def noise_ratios(
     batches: list,
     units: list[Unit],
     options: list[Option],
+    quantizer,
     progress: bool = False,
     method: str = "auto",
 ) -> pd.DataFrame:
@@ -124,7 +123,7 @@ def noise_ratios(
             return last[1]  # a sibling fed the same tensor: its G is this layer's G
         unit = owner[name]
         gram = method == "gram" or (method == "auto" and use_gram(x, unit.weight, len(options), len(batches)))
-        return _Gram(x.shape[-1], x.device) if gram else _Direct(unit, options)
+        return _Gram(x.shape[-1], x.device) if gram else _Direct(unit, options, quantizer)
 
     def hook(name: str):
         def fn(mod, inputs, output):
@@ -139,7 +138,7 @@ def noise_ratios(
                 w = mod.weight
                 zero = {"bias": torch.zeros_like(mod.bias)} if mod.bias is not None else {}
                 for opt in (o for o in options if o.fits(tuple(w.shape))):
-                    err = functional_call(mod, {**zero, "weight": quantize_weight(w, opt) - w}, inputs)
+                    err = functional_call(mod, {**zero, "weight": quantizer.quantize(owner[name], opt) - w}, inputs)
                     key = (name, opt.name)
                     conv_noise[key] = conv_noise.get(key, 0.0) + float(err.float().pow(2).sum())
                 busy.discard(name)
@@ -168,7 +167,7 @@ def noise_ratios(
             if not opt.fits(tuple(w.shape)):  # no row in the table
                 rows.append({"layer": unit.name, "option": opt.name, "output_nsr": NAN, "weight_nsr": NAN})
                 continue
-            delta = quantization_error(w, opt)
+            delta = quantizer.error(unit, opt)
             ratio = 0.0
             for name in unit.names:  # an embedding alias reads the same (vocab, hidden) rows as its lm_head
                 if name in stats:
@@ -207,6 +206,6 @@ class SQNR(Estimator):
         self.method = method
         self.progress = progress
 
-    def _estimate(self, model, batches, layers: list[LayerInfo], options, objective: Objective):
-        frame = noise_ratios(model, batches, units_for(model, layers), options, self.progress, self.method)
+    def _estimate(self, model, batches, layers: list[LayerInfo], options, objective: Objective, quantizer):
+        frame = noise_ratios(model, batches, units_for(model, layers), options, quantizer, self.progress, self.method)
         return frame.assign(damage=frame["output_nsr"])

@@ -150,6 +150,13 @@ API_CASES = {
         __import__("pandas").DataFrame(columns=["layer", "option", "bits", "n_params", "size_bytes", "bops", "damage"])
     ),
     "apply_plan: unknown layer": lambda: mpsearch.apply_plan(_linear(), {"fc9": "int8"}),
+    "solve: evolutionary without a fitness": lambda: mpsearch.solve(
+        mpsearch.estimate(_linear(), DATA, "sqnr", cache=False), Budget(avg_bits=6), "evolutionary"
+    ),
+    "apply_plan: gptq plan without its data": lambda: mpsearch.apply_plan(
+        _linear(), BitPlan({"0": "int8"}, {"quantizer": {"name": "gptq", "params": {"damp": 0.01}, "calibration": "0"}})
+    ),
+    "quantizer: bad gptq parameter": lambda: mpsearch.GPTQ(_linear(), DATA, block_size=0),
 }
 
 

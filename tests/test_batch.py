@@ -160,3 +160,15 @@ def test_a_full_disk_mid_run_is_one_line_and_a_rerun_resumes_without_redoing_a_c
     results = run_batch(BatchConfig.load(cfg), progress=False)  # space again: the re-run finishes the grid
     assert len(results) == 2 and set(results["status"]) == {"optimal"}
     assert done[0].stat().st_mtime_ns == stamp  # not redone
+
+
+def test_a_solver_that_measures_plans_gets_a_fitness_on_the_calibration_data(digits):
+    # an evolutionary cell used to end the grid in a bare TypeError (no fitness): now it gets a PlanFitness
+    import solvers
+    from mpsearch.batch import _solver_params
+    from mpsearch.fitness import PlanFitness
+
+    params = _solver_params("evolutionary", digits)
+    assert isinstance(params["fitness"], PlanFitness) and params["fitness"].batches == list(digits.calibration)
+    assert _solver_params("core", digits) == {}
+    assert solvers.REGISTRY["evolutionary"].required_params() == ["fitness"]

@@ -9,8 +9,10 @@ from torch import nn
 
 import mpsearch
 from mpsearch.core import parse_option
-from mpsearch.quant.formats import quantization_error, quantize_weight
-from mpsearch.quant.gptq import GPTQ, _key, damped, factor, gptq_quantize, reconstruction_error, sample_ids, use
+from mpsearch.data import data_fingerprint
+from mpsearch.layers import unit_map
+from mpsearch.quant.formats import quantize_weight
+from mpsearch.quant.gptq import GPTQ, damped, factor, gptq_quantize, reconstruction_error, sample_ids
 from mpsearch.quant.gptq_shrink import Moments, shrink
 
 OPTIONS = ["int4", "int3_asym", "int4_g32", "int3_g32_asym", "gptq:int4_g32", "gptq:int3_asym"]
@@ -69,7 +71,7 @@ def test_real_weights_and_brute_force_bound_gptq():
     assert err_q < err_rtn  # on this layer the error feedback finds a strictly better rounding
 
 
-def test_gptq_quantizer_collects_hessians_and_drives_quantize_weight(digits):
+def test_gptq_quantizer_collects_hessians_keyed_by_unit_name_and_quantizes_units(digits):
     model = digits.model
     quantizer = GPTQ(model, digits.calibration, shrink=False)  # the reference's sample Hessian
     linear = dict(model.named_modules())["classifier.0"]
@@ -82,27 +84,26 @@ def test_gptq_quantizer_collects_hessians_and_drives_quantize_weight(digits):
     x = torch.cat(x)
     h = x.T @ x / len(x)
     expected = factor(h, 0.01, True).hinv  # the Cholesky factor of a near-singular H: compared to its scale
-    got = quantizer.factors[_key(linear.weight)].hinv
+    unit = unit_map(model)["classifier.0"]
+    got = quantizer.factors["classifier.0"].hinv
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
     assert (torch.diag(h) == 0).any()  # inputs ReLU never lets through: their rows and columns stay zero
-    torch.testing.assert_close(
-        quantizer.hessian(linear.weight, shrunk=False), h, rtol=1e-3, atol=1e-4 * float(h.abs().max())
-    )
+    torch.testing.assert_close(quantizer.hessian(unit, shrunk=False), h, rtol=1e-3, atol=1e-4 * float(h.abs().max()))
     shrinking = GPTQ(model, digits.calibration)  # the default: H shrunk as far as cross-validation says
-    f = shrinking.factors[_key(linear.weight)]
-    assert 0 < f.rho < 1 and f.rho == quantizer.factors[_key(linear.weight)].rho
-    assert f.solved in (0.0, f.rho / 2, f.rho) and quantizer.factors[_key(linear.weight)].solved == 0
+    f = shrinking.factors["classifier.0"]
+    assert 0 < f.rho < 1 and f.rho == quantizer.factors["classifier.0"].rho
+    assert f.solved in (0.0, f.rho / 2, f.rho) and quantizer.factors["classifier.0"].solved == 0
     expected = factor(shrink(h.clone(), f.solved), 0.01, True).hinv
     torch.testing.assert_close(f.hinv, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
     for q in (quantizer, shrinking):  # either factor gives back the sample H and the population estimate
         for shrunk, want in ((False, h), (True, shrink(h.clone(), f.rho))):
-            got = q.hessian(linear.weight, shrunk=shrunk)
+            got = q.hessian(unit, shrunk=shrunk)
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * float(h.abs().max()))
-    with use(quantizer):
-        q = quantize_weight(linear.weight, "int3")
-        conv = quantize_weight(dict(model.named_modules())["features.0"].weight, "int3")
+    q = quantizer.quantize(unit, "int3")
+    conv = quantizer.quantize(unit_map(model)["features.0"], "int3")
     assert not torch.equal(q, quantize_weight(linear.weight, "int3"))
     assert torch.equal(conv, quantize_weight(dict(model.named_modules())["features.0"].weight, "int3"))  # RTN
+    assert quantizer.spec()["other_layers"] == "rtn"  # convolutions: round to nearest, by definition
     with pytest.raises(mpsearch.MpsearchError, match="quantizer 'gptq' has no grid for option 'q4_0'"):
         gptq_quantize(linear.weight, h, parse_option("q4_0"))
 
@@ -114,13 +115,19 @@ def test_search_and_evaluate_with_gptq_use_it_end_to_end(digits):
     gptq = mpsearch.search(
         digits.model, digits.calibration, budget, "sqnr", options=options, loss_fn="kl", safe=False, quantizer="gptq"
     )
-    assert gptq.plan.provenance["quantizer"] == "gptq" and rtn.plan.provenance["quantizer"] == "rtn"
-    assert gptq.extra["table"].meta["quantizer"] == "gptq(block_size=128, damp=0.01, act_order=True, shrink=True)"
-    plan = rtn.plan
-    m_rtn = mpsearch.evaluate(digits.model, plan, digits.evaluation, "kl")
-    m_gptq = mpsearch.evaluate(
-        digits.model, plan, digits.evaluation, "kl", quantizer="gptq", calibration=digits.calibration
-    )
+    spec = gptq.plan.provenance["quantizer"]
+    params = {"block_size": 128, "damp": 0.01, "act_order": True, "shrink": True}
+    assert spec == {
+        "name": "gptq",
+        "params": params,
+        "calibration": data_fingerprint(digits.calibration),
+        "other_layers": "rtn",
+    }
+    assert rtn.plan.provenance["quantizer"] == {"name": "rtn", "params": {}, "calibration": None}
+    assert gptq.extra["table"].meta["quantizer"] == spec
+    same = mpsearch.BitPlan(dict(gptq.plan.assignments))  # the same assignments, no provenance: round to nearest
+    m_rtn = mpsearch.evaluate(digits.model, same, digits.evaluation, "kl")
+    m_gptq = mpsearch.evaluate(digits.model, gptq.plan, digits.evaluation, "kl", calibration=digits.calibration)
     assert m_gptq["loss"] < m_rtn["loss"]  # the same plan, GPTQ'd linear layers: lower held-out KL
     assert np.isfinite(m_gptq["loss"])
 
@@ -134,13 +141,12 @@ def test_gptq_covers_transformers_conv1d_through_its_transposed_view():
     model, batches = tiny_transformers()["gpt2"]()
     quantizer = GPTQ(model, batches, shrink=False)
     conv1d = [u for u in find_units(model) if u.type.transposed]
-    assert conv1d and all(_key(u.weight) in quantizer.factors for u in conv1d)
+    assert conv1d and all(u.name in quantizer.factors for u in conv1d)
     for unit in conv1d:
         h = _input_hessian(model, unit.module, batches)
-        got = quantizer.hessian(unit.weight, shrunk=False)  # in the unit's (out, in) layout, via the transposed view
+        got = quantizer.hessian(unit, shrunk=False)  # in the unit's (out, in) layout, via the transposed view
         torch.testing.assert_close(got, h, rtol=1e-3, atol=1e-4 * float(h.abs().max()))
-        with use(quantizer):
-            q = quantize_weight(unit.weight, "int3")
+        q = quantizer.quantize(unit, "int3")
         rtn = quantize_weight(unit.weight, "int3")
         assert reconstruction_error(unit.weight, h, q) < reconstruction_error(unit.weight, h, rtn), unit.name
 
@@ -171,12 +177,12 @@ def test_layers_fed_the_same_input_share_one_factor_equal_to_their_own_hessians(
     quantizer = GPTQ(model, batches, shrink=False)
     units = {u.name: u for u in find_units(model)}
     q, k, v, o = (units[f"model.layers.0.self_attn.{p}_proj"] for p in "qkvo")
-    fq, fk, fv, fo = (quantizer.factors[_key(u.weight)] for u in (q, k, v, o))
+    fq, fk, fv, fo = (quantizer.factors[u.name] for u in (q, k, v, o))
     assert fq is fk is fv and fo is not fq  # q/k/v read one tensor; o_proj reads the attention output
     assert int(batches[0]["attention_mask"].sum()) < batches[0]["attention_mask"].numel()  # padding to leave out
     for unit in (k, o):
         expected = factor(_input_hessian(model, unit.module, batches), 0.01, True).hinv
-        got = quantizer.factors[_key(unit.weight)].hinv
+        got = quantizer.factors[unit.name].hinv
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
 
 
@@ -196,13 +202,11 @@ def test_hessians_collected_in_memory_windows_equal_one_pass_and_offloaded_facto
     for key, f in whole.factors.items():
         assert torch.equal(f.hinv, windowed.factors[key].hinv) and windowed.factors[key].hinv.device.type == "cpu"
     unit = linears[3]
-    with use(whole):
-        a = quantize_weight(unit.weight, "int3_g16")
-    with use(windowed):
-        b = quantize_weight(unit.weight, "int3_g16")
+    a = whole.quantize(unit, "int3_g16")
+    b = windowed.quantize(unit, "int3_g16")
     assert torch.equal(a, b)
-    for bad in ({"max_bytes": 0}, {"max_bytes": "lots"}, {"offload": "yes"}):
-        with pytest.raises(mpsearch.MpsearchError, match="is not valid"):
+    for bad in ({"max_bytes": 0}, {"max_bytes": "lots"}, {"offload": "yes"}, {"damp": -1}, {"block_size": 0}):
+        with pytest.raises(mpsearch.MpsearchError, match=f"parameter '{next(iter(bad))}' must be"):
             GPTQ(model, batches, **bad)
 
 
@@ -265,8 +269,8 @@ def test_fisher_damage_of_gptq_errors_counts_their_cross_terms_as_held_out_input
     with torch.no_grad():
         p = torch.softmax(model(x), -1)
     for name in ("int3", "int4"):
-        with use(quantizer), torch.no_grad():
-            d = quantization_error(model[0].weight, name)
+        with torch.no_grad():
+            d = quantizer.error(unit_map(model)["0"], name)
         truth = _second_order_kl(model, held_out, d)
         diagonal = 0.5 * float(((p * (1 - p)).T @ x**2 / len(x) * d**2).sum())
         in_sample = _second_order_kl(model, x, d)  # what the cross terms of the calibration tokens alone say
@@ -285,16 +289,16 @@ def test_shrinkage_follows_how_well_the_tokens_determine_the_off_diagonal():
     mix = torch.randn(24, 24, generator=g) + 3 * torch.ones(24, 24)
     many = [torch.randn(256, 24, generator=g) @ mix for _ in range(16)]  # strong correlation, 4096 tokens
     few = [many[0][:12]]  # the same population, half as many tokens as inputs
-    rho = {k: GPTQ(model, b).factors[_key(model[0].weight)].rho for k, b in (("white", white), ("many", many))}
-    rho["few"] = GPTQ(model, few).factors[_key(model[0].weight)].rho
+    rho = {k: GPTQ(model, b).factors["0"].rho for k, b in (("white", white), ("many", many))}
+    rho["few"] = GPTQ(model, few).factors["0"].rho
     assert rho["white"] > 0.8 and rho["many"] < 0.05 and rho["few"] > 3 * rho["many"]
     one = GPTQ(model, [many[0][:1]])  # one token: nothing is known off the diagonal, GPTQ solves with it alone
-    f = one.factors[_key(model[0].weight)]
+    f = one.factors["0"]
     assert f.rho == f.solved == 1
-    h = one.hessian(model[0].weight)
+    h = one.hessian(unit_map(model)["0"])
     assert h.diagonal().min() > 0 and torch.count_nonzero(h - torch.diag(h.diagonal())) == 0
     with pytest.raises(mpsearch.MpsearchError, match="sample Hessian cannot be recovered.*shrink=False"):
-        one.hessian(model[0].weight, shrunk=False)
+        one.hessian(unit_map(model)["0"], shrunk=False)
 
 
 def _population_errors(tokens: int, seed: int, name: str = "int3") -> dict:
@@ -312,10 +316,10 @@ def _population_errors(tokens: int, seed: int, name: str = "int3") -> dict:
     errors = {}
     for shrinks in (False, True):
         quantizer = GPTQ(model, batches, shrink=shrinks)
-        with use(quantizer):
-            errors["cv" if shrinks else "sample"] = reconstruction_error(w, population, quantize_weight(w, name))
-    rho = quantizer.factors[_key(w)].rho
-    h = quantizer.hessian(w, shrunk=False)
+        q = quantizer.quantize(unit_map(model)["0"], name)
+        errors["cv" if shrinks else "sample"] = reconstruction_error(w, population, q)
+    rho = quantizer.factors["0"].rho
+    h = quantizer.hessian(unit_map(model)["0"], shrunk=False)
     errors["rho"] = reconstruction_error(w, population, gptq_quantize(w, shrink(h, rho), parse_option(name)))
     errors["rtn"] = reconstruction_error(w, population, quantize_weight(w, name))
     return errors
@@ -378,10 +382,12 @@ def test_a_factor_solved_with_the_shrunk_hessian_gives_back_the_sample_and_the_s
     # sample H and rescale it to the Schaefer-Strimmer estimate, as a GPTQ that kept the sample H gives them
     model, inputs = _classifier(32, seed=9)
     batches = [inputs(12) for _ in range(4)]
-    w = model[0].weight
     shrinking, sample = GPTQ(model, batches), GPTQ(model, batches, shrink=False)
-    f = shrinking.factors[_key(w)]
-    assert 0 < f.solved < 1 and f.rho == sample.factors[_key(w)].rho
+    f = shrinking.factors["0"]
+    assert 0 < f.solved < 1 and f.rho == sample.factors["0"].rho
+    unit = unit_map(model)["0"]
     for shrunk in (False, True):
-        want = sample.hessian(w, shrunk=shrunk)
-        torch.testing.assert_close(shrinking.hessian(w, shrunk=shrunk), want, rtol=1e-3, atol=1e-4 * float(want.max()))
+        want = sample.hessian(unit, shrunk=shrunk)
+        torch.testing.assert_close(
+            shrinking.hessian(unit, shrunk=shrunk), want, rtol=1e-3, atol=1e-4 * float(want.max())
+        )

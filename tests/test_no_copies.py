@@ -11,6 +11,7 @@ from torch import nn
 import mpsearch
 from mpsearch.core import MpsearchError
 from mpsearch.fitness import PlanFitness
+from mpsearch.quant.quantizer import RTN
 from mpsearch.testing import check_estimator, estimator_instances, snapshot, tiny_transformers
 from sensitivity.sqnr import noise_ratios, use_gram
 
@@ -125,8 +126,8 @@ def test_sqnr_gram_and_direct_paths_agree(name):
     model, data = MODELS[name]()
     layers = mpsearch.discover(model)[0]
     opts = [mpsearch.parse_option(o) for o in OPTIONS]
-    gram = noise_ratios(model, data, units_for(model, layers), opts, method="gram")
-    direct = noise_ratios(model, data, units_for(model, layers), opts, method="direct")
+    gram = noise_ratios(model, data, units_for(model, layers), opts, RTN(), method="gram")
+    direct = noise_ratios(model, data, units_for(model, layers), opts, RTN(), method="direct")
     assert gram["layer"].tolist() == direct["layer"].tolist()
     torch.testing.assert_close(
         torch.tensor(gram["output_nsr"].to_numpy()), torch.tensor(direct["output_nsr"].to_numpy()), rtol=1e-4, atol=0

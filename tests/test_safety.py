@@ -150,8 +150,14 @@ def test_moves_are_every_feasible_upgrade_and_upgrade_downgrade_pair_on_a_small_
         if u != v and gain(u, k) < 0 <= gain(v, j) and cheaper(v, j) and feasible({u: k, v: j}):
             expected.add(((u, k), (v, j)))
     moves = _moves(problem, choice)
-    got = {tuple(move.items()) for _, move in moves}
-    assert got == expected and len(moves) == len(expected) and any(len(m) == 2 for m in got)
+    got = {tuple(move.items()) for _, move in moves if len(move) <= 2}
+    bundles = [move for _, move in moves if len(move) > 2]
+    assert got == expected and len(moves) == len(expected) + len(bundles) and any(len(m) == 2 for m in got)
+    paired = {pair[0] for pair in expected if len(pair) == 2}
+    for move in bundles:  # one upgrade no single downgrade pays for, paid by cheaper downgrades of other units
+        (u, k), *downs = move.items()
+        assert gain(u, k) < 0 and (u, k) not in paired and feasible(move)
+        assert all(v != u and cheaper(v, j) for v, j in downs)
     assert [p for p, _ in moves] == sorted(p for p, _ in moves)
     for predicted_change, move in moves:
         assert predicted_change == pytest.approx(sum(gain(u, k) for u, k in move.items()))
@@ -183,3 +189,23 @@ def test_a_move_is_kept_only_when_both_folds_of_the_check_agree():
     choice, loss, kept, evals = refine(problem, start, measure(start), measure, max_evals=10)
     picked = {u[0]: names[problem.option_codes[i, k]] for i, (u, k) in enumerate(zip(problem.units, choice))}
     assert picked == {"a": "int2", "c": "int6"} and kept == 1 and float(np.mean(loss)) == 1.5 and evals >= 2
+
+
+def test_refinement_pays_for_one_upgrade_with_three_downgrades():
+    # a has only int2 and int8; the table calls a's int2 as mild as any other downgrade, measured it is 10x worse.
+    # The only better plan upgrades a (+6 bits) and pays with b, c and d (-2 bits each): no pair fits the budget
+    predicted = {"a": {"int2": 1.0, "int8": 0.0}, **{u: {"int2": 1.0, "int4": 0.0} for u in "bcd"}}
+    problem = _problem(predicted, avg_bits=3.5)
+    weight = {"a": 10.0, "b": 1.0, "c": 1.0, "d": 1.0}
+    names = problem.option_names
+
+    def measure(choice):
+        picked = [names[problem.option_codes[i, k]] for i, k in enumerate(choice)]
+        return sum(weight[u[0]] * predicted[u[0]][o] for u, o in zip(problem.units, picked))
+
+    start = CoreDP().solve(problem)
+    assert start.plan.assignments == {"a": "int2", "b": "int4", "c": "int4", "d": "int4"}
+    first = problem.choice_of(start.plan)
+    choice, loss, kept, evals = refine(problem, first, measure(first), measure, max_evals=20)
+    assert kept == 1 and loss == _brute(problem, measure) == 3.0
+    assert [names[problem.option_codes[i, k]] for i, k in enumerate(choice)] == ["int8", "int2", "int2", "int2"]

@@ -89,6 +89,14 @@ class Configurable:
     _parameter_constraints: ClassVar[dict[str, list]] = {}
 
     @classmethod
+    def required_params(cls) -> list[str]:
+        """Constructor parameters without a default (``build`` refuses to go on without them)."""
+        if cls.__init__ is object.__init__:
+            return []
+        params = inspect.signature(cls.__init__).parameters.values()
+        return [p.name for p in params if p.name in cls.param_names() and p.default is inspect.Parameter.empty]
+
+    @classmethod
     def param_names(cls) -> list[str]:
         if cls.__init__ is object.__init__:
             return []
@@ -127,6 +135,15 @@ def build(cls: type[Configurable], **params) -> Configurable:
         raise MpsearchError(
             f"{cls.component} {cls.name!r} has no parameter {', '.join(map(repr, unknown))}",
             f"its parameters are {', '.join(known) or '(none)'}",
+        )
+    missing = [p for p in cls.required_params() if p not in params]
+    if missing:
+        hint = (
+            " (e.g. mpsearch.fitness.PlanFitness(model, data); search() gives it one)" if "fitness" in missing else ""
+        )
+        raise MpsearchError(
+            f"{cls.component} {cls.name!r} needs parameter {', '.join(map(repr, missing))}",
+            f"pass {', '.join(f'{p}=...' for p in missing)}{hint}",
         )
     obj = cls(**params)
     obj.validate_params()

@@ -8,7 +8,7 @@ so the model is byte-identical afterwards and only the planned weights' quantize
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -16,7 +16,7 @@ from torch import nn
 
 from mpsearch.core import BitPlan, InvalidPlanError, parse_option
 from mpsearch.layers import Unit, unit_map
-from mpsearch.quant.formats import quantize_weight
+from mpsearch.quant.quantizer import Quantizer, for_plan
 
 
 def resolve_plan(model: nn.Module, plan: BitPlan | dict) -> dict:
@@ -59,30 +59,40 @@ def swapped(model: nn.Module, weights: Mapping[Unit, torch.Tensor]) -> Iterator[
 
 
 @torch.no_grad()
-def quantized_weights(model: nn.Module, plan: BitPlan | dict) -> dict[Unit, torch.Tensor]:
+def quantized_weights(model: nn.Module, plan: BitPlan | dict, quantizer: Quantizer) -> dict[Unit, torch.Tensor]:
     """{unit: its fake-quantized weight (output channels first)} for the plan's units, one layer at a time."""
-    return {unit: quantize_weight(unit.weight, parse_option(opt)) for unit, opt in resolve_plan(model, plan).items()}
+    return {unit: quantizer.quantize(unit, parse_option(opt)) for unit, opt in resolve_plan(model, plan).items()}
 
 
 @contextmanager
-def quantized(model: nn.Module, plan: BitPlan | dict) -> Iterator[nn.Module]:
+def quantized(
+    model: nn.Module, plan: BitPlan | dict, quantizer=None, calibration: Iterable | None = None
+) -> Iterator[nn.Module]:
     """``with quantized(model, plan):`` the model computes with the plan's fake-quantized weights; on exit it
-    is exactly the model it was. Holds the planned weights' quantized values (not a copy of the model)."""
-    with swapped(model, quantized_weights(model, plan)):
+    is exactly the model it was. Holds the planned weights' quantized values (not a copy of the model).
+    ``quantizer``/``calibration``: as for ``apply_plan``."""
+    q = for_plan(model, plan, quantizer, calibration, "apply")
+    with swapped(model, quantized_weights(model, plan, q)):
         yield model
 
 
-def apply_plan(model: nn.Module, plan: BitPlan | dict, inplace: bool = False) -> nn.Module:
+def apply_plan(
+    model: nn.Module, plan: BitPlan | dict, inplace: bool = False, quantizer=None, calibration: Iterable | None = None
+) -> nn.Module:
     """Return a copy of ``model`` whose planned weights are fake-quantized, or, with ``inplace=True``, quantize
     ``model`` itself one layer at a time (no second copy: for models that barely fit in memory).
 
+    The math is the plan's own quantizer (its provenance's ``spec()``; ``mpsearch.quant.quantizer.for_plan``):
+    round to nearest, or a GPTQ passed as ``quantizer`` or rebuilt exactly from ``calibration`` (the data given
+    to search) or the cache; a GPTQ plan with none of these is refused, never applied with other math.
     Layers the plan does not name stay in full precision. A shared weight (tied embeddings) is quantized
     once. A plan naming a layer the model does not have, or giving two options to one shared weight,
     raises InvalidPlanError before anything is changed (or copied).
     """
     resolve_plan(model, plan)
+    q = for_plan(model, plan, quantizer, calibration, "apply")  # state keyed by unit name: serves the copy too
     target = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         for unit, option in resolve_plan(target, plan).items():
-            unit.weight.copy_(quantize_weight(unit.weight, parse_option(option)))
+            unit.weight.copy_(q.quantize(unit, parse_option(option)))
     return target

@@ -12,7 +12,6 @@ import math
 import torch
 
 from mpsearch.core.options import Option, parse_option
-from mpsearch.quant import gptq
 
 _FP8_DTYPES = {(4, 3): torch.float8_e4m3fn, (5, 2): torch.float8_e5m2}
 
@@ -110,16 +109,9 @@ def _runtime_quantize(w: torch.Tensor, opt: Option) -> torch.Tensor:
 
 
 def quantize_weight(w: torch.Tensor, option: Option | str) -> torch.Tensor:
-    """Fake-quantize ``w`` with ``option``; returns a tensor of w's shape and dtype. Inside
-    ``mpsearch.quant.gptq.use(quantizer)``, int options of the weights it knows go through GPTQ."""
+    """Round ``w`` to nearest in ``option`` (its runtime's own math); returns a tensor of w's shape and dtype.
+    This is the ``RTN`` quantizer's math; GPTQ and the others are ``mpsearch.quant.quantizer.Quantizer``s."""
     opt = parse_option(option) if isinstance(option, str) else option
-    quantizer = gptq.current()
-    if quantizer is not None and gptq.has_grid(opt):
-        return quantizer.weight(w, opt, _round_to_nearest)
-    return _round_to_nearest(w, opt)
-
-
-def _round_to_nearest(w: torch.Tensor, opt: Option) -> torch.Tensor:
     if opt.runtime != "mpsearch":
         return _runtime_quantize(w, opt)
     if opt.kind == "none":

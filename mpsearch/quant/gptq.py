@@ -19,27 +19,30 @@ Written here after the reference implementation (IST-DASLab/gptq, gptq.py) becau
 (GPTQModel, AutoGPTQ) build CUDA kernels and cannot be installed here, and its quantizer must be mpsearch's
 exact grid.
 
-``GPTQ(model, batches)``: the Hessians of every linear unit from one calibration pass; as a quantizer,
-``weight(w, option)`` runs GPTQ for a unit's weight (RTN for weights it has no Hessian for: embeddings and
-convolutions, which GPTQ does not cover here). ``use(quantizer)`` makes ``quantize_weight`` go through it.
+``GPTQ(model, batches)``: the Hessians of every linear unit (layer types of kind "linear": ``nn.Linear``,
+transformers' ``Conv1D``) from one calibration pass, keyed by unit name; as a ``Quantizer``,
+``quantize(unit, option)`` runs GPTQ for that unit's weight. Embeddings and convolutions, which GPTQ does not
+cover here, are rounded to nearest (part of its definition, recorded in its ``spec()``); a linear unit it has
+no Hessian for (another model, a renamed layer) is an error, never a silent fallback. ``state()`` /
+``GPTQ.from_state`` save and restore it (``mpsearch.quant.gptq_cache`` caches it under its spec).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from mpsearch.core import MpsearchError
-from mpsearch.core.options import Option
+from mpsearch.core.options import Option, parse_option
+from mpsearch.core.params import Interval, OneOf
 from mpsearch.quant import gptq_grid
 from mpsearch.quant.gptq_shrink import Moments, choose_rho, expected_error, shrink
+from mpsearch.quant.quantizer import Quantizer
 
 LOG = logging.getLogger("mpsearch")
 
@@ -47,16 +50,6 @@ LOG = logging.getLogger("mpsearch")
 def has_grid(option: Option) -> bool:
     """Whether GPTQ can quantize ``option``: integer grids of mpsearch's own or GPTQModel's."""
     return option.kind == "int" and option.runtime in ("mpsearch", "gptq")
-
-
-def check_options(quantizer, options: list[Option]) -> None:
-    """Refuse, before any work, options ``quantizer`` (GPTQ) has no grid for."""
-    for opt in options:
-        if not has_grid(opt):
-            raise MpsearchError(
-                f"quantizer {quantizer.name!r} cannot quantize option {opt.name!r}",
-                "use int<b>[_g<G>][_asym] or gptq: options with it, or the default quantizer (round to nearest)",
-            )
 
 
 class _Grid:
@@ -176,19 +169,30 @@ def quantize_with(w: torch.Tensor, f: Factor, option: Option, block_size: int = 
     return Q.reshape(w.shape).to(w.dtype)
 
 
-class GPTQ:
+class GPTQ(Quantizer):
     """GPTQ as mpsearch's quantizer: per linear unit, H = X^T X / tokens over ``batches`` (real tokens only:
     see ``token_rows``), shrunk towards its diagonal (``shrink``; see the module's docstring), factored once
-    (``factors``; in^2 floats per distinct input: layers fed the same tensor, such as q/k/v or gate/up, share
-    one), then ``weight(w, option)`` = GPTQ of that unit's weight.
+    (``factors``, keyed by unit name; in^2 floats per distinct input: layers fed the same tensor, such as
+    q/k/v or gate/up, share one), then ``quantize(unit, option)`` = GPTQ of that unit's weight.
 
     Memory for large models: ``max_bytes`` bounds the Hessian sums collected at once (None: every layer in
     one calibration pass; else layers in windows, one pass each); ``offload=True`` keeps the factors in CPU
     memory and moves one layer's to the weight's device when it is used. "auto" (default for both): on an
     accelerator, windows of a quarter of its free memory, and offload when every layer's factor would take
-    more than half of it; on the CPU, one pass and no offload."""
+    more than half of it; on the CPU, one pass and no offload. Neither changes the quantized values, so
+    neither is in ``spec()``. ``progress``: bars over the calibration passes and the factorizations."""
 
     name = "gptq"
+    MATH = ("block_size", "damp", "act_order", "shrink")  # the parameters that decide the quantized values
+    _parameter_constraints = {
+        "block_size": [Interval(int, 1)],
+        "damp": [Interval(float, 0, 1, open_low=True)],
+        "act_order": [bool],
+        "shrink": [bool],
+        "max_bytes": [OneOf(("auto",)), None, Interval(int, 1)],
+        "offload": [OneOf(("auto",)), bool],
+        "progress": [bool],
+    }
 
     def __init__(
         self,
@@ -200,21 +204,30 @@ class GPTQ:
         shrink: bool = True,
         max_bytes: int | str | None = "auto",
         offload: bool | str = "auto",
+        progress: bool = True,
     ):
+        from mpsearch.data import as_batches, data_fingerprint
         from mpsearch.layers import find_units
 
         self.block_size, self.damp, self.act_order, self.shrink = block_size, damp, act_order, shrink
-        self.max_bytes, self.offload = max_bytes, offload
-        self.factors: dict[tuple, Factor] = {}
+        self.max_bytes, self.offload, self.progress = max_bytes, offload, progress
+        self.validate_params()
+        batches = as_batches(batches)
+        self._calibration = data_fingerprint(batches)
+        self.factors: dict[str, Factor] = {}
         self.passes = 0  # calibration passes made to collect the Hessians
-        self._on_device: tuple = (None, None)  # (key, factor) of the layer last moved to its weight's device
+        self._on_device: tuple = (None, None)  # (unit name, factor) of the layer last moved to its weight's device
         self._hessian: tuple = (None, None, None)  # (factor, shrunk, H) of the last ``hessian`` asked for
-        units = [u for u in find_units(model) if isinstance(u.module, nn.Linear) or u.type.transposed]
+        units = [u for u in find_units(model) if covers(u)]
         window, self._store = _memory_plan(units, max_bytes, offload)
-        for group in _windows(units, window):
-            self._collect(model, batches, group)
+        groups = _windows(units, window)
+        for i, group in enumerate(groups):
+            self._collect(model, batches, group, f"gptq hessians {i + 1}/{len(groups)}" if len(groups) > 1 else "")
 
-    def _collect(self, model: nn.Module, batches: list, units: list) -> None:
+    def get_params(self) -> dict:
+        return {k: getattr(self, k) for k in (*self.MATH, "max_bytes", "offload", "progress")}
+
+    def _collect(self, model: nn.Module, batches: list, units: list, label: str = "") -> None:
         """One calibration pass summing X^T X for ``units``; their factors into ``factors``."""
         from mpsearch.outputs import attention_mask, evaluating, raw_call
 
@@ -235,9 +248,12 @@ class GPTQ:
             return fn
 
         handles = [u.module.register_forward_hook(hook(u.name)) for u in units]
+        quiet = not self.progress
         try:
             with evaluating(model), torch.no_grad():
-                for batch in batches:
+                for batch in tqdm(
+                    batches, desc=label or "gptq hessians", disable=quiet or len(batches) < 2, leave=False
+                ):
                     m = attention_mask(batch)
                     mask[0] = m.bool() if isinstance(m, torch.Tensor) and m.dim() == 2 else None
                     raw_call(model, batch)
@@ -248,7 +264,7 @@ class GPTQ:
         self.passes += 1
         _warn_few_tokens({src: sum(moments[src].tokens) for src in set(owner.values())}, {u.name: u for u in units})
         factored: dict[str, Factor] = {}
-        for u in units:
+        for u in tqdm(units, desc="gptq factors", disable=quiet or len(units) < 2, leave=False):
             if u.name in owner:
                 src = owner[u.name]
                 if src not in factored:
@@ -259,7 +275,7 @@ class GPTQ:
                     f = factor(shrink(h, solved), self.damp, self.act_order)
                     f.rho, f.solved = rho, solved
                     factored[src] = f if self._store is None else f.to(self._store)
-                self.factors[_key(u.weight)] = factored[src]
+                self.factors[u.name] = factored[src]
 
     def _score(self, h_fit: torch.Tensor, h_test: torch.Tensor) -> float:
         """GPTQ's expected error on inputs with Hessian ``h_test`` when it solves with ``h_fit``."""
@@ -267,39 +283,76 @@ class GPTQ:
         return expected_error(H, perm, h_test)
 
     def params(self) -> dict:
-        return {"block_size": self.block_size, "damp": self.damp, "act_order": self.act_order, "shrink": self.shrink}
+        return {k: getattr(self, k) for k in self.MATH}
 
-    def weight(self, w: torch.Tensor, option: Option, fallback) -> torch.Tensor:
-        key = _key(w)
-        f = self.factors.get(key)
-        if f is None:  # embeddings and convolutions: round to nearest
-            return fallback(w, option)
-        if f.hinv.device != w.device:  # offloaded: one layer's factor on the device at a time
-            if self._on_device[0] != key:
-                self._on_device = (key, f.to(w.device))
-            f = self._on_device[1]
-        return quantize_with(w, f, option, self.block_size)
+    def calibration(self) -> str:
+        return self._calibration
 
-    def hessian(self, w: torch.Tensor, shrunk: bool = True) -> torch.Tensor | None:
-        """The Hessian of ``w``'s inputs (in, in), in w's column order, float32 on w's device (None: no
-        Hessian for w), recovered from its factor rather than kept twice. ``shrunk``: the estimate of the
-        inputs' population second moment (1 - rho) H + rho diag(H), rho the factor's Schaefer-Strimmer weight;
-        else the sample H = X^T X / tokens (not kept where GPTQ solved against diag(H) alone)."""
-        f = self.factors.get(_key(w))
+    def spec(self) -> dict:
+        return {**super().spec(), "other_layers": "rtn"}  # convolutions and embeddings: round to nearest
+
+    @classmethod
+    def supports(cls, option: Option) -> bool:
+        return has_grid(option)
+
+    def _factor(self, unit) -> Factor | None:
+        """The unit's factor on its weight's device (None: a layer type GPTQ does not cover)."""
+        f = self.factors.get(unit.name)
         if f is None:
+            if covers(unit):
+                raise MpsearchError(
+                    f"quantizer 'gptq' has no Hessian for layer {unit.name!r} (it was built on another model, or "
+                    "the layer was renamed)",
+                    "build the GPTQ quantizer on this very model: GPTQ(model, calibration_batches)",
+                )
             return None
-        target = f.rho if shrunk else 0.0
-        if f.solved >= 1 and target < 1:
+        n_in = unit.weight[0].numel()
+        if f.hinv.shape[0] != n_in:
+            raise MpsearchError(
+                f"quantizer 'gptq' holds a {f.hinv.shape[0]}-input Hessian for layer {unit.name!r}, whose weight "
+                f"has {n_in} inputs (it was built on another model)",
+                "build the GPTQ quantizer on this very model: GPTQ(model, calibration_batches)",
+            )
+        device = unit.weight.device
+        if f.hinv.device != device:  # offloaded: one layer's factor on the device at a time
+            if self._on_device[0] != unit.name:
+                self._on_device = (unit.name, f.to(device))
+            f = self._on_device[1]
+        return f
+
+    def quantize(self, unit, option: Option | str) -> torch.Tensor:
+        option = parse_option(option) if isinstance(option, str) else option
+        _Grid(option)  # refuses, in one line, options GPTQ has no grid for
+        f = self._factor(unit)
+        if f is None:  # convolutions, embeddings: round to nearest, by definition (spec()["other_layers"])
+            from mpsearch.quant.formats import quantize_weight
+
+            return quantize_weight(unit.weight, option)
+        return quantize_with(unit.weight, f, option, self.block_size)
+
+    def hessian(self, unit, shrunk: bool = True) -> torch.Tensor | None:
+        """The Hessian of the unit's inputs (in, in), in its weight's column order, float32 on its device (None:
+        a layer type GPTQ does not cover), recovered from its factor rather than kept twice. ``shrunk``: the
+        estimate of the inputs' population second moment (1 - rho) H + rho diag(H), rho the factor's
+        Schaefer-Strimmer weight; else the sample H = X^T X / tokens (not kept where GPTQ solved against
+        diag(H) alone)."""
+        stored = self.factors.get(unit.name)
+        if stored is None:
+            self._factor(unit)  # the error for a linear unit it should know
+            return None
+        target = stored.rho if shrunk else 0.0
+        if stored.solved >= 1 and target < 1:
             raise MpsearchError(
                 f"GPTQ solved against the diagonal of this layer's Hessian alone and kept no off-diagonal "
                 f"(the shrinkage cross-validation chose rho = 1), so its {'shrunk' if shrunk else 'sample'} "
                 "Hessian cannot be recovered",
                 "build it with GPTQ(model, data, shrink=False) to keep the sample Hessian X^T X / tokens",
             )
+        w = unit.weight
         last, was_shrunk, h = self._hessian
-        if last is f and was_shrunk == shrunk and h.device == w.device:  # q/k/v, gate/up: one input
+        if last is stored and was_shrunk == shrunk and h.device == w.device:  # q/k/v, gate/up: one input
             return h
-        stored, f = f, f.to(w.device)
+        f = self._factor(unit)
         h = torch.cholesky_inverse(f.hinv.double(), upper=True)  # (U^T U)^-1: the damped H in GPTQ's order
         back = torch.argsort(f.perm)
         h = h[back[:, None], back]  # one in x in copy, in w's column order
@@ -311,6 +364,43 @@ class GPTQ:
             shrink(h, 1 - (1 - target) / (1 - f.solved))
         self._hessian = (stored, shrunk, h.float())
         return self._hessian[2]
+
+    def state(self) -> dict:
+        """Everything ``from_state`` needs, as plain tensors and numbers (``torch.save``/``weights_only`` safe);
+        a factor shared by several units is stored once."""
+        distinct: dict[int, int] = {}
+        factors, names = [], {}
+        for name, f in self.factors.items():
+            if id(f) not in distinct:
+                distinct[id(f)] = len(factors)
+                factors.append({"perm": f.perm, "dead": f.dead, "hinv": f.hinv, "rho": f.rho, "solved": f.solved})
+            names[name] = distinct[id(f)]
+        return {"spec": self.spec(), "names": names, "factors": factors, "passes": self.passes}
+
+    @classmethod
+    def from_state(cls, state: dict, device=None, progress: bool = True) -> GPTQ:
+        """A GPTQ restored from ``state()`` (factors on ``device``, default where they were saved from)."""
+        self = cls.__new__(cls)
+        spec = state["spec"]
+        for key in cls.MATH:
+            setattr(self, key, spec["params"][key])
+        self.max_bytes, self.offload, self.progress = "auto", "auto", progress
+        self.validate_params()
+        self._calibration = spec["calibration"]
+        shared = [
+            Factor(f["perm"], f["dead"], f["hinv"], float(f["rho"]), float(f["solved"])) for f in state["factors"]
+        ]
+        shared = [f.to(device) if device is not None else f for f in shared]
+        self.factors = {name: shared[i] for name, i in state["names"].items()}
+        self.passes, self._store = int(state.get("passes", 0)), None
+        self._on_device, self._hessian = (None, None), (None, None, None)
+        return self
+
+
+def covers(unit) -> bool:
+    """Whether GPTQ quantizes the unit with error feedback: layer types of kind "linear" (``nn.Linear``,
+    transformers' ``Conv1D``); other kinds (convolutions, embeddings) are rounded to nearest."""
+    return unit.type.kind == "linear"
 
 
 def _warn_few_tokens(counts: dict[str, int], units: dict) -> None:
@@ -371,11 +461,6 @@ def _windows(units: list, window: int | None) -> list[list]:
 def _memory_plan(units: list, max_bytes, offload) -> tuple[int | None, torch.device | None]:
     """(bytes of Hessian sums per calibration pass or None for one pass, device to keep factors on or None
     for where they are made), resolving "auto" from the free memory of the weights' device."""
-    hint = "max_bytes: 'auto', None or a positive int; offload: 'auto', True or False"
-    if not (max_bytes in ("auto", None) or (isinstance(max_bytes, int) and max_bytes > 0)):
-        raise MpsearchError(f"GPTQ max_bytes={max_bytes!r} is not valid", hint)
-    if not (offload == "auto" or isinstance(offload, bool)):
-        raise MpsearchError(f"GPTQ offload={offload!r} is not valid", hint)
     device = units[0].weight.device if units else torch.device("cpu")
     free = None
     if device.type == "cuda":
@@ -385,28 +470,6 @@ def _memory_plan(units: list, max_bytes, offload) -> tuple[int | None, torch.dev
     if offload == "auto":
         offload = free is not None and total > free // 2
     return window, (torch.device("cpu") if offload else None)
-
-
-def _key(w: torch.Tensor) -> tuple:
-    """A weight's identity that survives transposed views (transformers' Conv1D): storage, shape, strides."""
-    return (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), tuple(w.stride()))
-
-
-_CURRENT: ContextVar[GPTQ | None] = ContextVar("mpsearch_quantizer", default=None)
-
-
-def current() -> GPTQ | None:
-    return _CURRENT.get()
-
-
-@contextmanager
-def use(quantizer: GPTQ | None) -> Iterator[None]:
-    """Within the block, ``quantize_weight`` quantizes the weights ``quantizer`` knows with it."""
-    token = _CURRENT.set(quantizer)
-    try:
-        yield
-    finally:
-        _CURRENT.reset(token)
 
 
 def reconstruction_error(w: torch.Tensor, h: torch.Tensor, q: torch.Tensor) -> float:

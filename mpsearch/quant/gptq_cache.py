@@ -1,0 +1,87 @@
+"""GPTQ's state cached under its spec: building it (Hessians, shrinkage cross-validation, factors) costs a
+calibration pass and minutes on large models, and every search, ``evaluate`` and ``apply_plan`` of a GPTQ plan
+needs exactly the same one. Stored under ``$MPSEARCH_CACHE/quantizers``, keyed by the spec (name, parameters,
+calibration fingerprint), the model's fingerprint and the quantizer code; written atomically, read with
+``weights_only``. A state larger than ``MAX_CACHED_BYTES`` is not written (said once)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+LOG = logging.getLogger("mpsearch")
+MAX_CACHED_BYTES = 4 << 30  # an 8B model's factors (~30 GB) are rebuilt rather than written to disk
+
+
+@functools.lru_cache(maxsize=1)
+def _code_hash() -> str:
+    h = hashlib.sha256()
+    for path in sorted((Path(__file__).parent).glob("gptq*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _path(model, spec: dict) -> Path:
+    from mpsearch.data import cache_root
+    from mpsearch.layers import model_fingerprint
+
+    key = {"spec": spec, "model": model_fingerprint(model), "code": _code_hash()}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return cache_root() / "quantizers" / f"{spec['name']}-{digest}.pt"
+
+
+def _spec(batches: list, params: dict) -> dict:
+    from mpsearch.data import data_fingerprint
+    from mpsearch.quant.gptq import GPTQ
+
+    defaults = {k: v.default for k, v in __import__("inspect").signature(GPTQ.__init__).parameters.items()}
+    return {
+        "name": "gptq",
+        "params": {k: params.get(k, defaults[k]) for k in GPTQ.MATH},
+        "calibration": data_fingerprint(batches),
+        "other_layers": "rtn",
+    }
+
+
+def load_cached(model, spec: dict, progress: bool = True):
+    """The cached GPTQ of ``spec`` for ``model`` (factors on the model's device), or None."""
+    from mpsearch.outputs import model_device
+    from mpsearch.quant.gptq import GPTQ
+
+    path = _path(model, spec)
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file must not poison later runs
+        LOG.warning("mpsearch: cached quantizer %s is unreadable (%s); rebuilding it", path, err)
+        path.unlink(missing_ok=True)
+        return None
+    return GPTQ.from_state(state, model_device(model), progress)
+
+
+def cached_gptq(model, batches: list, params: dict, cache: bool = True, progress: bool = True):
+    """GPTQ(model, batches, **params), loaded from the cache when an identical one was saved, else built and
+    saved (``cache=False``: neither)."""
+    from mpsearch.data import store_in_cache
+    from mpsearch.quant.gptq import GPTQ
+
+    if not cache:
+        return GPTQ(model, batches, progress=progress, **params)
+    spec = _spec(batches, params)
+    found = load_cached(model, spec, progress)
+    if found is not None:
+        return found
+    quantizer = GPTQ(model, batches, progress=progress, **params)
+    state = quantizer.state()
+    size = sum(f["hinv"].numel() * 4 for f in state["factors"])
+    if size <= MAX_CACHED_BYTES:
+        store_in_cache(_path(model, spec), lambda tmp: torch.save(state, tmp))
+    else:
+        LOG.info("mpsearch: GPTQ state of %.1f GB not cached (over %.1f GB)", size / 1e9, MAX_CACHED_BYTES / 1e9)
+    return quantizer
