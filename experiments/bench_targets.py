@@ -66,7 +66,7 @@ def llama_cpp(w: torch.Tensor, name: str) -> tuple[float, float]:
 def torchao(w: torch.Tensor, name: str) -> tuple[float, float]:
     from torchao.quantization import quantize_
 
-    from mpsearch.export.torchao import torchao_config
+    from mpsearch.runtimes.torchao import torchao_config
 
     w = w.bfloat16()  # torchao's models run in bf16: scales in the weight's dtype
     model = torch.nn.Sequential(torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16))

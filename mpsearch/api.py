@@ -40,9 +40,9 @@ def _resolve_model(model, data, loss_fn, options, device=None, target: str | Non
     passes through and is used where it lives. A ``target`` runtime picks the options (its defaults, or
     ``options`` named in its family: ``int4_g32`` -> ``torchao:int4_g32``)."""
     if target is not None:
-        from mpsearch.export import get_target
+        from mpsearch.runtimes import get_runtime
 
-        options = get_target(target).resolve(None if options is None else list(options))
+        options = get_runtime(target).resolve(None if options is None else list(options))
     if isinstance(model, str):
         from mpsearch.models import load
 
@@ -127,7 +127,7 @@ def estimate(
     ``loss_fn``: None (KL for logits, cosine for embeddings), "kl", "cosine" or f(output, reference);
     ``output_fn(output, batch)``: overrides the output convention; ``include``/``exclude``: FQN patterns;
     ``cache``: reuse/store the table in the on-disk cache; ``device``: where a zoo model is loaded (default:
-    CUDA when available); a module runs where it lives; ``target``: a runtime of ``mpsearch.export.TARGETS``
+    CUDA when available); a module runs where it lives; ``target``: a runtime of ``mpsearch.runtimes.RUNTIMES``
     whose options (sizes and quantization math its own) are estimated; ``quantizer``: "rtn" (round to
     nearest), "gptq" (GPTQ with Hessians from ``data``, cached under its spec; see mpsearch.quant.gptq) or a
     ``mpsearch.quant.quantizer.Quantizer``.
@@ -194,7 +194,7 @@ def search(
     ``"smollm2-135m"`` (loaded onto ``device``, default CUDA when available).
     Parameters are checked before any work: ``estimator_params`` go to the estimator, ``solver_params`` to
     the solver; "evolutionary" gets a PlanFitness on ``data`` unless ``solver_params`` has ``fitness``.
-    ``target``: the runtime the plan is for (``mpsearch.export.TARGETS``): its options, sizes and math.
+    ``target``: the runtime the plan is for (``mpsearch.runtimes.RUNTIMES``): its options, sizes and math.
     ``safe`` (default): a quarter of the calibration data is held out of the estimate; on it the plan is
     refined by up to ``refine`` measured moves and compared with every uniform option within the budget,
     and the best measured plan is returned (``result.extra["safety"]`` has the losses; see mpsearch.safety).
@@ -242,9 +242,9 @@ def with_runtime_ties(budget: Budget, target: str | None, table: CostTable) -> B
     """``budget`` with the ties of ``target``'s runtime added: layers it configures as one (HQQ: by tag)."""
     if target is None:
         return budget
-    from mpsearch.export import get_target
+    from mpsearch.runtimes import get_runtime
 
-    ties = tuple(get_target(target).ties(table.layers))
+    ties = tuple(get_runtime(target).ties(table.layers))
     return dataclasses.replace(budget, ties=budget.ties + ties) if ties else budget
 
 

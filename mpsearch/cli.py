@@ -13,6 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mpsearch.core import DEFAULT_OPTIONS, MpsearchError
+from mpsearch.names import TARGET_NAMES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -288,9 +289,9 @@ def _target_options(target: str | None, options: list[str] | None) -> list[str] 
     """The options searched for ``--target`` (its defaults, or --options named in its family)."""
     if target is None:
         return options
-    from mpsearch.export import get_target
+    from mpsearch.runtimes import get_runtime
 
-    return get_target(target).resolve(options)
+    return get_runtime(target).resolve(options)
 
 
 def cmd_export(args) -> int:
@@ -299,7 +300,7 @@ def cmd_export(args) -> int:
 
     target = args.target or args.format
     if target is None:
-        raise MpsearchError("export needs --target", "pass --target llama.cpp, torchao, gptqmodel, hqq or json")
+        raise MpsearchError("export needs --target", f"pass --target {' or '.join(TARGET_NAMES)}")
     kwargs = {"arch": args.arch} if args.arch else {}
     if args.arch and target != "llama.cpp":
         raise MpsearchError("--arch is for --target llama.cpp", "leave it out for other targets")
@@ -317,8 +318,8 @@ QUANTIZER_HELP = (
     "int options (the table, the check and `evaluate` of the plan all use it)"
 )
 TARGET_HELP = (
-    "the runtime the plan is for: llama.cpp, torchao, gptqmodel, hqq or mpsearch; searches its options with "
-    "its own sizes and quantization math (default: mpsearch's formats)"
+    f"the runtime the plan is for: {', '.join(n for n in TARGET_NAMES if n != 'json')}; searches its options "
+    "with its own sizes and quantization math (default: mpsearch's formats)"
 )
 DEVICE_HELP = "where the zoo model runs: auto (default: cuda when available, else cpu), cpu, cuda, cuda:N, mps"
 
@@ -396,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a plan for the runtime it was searched for (--target)")
     x.add_argument("plan")
-    x.add_argument("--target", help="llama.cpp, torchao, gptqmodel, hqq, mpsearch or json (any plan)")
+    x.add_argument("--target", help=f"{', '.join(TARGET_NAMES)} (json: any plan)")
     x.add_argument("--format", help=argparse.SUPPRESS)  # the old name of --target
     x.add_argument("--arch", help="llama.cpp: GGUF architecture (default: the plan's model type, else llama)")
     x.add_argument("--out", help="file to write (default: stdout)")

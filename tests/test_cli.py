@@ -183,7 +183,10 @@ def test_help_lists_the_registries_without_importing_torch():
     import sys
 
     from mpsearch.models import ZOO
-    from mpsearch.names import ESTIMATOR_NAMES, SOLVER_NAMES, ZOO_NAMES
+    from mpsearch.names import ESTIMATOR_NAMES, SOLVER_NAMES, TARGET_NAMES, ZOO_NAMES
+    from mpsearch.runtimes import RUNTIMES
+
+    assert TARGET_NAMES == tuple(RUNTIMES)
     from sensitivity import REGISTRY as ESTIMATORS
     from solvers import REGISTRY as SOLVERS
 

@@ -1,5 +1,5 @@
 """Device cleanliness, checked statically so that a CPU-only CI catches what would break on a GPU: in the
-estimators (sensitivity/) and the quantizer (mpsearch/quant/), every tensor factory and random generator
+estimators (sensitivity/) and the quantizer (mpsearch/quant/) and the runtimes (mpsearch/runtimes/), every tensor factory and random generator
 names its device (the model's, a tensor's, or an explicit "cpu" for host-side bookkeeping)."""
 
 import ast
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKED = ("sensitivity", "mpsearch/quant")
+CHECKED = ("sensitivity", "mpsearch/quant", "mpsearch/runtimes")
 FACTORIES = {
     "zeros", "ones", "empty", "full", "rand", "randn", "randint", "randperm", "arange", "linspace",
     "logspace", "eye", "tensor", "as_tensor", "Generator",

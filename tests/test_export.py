@@ -118,7 +118,7 @@ def test_a_search_for_hqq_ties_the_layers_of_a_tag_so_the_plan_always_exports():
     # HQQ takes one config per tag (mlp.up_proj of every block): search --target hqq must not return a plan
     # that gives two blocks' up_proj different options, which HQQ could not express
     import mpsearch
-    from mpsearch.export.hqq import hqq_tag
+    from mpsearch.runtimes.hqq import hqq_tag
     from mpsearch.testing import tiny_transformers
 
     model, batches = tiny_transformers()["llama"]()
@@ -136,7 +136,7 @@ def test_a_search_for_hqq_ties_the_layers_of_a_tag_so_the_plan_always_exports():
 
 def test_a_pareto_front_for_hqq_has_one_option_per_tag_at_every_point():
     import mpsearch
-    from mpsearch.export.hqq import hqq_tag
+    from mpsearch.runtimes.hqq import hqq_tag
     from mpsearch.testing import tiny_transformers
 
     model, batches = tiny_transformers()["llama"]()

@@ -9,12 +9,11 @@ import torch
 
 import mpsearch
 from mpsearch.core import BitPlan, InvalidOptionError, LayerInfo, cost_rows, parse_option, parse_options
-from mpsearch.core.options import GGUF_TYPES
 from mpsearch.export import export
-from mpsearch.export.llama_cpp import bits_per_weight, gguf_name, tensor_bytes, tensor_types
 from mpsearch.quant.formats import quantize_weight, sqnr_db
 from mpsearch.quant.kquants import QUANTIZERS
 from mpsearch.quant.llama_cpp import ggml_type, quantize_rows
+from mpsearch.runtimes.llama_cpp import GGUF_TYPES, bits_per_weight, gguf_name, tensor_bytes, tensor_types
 
 
 def _hard_rows(seed: int = 0) -> np.ndarray:
@@ -96,7 +95,7 @@ def test_torchao_and_hqq_options_are_the_runtimes_own_tensors():
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
     from torchao.quantization import quantize_
 
-    from mpsearch.export.torchao import torchao_config
+    from mpsearch.runtimes.torchao import torchao_config
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 16, bias=False)
@@ -259,15 +258,15 @@ def test_charged_size_is_the_bytes_the_runtime_holds(option):
 
 @pytest.mark.parametrize("estimator", ["sqnr", "fisher", "hessian", "entropy", "relevance", "measured"])
 def test_estimators_skip_the_layers_a_runtime_cannot_store(estimator, monkeypatch):
-    import mpsearch.quant.formats as formats
+    from mpsearch.runtimes.llama_cpp import LlamaCpp
 
-    real, calls = formats._runtime_quantize, []
+    real, calls = LlamaCpp.quantize, []
 
-    def spy(w, opt):
+    def spy(self, w, opt):
         calls.append((tuple(w.shape), opt.name))
-        return real(w, opt)
+        return real(self, w, opt)
 
-    monkeypatch.setattr(formats, "_runtime_quantize", spy)
+    monkeypatch.setattr(LlamaCpp, "quantize", spy)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
     data = [torch.randn(8, 256)]

@@ -6,7 +6,6 @@ each output channel's flattened row into groups of ``group_size`` (the last grou
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
@@ -88,32 +87,18 @@ def _fp_quant(g: torch.Tensor, opt: Option) -> torch.Tensor:
     return round_minifloat(scaled, e, m) * scale
 
 
-# runtime -> module with fake_quantize(w, option) in that runtime's own math (imported when first used)
-RUNTIME_QUANTIZERS = {
-    "llama.cpp": "mpsearch.quant.llama_cpp",
-    "torchao": "mpsearch.quant.torchao_affine",
-    "gptq": "mpsearch.quant.gptq_grid",
-    "hqq": "mpsearch.quant.hqq_quant",
-}
-
-
-def _runtime_quantize(w: torch.Tensor, opt: Option) -> torch.Tensor:
-    """A runtime's fake quantization. Rows that are not whole blocks/groups (which the runtime cannot store:
-    such layers have no row for the option in a cost table) are zero-padded so estimators can still run."""
-    rows = w.detach().reshape(w.shape[0], -1)
-    unit = opt.block_size or opt.group_size or rows.shape[1]
-    pad = (-rows.shape[1]) % unit
-    padded = torch.nn.functional.pad(rows, (0, pad)) if pad else rows
-    out = importlib.import_module(RUNTIME_QUANTIZERS[opt.runtime]).fake_quantize(padded, opt)
-    return out[:, : rows.shape[1]].reshape(w.shape)
-
-
 def quantize_weight(w: torch.Tensor, option: Option | str) -> torch.Tensor:
-    """Round ``w`` to nearest in ``option`` (its runtime's own math); returns a tensor of w's shape and dtype.
-    This is the ``RTN`` quantizer's math; GPTQ and the others are ``mpsearch.quant.quantizer.Quantizer``s."""
+    """Round ``w`` to nearest in ``option``, in its runtime's own math (``mpsearch.runtimes``: bit-exact with the
+    runtime's decoder); returns a tensor of w's shape and dtype. This is the ``RTN`` quantizer's math; GPTQ
+    and the others are ``mpsearch.quant.quantizer.Quantizer``s."""
+    from mpsearch.runtimes import runtime_of
+
     opt = parse_option(option) if isinstance(option, str) else option
-    if opt.runtime != "mpsearch":
-        return _runtime_quantize(w, opt)
+    return runtime_of(opt).quantize(w, opt)
+
+
+def native_quantize(w: torch.Tensor, opt: Option) -> torch.Tensor:
+    """mpsearch's own formats (``mpsearch.runtimes.native``): ints and minifloats with fp16 scales."""
     if opt.kind == "none":
         return w.half().to(w.dtype)
     g, row_len = _grouped(w.detach(), opt.group_size)

@@ -40,48 +40,28 @@ from tqdm.auto import tqdm
 from mpsearch.core import MpsearchError
 from mpsearch.core.options import Option, parse_option
 from mpsearch.core.params import Interval, OneOf
-from mpsearch.quant import gptq_grid
 from mpsearch.quant.gptq_shrink import Moments, choose_rho, expected_error, shrink
 from mpsearch.quant.quantizer import Quantizer
+from mpsearch.runtimes import runtime_of
 
 LOG = logging.getLogger("mpsearch")
 
 
 def has_grid(option: Option) -> bool:
-    """Whether GPTQ can quantize ``option``: integer grids of mpsearch's own or GPTQModel's."""
-    return option.kind == "int" and option.runtime in ("mpsearch", "gptq")
+    """Whether GPTQ can quantize ``option``: its runtime says it has a grid for it (``Runtime.gptq_grid``)."""
+    return runtime_of(option).gptq_grid(option) is not None
 
 
-class _Grid:
-    """An option's grid, every kind in one form so the column loop is a handful of tensor ops:
-    ``fit(cols)`` -> (scale, zero, decode scale) per row; a column x is stored as
-    q = clamp(round(x / scale) + zero, lo, hi) and decodes to (q - zero) * decode scale."""
-
-    def __init__(self, option: Option) -> None:
-        self.option = option
-        if not has_grid(option):
-            raise MpsearchError(
-                f"quantizer 'gptq' has no grid for option {option.name!r}",
-                "use int<b>[_g<G>][_asym] or gptq:int<b>... options with quantizer='gptq', or quantizer='rtn'",
-            )
-        self.gptq = option.runtime == "gptq"
-        b = option.bits
-        # GPTQ's grid and asymmetric ints: levels 0 .. 2^b - 1; symmetric ints: -2^(b-1) .. 2^(b-1) - 1
-        self.lo, self.hi = (0, 2**b - 1) if self.gptq or not option.symmetric else (-(2 ** (b - 1)), 2 ** (b - 1) - 1)
-
-    def fit(self, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        o = self.option
-        if self.gptq:  # rounds with the float32 scale, decodes with the fp16 one GPTQModel stores
-            scale, zero = gptq_grid.grid(cols, o)
-            return scale[:, 0], zero[:, 0], scale[:, 0].half().float()
-        if o.symmetric:
-            scale = (torch.maximum(cols.amax(1), -cols.amin(1)) / (2 ** (o.bits - 1) - 1)).half().float()
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            return scale, torch.zeros_like(scale), scale
-        lo, hi = cols.amin(1).clamp(max=0), cols.amax(1).clamp(min=0)
-        scale = ((hi - lo) / self.hi).half().float()
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return scale, torch.clamp(torch.round(-lo / scale), 0, self.hi), scale
+def grid_of(option: Option):
+    """The option's grid for GPTQ's column loop (``fit(cols)`` -> (scale, zero, decode scale), ``lo``, ``hi``),
+    or a one-line refusal."""
+    grid = runtime_of(option).gptq_grid(option)
+    if grid is None:
+        raise MpsearchError(
+            f"quantizer 'gptq' has no grid for option {option.name!r}",
+            "use int<b>[_g<G>][_asym] or gptq:int<b>... options with quantizer='gptq', or quantizer='rtn'",
+        )
+    return grid
 
 
 def gptq_quantize(
@@ -134,7 +114,7 @@ def damped(h: torch.Tensor, damp: float, act_order: bool, device=None) -> tuple[
 
 def quantize_with(w: torch.Tensor, f: Factor, option: Option, block_size: int = 128) -> torch.Tensor:
     """GPTQ of ``w`` with a layer's ``factor``: Q(w) on ``option``'s grid, in w's shape and dtype."""
-    grid = _Grid(option)
+    grid = grid_of(option)
     W = w.detach().reshape(w.shape[0], -1).float().clone()
     n, perm, hinv = W.shape[1], f.perm, f.hinv
     W[:, f.dead] = 0
@@ -322,7 +302,7 @@ class GPTQ(Quantizer):
 
     def quantize(self, unit, option: Option | str) -> torch.Tensor:
         option = parse_option(option) if isinstance(option, str) else option
-        _Grid(option)  # refuses, in one line, options GPTQ has no grid for
+        grid_of(option)  # refuses, in one line, options GPTQ has no grid for
         f = self._factor(unit)
         if f is None:  # convolutions, embeddings: round to nearest, by definition (spec()["other_layers"])
             from mpsearch.quant.formats import quantize_weight

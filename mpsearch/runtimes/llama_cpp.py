@@ -1,14 +1,31 @@
-"""llama.cpp: a ``--tensor-type-file`` for ``llama-quantize`` (one ``^name$=type`` line per GGUF tensor), and
-the GGUF tensor names and sizes by llama.cpp's own rules."""
+"""llama.cpp: GGUF types by their llama.cpp names (``q8_0 q6_k q5_k q5_1 q5_0 q4_k q4_1 q4_0 q3_k q2_k``), blocks
+of 32 (``q*_0``/``q*_1``) or 256 (``q*_k``) weights along the row, each stored in a fixed number of bytes (every
+scale, min and super-block field included): a layer whose rows are not whole blocks cannot take the type.
+Math: llama.cpp's reference quantizers (``mpsearch.quant.llama_cpp``; values decoded from the very bytes a GGUF
+holds). Written: a ``--tensor-type-file`` for ``llama-quantize`` (one ``^name$=type`` line per GGUF tensor),
+with the GGUF tensor names and sizes by llama.cpp's own rules."""
 
 from __future__ import annotations
 
 import math
 import re
 
-from mpsearch.core import BitPlan, MpsearchError
-from mpsearch.core.options import GGUF_TYPES
-from mpsearch.export.base import Target
+from mpsearch.core.errors import MpsearchError
+from mpsearch.runtimes.base import Runtime
+
+# GGUF type -> (nominal bits, weights per block, bytes per block): ggml's block structs (gguf.GGML_QUANT_SIZES)
+GGUF_TYPES = {
+    "q8_0": (8, 32, 34),
+    "q6_k": (6, 256, 210),
+    "q5_k": (5, 256, 176),
+    "q5_1": (5, 32, 24),
+    "q5_0": (5, 32, 22),
+    "q4_k": (4, 256, 144),
+    "q4_1": (4, 32, 20),
+    "q4_0": (4, 32, 18),
+    "q3_k": (3, 256, 110),
+    "q2_k": (2, 256, 84),
+}
 
 # transformers ``config.model_type`` -> gguf.MODEL_ARCH name (the converter's tensor name map)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2", "bert": "bert"}
@@ -38,7 +55,7 @@ def gguf_name(layer: str, arch: str = "llama") -> str:
     )
 
 
-def tensors_of(plan: BitPlan, arch: str = "llama") -> dict[str, str]:
+def tensors_of(plan, arch: str = "llama") -> dict[str, str]:
     """Plan layer -> the GGUF tensor llama.cpp stores it as. A tied layer (plan provenance ``aliases``, e.g.
     ``lm_head`` sharing ``model.embed_tokens``) is the embedding's tensor (``token_embd.weight``; a tied GGUF
     has no ``output.weight``)."""
@@ -50,7 +67,7 @@ def tensors_of(plan: BitPlan, arch: str = "llama") -> dict[str, str]:
     return out
 
 
-def tensor_types(plan: BitPlan, arch: str = "llama") -> dict[str, str]:
+def tensor_types(plan, arch: str = "llama") -> dict[str, str]:
     """GGUF tensor name -> type (layers sharing one tensor must share its type)."""
     out: dict[str, str] = {}
     for layer, tensor in tensors_of(plan, arch).items():
@@ -72,13 +89,36 @@ def tensor_bytes(shape: tuple[int, ...], qtype: str) -> int:
     return shape[0] * (row // block) * nbytes
 
 
-class LlamaCpp(Target):
+class LlamaCpp(Runtime):
     name = "llama.cpp"
-    runtime = "llama.cpp"
+    family = "llama.cpp"
     default_options = tuple(GGUF_TYPES)
     accepted = ", ".join(GGUF_TYPES)
 
-    def render(self, plan: BitPlan, arch: str | None = None) -> str:
+    def parse(self, name: str):
+        from mpsearch.core.options import Option
+
+        if name not in GGUF_TYPES:
+            return None
+        bits, block, nbytes = GGUF_TYPES[name]
+        asym = name.endswith(("_1", "_k")) and name not in ("q6_k", "q3_k")  # types that store a min
+        return Option(name, "gguf", bits, not asym, None, runtime=self.family, block_size=block, block_bytes=nbytes)
+
+    def storage_unit(self, option) -> int | None:
+        return option.block_size
+
+    def scales_for(self, option, out_channels, row_length):
+        return out_channels * 0  # scales live inside the blocks: storage_bits_for counts them
+
+    def storage_bits_for(self, option, out_channels, row_length):
+        return out_channels * (-(-row_length // option.block_size)) * option.block_bytes * 8
+
+    def fake_quantize(self, w, option):
+        from mpsearch.quant.llama_cpp import fake_quantize
+
+        return fake_quantize(w, option)
+
+    def render(self, plan, arch: str | None = None, **kwargs) -> str:
         arch = arch or plan.provenance.get("architecture") or "llama"
         planned = plan.provenance.get("architecture")
         if planned and ARCHITECTURES.get(planned, planned) != ARCHITECTURES.get(arch, arch):
@@ -89,7 +129,7 @@ class LlamaCpp(Target):
         return "\n".join(lines) + "\n"
 
 
-def bits_per_weight(plan: BitPlan, shapes: dict[str, tuple[int, ...]], arch: str = "llama") -> float:
+def bits_per_weight(plan, shapes: dict[str, tuple[int, ...]], arch: str = "llama") -> float:
     """Mean bits per weight of the planned tensors as a GGUF file stores them, by ggml's row sizes
     (``shapes``: layer -> weight shape, output channels first; a tied tensor counts once)."""
     layer_of = {tensor: layer for layer, tensor in reversed(tensors_of(plan, arch).items())}  # first layer wins
