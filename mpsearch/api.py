@@ -141,9 +141,20 @@ def estimate(
     table = est.estimate(
         module, data, options, loss_fn, cache=cache, output_fn=output_fn, include=include, exclude=exclude, quantizer=q
     )
+    _record(table, name, target)
+    return table
+
+
+def _record(table: CostTable, name: str | None, target: str | None) -> None:
+    """What a table records beside its estimate: the zoo model's name and the runtime its options are for (the
+    target, or the one family all its options belong to), so plans solved from it can be exported and
+    quantized without saying it again."""
+    from mpsearch.runtimes import runtime_of
+
     if name:
         table.meta["model"] = name
-    return table
+    families = {runtime_of(parse_option(o)).name for o in table.options}
+    table.meta["runtime"] = target or (families.pop() if len(families) == 1 else None)
 
 
 def check_budget(
@@ -218,8 +229,7 @@ def search(
     table = est.estimate(
         module, fit, options, loss_fn, output_fn=output_fn, include=include, exclude=exclude, quantizer=q
     )
-    if name:
-        table.meta["model"] = name
+    _record(table, name, target)
     import solvers
     from mpsearch.fitness import PlanFitness
 

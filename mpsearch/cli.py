@@ -298,13 +298,16 @@ def cmd_export(args) -> int:
     from mpsearch.core import BitPlan
     from mpsearch.export import export
 
-    target = args.target or args.format
+    plan = BitPlan.load(args.plan)
+    target = args.target or args.format or plan.provenance.get("runtime")  # default: the runtime searched for
     if target is None:
-        raise MpsearchError("export needs --target", f"pass --target {' or '.join(TARGET_NAMES)}")
+        raise MpsearchError(
+            "export needs --target (the plan records no runtime)", f"pass --target {' or '.join(TARGET_NAMES)}"
+        )
     kwargs = {"arch": args.arch} if args.arch else {}
     if args.arch and target != "llama.cpp":
         raise MpsearchError("--arch is for --target llama.cpp", "leave it out for other targets")
-    text = export(BitPlan.load(args.plan), target, **kwargs)
+    text = export(plan, target, **kwargs)
     if args.out:
         _write(args.out, lambda path: __import__("pathlib").Path(path).write_text(text))
         _status(f"{target} export written to {args.out}")

@@ -192,6 +192,8 @@ class Problem:
             "options": self.table.options,
             "architecture": self.table.meta.get("architecture"),
             "aliases": self.table.meta.get("aliases") or {},
+            "runtime": self.table.meta.get("runtime"),
+            "quantizer": self.table.meta.get("quantizer"),  # its spec: apply/evaluate rebuild that math
         }
         constraints = {
             c.name: ConstraintValue(c.name, float(c.report(t)), float(c.report(c.limit)))

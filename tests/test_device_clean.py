@@ -1,6 +1,7 @@
 """Device cleanliness, checked statically so that a CPU-only CI catches what would break on a GPU: in the
-estimators (sensitivity/) and the quantizer (mpsearch/quant/) and the runtimes (mpsearch/runtimes/), every tensor factory and random generator
-names its device (the model's, a tensor's, or an explicit "cpu" for host-side bookkeeping)."""
+estimators (sensitivity/), the quantizers (mpsearch/quant/) and the runtimes (mpsearch/runtimes/), every tensor
+factory and random generator names its device (the model's, a tensor's, or an explicit "cpu" for host-side
+bookkeeping)."""
 
 import ast
 from pathlib import Path

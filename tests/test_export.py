@@ -151,3 +151,17 @@ def test_a_pareto_front_for_hqq_has_one_option_per_tag_at_every_point():
             tags.setdefault(hqq_tag(layer), set()).add(option)
         assert all(len(s) == 1 for s in tags.values())
         export(plan, "hqq")  # never refused
+
+
+def test_the_table_and_plan_record_their_runtime_and_export_defaults_to_it(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    data = [torch.randn(8, 64)]
+    result = mpsearch.search(model, data, mpsearch.Budget(avg_bits=8.0), "sqnr", target="gptqmodel", safe=False)
+    assert result.extra["table"].meta["runtime"] == "gptqmodel" == result.plan.provenance["runtime"]
+    plain = mpsearch.estimate(model, data, "sqnr", ["int4", "int8"], cache=False)
+    assert plain.meta["runtime"] == "mpsearch"  # every option is mpsearch's own
+    path = tmp_path / "plan.json"
+    result.plan.save(path)
+    assert main(["export", str(path)]) == 0  # no --target: the runtime the plan was searched for
+    assert capsys.readouterr().out == export(result.plan, "gptqmodel")
