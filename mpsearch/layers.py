@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -25,35 +26,62 @@ from mpsearch.core import LayerInfo, MpsearchError
 from mpsearch.data import hash_tensor
 from mpsearch.outputs import evaluating, raw_call
 
+INPUTS = ("matmul", "lookup", "call")
+
 
 @dataclass(frozen=True)
 class LayerType:
-    """How a registered module type holds its weight."""
+    """How a registered module type holds its weight and uses its input: everything the estimators and
+    quantizers need to know of it (no ``isinstance`` dispatch elsewhere).
+
+    ``inputs``: "matmul" (output = input @ W^T over the input's last dim: SQNR's input statistics and GPTQ's
+    Hessian X^T X apply), "lookup" (rows of W picked by index: SQNR counts lookups; no GPTQ) or "call" (any
+    other use, e.g. a convolution: SQNR calls the layer with dW; no GPTQ). ``depthwise(module)``: whether an
+    instance is depthwise (its kind is then "depthwise_conv")."""
 
     module_type: type
     kind: str
     transposed: bool = False  # weight stored [in, out] (transformers Conv1D)
     optional: bool = False  # only discovered with include_embeddings=True
+    inputs: str = "matmul"
+    depthwise: Callable[[nn.Module], bool] | None = None
 
     def in_per_output(self, module: nn.Module) -> int:
         """Multiply-accumulates per output element."""
-        if self.kind == "embedding":
+        if self.inputs == "lookup":
             return 0
         w = module.weight
         return int(w.shape[0]) if self.transposed else int(w[0].numel())
+
+    def kind_of(self, module: nn.Module) -> str:
+        return "depthwise_conv" if self.depthwise is not None and self.depthwise(module) else self.kind
 
 
 _REGISTRY: list[LayerType] = []
 
 
-def register_layer(module_type: type, kind: str, transposed: bool = False, optional: bool = False) -> None:
-    """Make ``module_type`` (and its subclasses) quantizable. Later registrations take precedence."""
-    _REGISTRY.insert(0, LayerType(module_type, kind, transposed, optional))
+def register_layer(
+    module_type: type,
+    kind: str,
+    transposed: bool = False,
+    optional: bool = False,
+    inputs: str = "matmul",
+    depthwise: Callable[[nn.Module], bool] | None = None,
+) -> None:
+    """Make ``module_type`` (and its subclasses) quantizable (see ``LayerType`` for the arguments). Later
+    registrations take precedence."""
+    if inputs not in INPUTS:
+        raise MpsearchError(f"register_layer: inputs={inputs!r} is not one of {INPUTS}", "see LayerType")
+    _REGISTRY.insert(0, LayerType(module_type, kind, transposed, optional, inputs, depthwise))
 
 
-register_layer(nn.Embedding, "embedding", optional=True)
-register_layer(nn.Conv2d, "conv2d")
-register_layer(nn.Conv1d, "conv1d")
+def _depthwise(conv: nn.Module) -> bool:
+    return conv.groups > 1 and conv.groups == conv.in_channels
+
+
+register_layer(nn.Embedding, "embedding", optional=True, inputs="lookup")
+register_layer(nn.Conv2d, "conv2d", inputs="call", depthwise=_depthwise)
+register_layer(nn.Conv1d, "conv1d", inputs="call", depthwise=_depthwise)
 register_layer(nn.Linear, "linear")
 _transformers_registered = False
 
@@ -140,13 +168,6 @@ def select_units(units: list[Unit], include=None, exclude=None, include_embeddin
     return chosen
 
 
-def _kind(unit: Unit) -> str:
-    m = unit.module
-    if isinstance(m, nn.Conv2d | nn.Conv1d) and m.groups > 1 and m.groups == m.in_channels:
-        return "depthwise_conv"
-    return unit.type.kind
-
-
 def _macs(model: nn.Module, units: list[Unit], example) -> dict[str, int]:
     """MACs per sample of each unit (summed over the modules sharing its weight), from one forward pass."""
     macs = {u.name: 0 for u in units}
@@ -193,7 +214,9 @@ def discover(
     units = select_units(find_units(model), include, exclude, include_embeddings)
     macs = _macs(model, units, example) if example is not None and units else {}
     layers = [
-        LayerInfo(u.name, tuple(u.weight.shape), _kind(u), macs.get(u.name), u.aliases, u.type.transposed)
+        LayerInfo(
+            u.name, tuple(u.weight.shape), u.type.kind_of(u.module), macs.get(u.name), u.aliases, u.type.transposed
+        )
         for u in units
     ]
     ties = []

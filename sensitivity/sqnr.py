@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from mpsearch.core import LayerInfo, Option
 from mpsearch.core.params import OneOf
-from mpsearch.layers import Unit
+from mpsearch.layers import Unit, layer_type
 from mpsearch.outputs import Objective, raw_call
 from sensitivity.base import NAN, Estimator, units_for
 from sensitivity.sums import dot64
@@ -131,12 +131,14 @@ def noise_ratios(
                 return
             signal[name] += float(output.float().pow(2).sum())
             x = inputs[0]
-            if isinstance(mod, nn.Embedding):
-                stats.setdefault(name, _Counts(mod.num_embeddings, x.device)).observe(x)
-            elif isinstance(mod, nn.Conv1d | nn.Conv2d):
+            how = layer_type(mod).inputs  # the module's own type (an embedding tied to a linear unit counts)
+            if how == "lookup":
+                stats.setdefault(name, _Counts(mod.weight.shape[0], x.device)).observe(x)
+            elif how == "call":
                 busy.add(name)
                 w = mod.weight
-                zero = {"bias": torch.zeros_like(mod.bias)} if mod.bias is not None else {}
+                bias = getattr(mod, "bias", None)  # a registered type may have none
+                zero = {"bias": torch.zeros_like(bias)} if isinstance(bias, torch.Tensor) else {}
                 for opt in (o for o in options if o.fits(tuple(w.shape))):
                     err = functional_call(mod, {**zero, "weight": quantizer.quantize(owner[name], opt) - w}, inputs)
                     key = (name, opt.name)

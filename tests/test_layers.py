@@ -1,6 +1,9 @@
+import numpy as np
+import pytest
 import torch
 from torch import nn
 
+import mpsearch
 from mpsearch.layers import discover, model_fingerprint
 
 
@@ -132,3 +135,37 @@ def test_an_untied_embedding_joins_only_when_an_include_pattern_names_it():
     assert [i.name for i in discover(model, include=["emb", "head"])[0]] == ["emb", "head"]
     assert "emb" in [i.name for i in discover(model, include="*")[0]]
     assert "emb" not in [i.name for i in discover(model, include_embeddings=True, exclude="emb")[0]]
+
+
+def test_a_registered_layer_type_owns_its_behaviour_in_sqnr_gptq_and_discovery(monkeypatch):
+    # a module type mpsearch has never seen: once registered, discovery, MACs, SQNR's input statistics and
+    # GPTQ's Hessian all follow its registration ("matmul"), and "call" gives SQNR the same noise another way
+    import mpsearch.layers as layers
+    from mpsearch.quant.gptq import GPTQ
+    from mpsearch.quant.quantizer import RTN
+    from sensitivity.sqnr import noise_ratios
+
+    class Projection(torch.nn.Module):  # not an nn.Linear: y = x W^T
+        def __init__(self, n_in, n_out):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(n_out, n_in) * 0.1)
+
+        def forward(self, x):
+            return x @ self.weight.T
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Projection(16, 12), torch.nn.ReLU(), Projection(12, 4))
+    data = [torch.randn(8, 16) for _ in range(2)]
+    assert mpsearch.discover(model)[0] == []  # unknown type: nothing to plan
+    frames = {}
+    for inputs in ("matmul", "call"):
+        monkeypatch.setattr(layers, "_REGISTRY", list(layers._REGISTRY))
+        layers.register_layer(Projection, "linear", inputs=inputs)
+        found, _ = mpsearch.discover(model, example=data[0])
+        assert [i.name for i in found] == ["0", "2"] and found[0].macs == 16 * 12
+        units = layers.find_units(model)
+        frames[inputs] = noise_ratios(model, data, units, [mpsearch.parse_option("int3")], RTN())
+        assert (GPTQ(model, data, progress=False).factors.keys() == {"0", "2"}) == (inputs == "matmul")
+    np.testing.assert_allclose(frames["matmul"]["output_nsr"], frames["call"]["output_nsr"], rtol=1e-4)
+    with pytest.raises(mpsearch.MpsearchError, match="inputs='conv'"):
+        layers.register_layer(Projection, "linear", inputs="conv")

@@ -378,9 +378,10 @@ class GPTQ(Quantizer):
 
 
 def covers(unit) -> bool:
-    """Whether GPTQ quantizes the unit with error feedback: layer types of kind "linear" (``nn.Linear``,
-    transformers' ``Conv1D``); other kinds (convolutions, embeddings) are rounded to nearest."""
-    return unit.type.kind == "linear"
+    """Whether GPTQ quantizes the unit with error feedback: layer types whose inputs enter a matmul
+    (``LayerType.inputs == "matmul"``: ``nn.Linear``, transformers' ``Conv1D``); the others (convolutions,
+    embeddings) are rounded to nearest."""
+    return unit.type.inputs == "matmul"
 
 
 def _warn_few_tokens(counts: dict[str, int], units: dict) -> None:
