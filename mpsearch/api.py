@@ -6,7 +6,6 @@ validated (names and values) before any model copy or forward pass.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable
 
@@ -146,15 +145,21 @@ def estimate(
 
 
 def _record(table: CostTable, name: str | None, target: str | None) -> None:
-    """What a table records beside its estimate: the zoo model's name and the runtime its options are for (the
+    """What a table records beside its estimate: the zoo model's name, the runtime its options are for (the
     target, or the one family all its options belong to), so plans solved from it can be exported and
-    quantized without saying it again."""
-    from mpsearch.runtimes import runtime_of
+    quantized without saying it again, and that runtime's ties (HQQ: the layers of a tag), so that every
+    solve, front and search of the table keeps them."""
+    from mpsearch.runtimes import get_runtime, runtime_of
 
     if name:
         table.meta["model"] = name
     families = {runtime_of(parse_option(o)).name for o in table.options}
-    table.meta["runtime"] = target or (families.pop() if len(families) == 1 else None)
+    runtime = target or (families.pop() if len(families) == 1 else None)
+    table.meta["runtime"] = runtime
+    if runtime is not None:
+        ties = [list(g) for g in table.meta.get("ties", [])]
+        ties += [list(g) for g in get_runtime(runtime).ties(table.layers) if list(g) not in ties]
+        table.meta["ties"] = ties
 
 
 def check_budget(
@@ -236,7 +241,7 @@ def search(
     loss = table.meta["loss"] if loss_fn is None else loss_fn  # the table's resolved loss, for measurements
     if needs_fitness:
         slv.fitness = PlanFitness(module, fit, loss, output_fn, q)
-    problem = solvers.Problem(table, with_runtime_ties(budget, target, table))
+    problem = solvers.Problem(table, budget)
     result = slv.solve(problem)
     result.plan.provenance["quantizer"] = q.spec()  # before the check: its plans inherit the provenance
     if safe and fit is not data:  # how to take the quantizer's calibration split out of the data again
@@ -246,16 +251,6 @@ def search(
         result = safeguard(problem, result, measure, refine, held_out=check is not fit)
     result.extra["table"] = table
     return result
-
-
-def with_runtime_ties(budget: Budget, target: str | None, table: CostTable) -> Budget:
-    """``budget`` with the ties of ``target``'s runtime added: layers it configures as one (HQQ: by tag)."""
-    if target is None:
-        return budget
-    from mpsearch.runtimes import get_runtime
-
-    ties = tuple(get_runtime(target).ties(table.layers))
-    return dataclasses.replace(budget, ties=budget.ties + ties) if ties else budget
 
 
 def search_components(estimator, solver, estimator_params: dict | None = None, solver_params: dict | None = None):
@@ -319,7 +314,7 @@ def pareto(
     frame = table.frame.assign(stored_bits=table.frame["bits"] * table.frame["n_params"])
     largest = frame.groupby("layer", sort=False)[["size_bytes", "stored_bits"]].max().sum()  # the largest plan
     top = largest["size_bytes"] if axis == "size_bytes" else largest["stored_bits"] / table.total_params()
-    budget = with_runtime_ties(Budget(**{axis: float(top)}), target, table)
+    budget = Budget(**{axis: float(top)})
     front = front_solver.solve(solvers.Problem(table, budget))
     front.meta["uniform"] = {o: (costs[o], table.uniform_cost(o, "damage")) for o in uniform}
     front.meta["label"] = table.meta.get("estimator", "front")

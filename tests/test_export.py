@@ -165,3 +165,25 @@ def test_the_table_and_plan_record_their_runtime_and_export_defaults_to_it(tmp_p
     result.plan.save(path)
     assert main(["export", str(path)]) == 0  # no --target: the runtime the plan was searched for
     assert capsys.readouterr().out == export(result.plan, "gptqmodel")
+
+
+def test_an_hqq_table_keeps_its_ties_in_every_solve_and_front_without_naming_the_target():
+    # the CLI's pareto --target hqq estimated hqq: options and solved the table with no target: its front
+    # mixed options within one HQQ tag. The table now records its runtime's ties, so every consumer keeps them
+    from mpsearch.runtimes.hqq import hqq_tag
+    from mpsearch.testing import tiny_transformers
+
+    model, batches = tiny_transformers()["llama"]()
+    options = ["hqq:int2_g16", "hqq:int4_g16", "hqq:int8_g16"]
+    table = mpsearch.estimate(model, batches, "sqnr", options, loss_fn="kl")  # no target=: as the CLI does
+    assert table.meta["runtime"] == "hqq" and any("model.layers.1.mlp.up_proj" in g for g in table.meta["ties"])
+    front = mpsearch.pareto(model, table=table)
+    plans = [front.plan_at(size_bytes=float(s)) for s in front.to_frame()["size_bytes"]]
+    plans.append(mpsearch.solve(table, mpsearch.Budget(avg_bits=4.6)).plan)
+    assert len(plans) > 3
+    for plan in plans:
+        tags: dict[str, set] = {}
+        for layer, option in plan.items():
+            tags.setdefault(hqq_tag(layer), set()).add(option)
+        assert all(len(s) == 1 for s in tags.values())
+        export(plan, "hqq")  # never refused
