@@ -158,7 +158,8 @@ def fair(zoo: ZooModel, quantizers: list[str], estimator: str | None) -> list[di
     uniform int4 (per channel) and the best uniform option of the model's own option set that fits the
     budget, all measured on the held-out evaluation data. One row per (quantizer, budget), then a summary."""
     from mpsearch import search
-    from mpsearch.api import DEFAULT_ESTIMATOR, make_quantizer, plan_size
+    from mpsearch.api import DEFAULT_ESTIMATOR, plan_size
+    from mpsearch.quant.quantizer import make_quantizer
 
     name, estimator = zoo.name, estimator or DEFAULT_ESTIMATOR
     int4_size = plan_size(zoo.model, uniform_plan(zoo.model, "int4"))["size_bytes"]

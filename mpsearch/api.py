@@ -14,56 +14,29 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mpsearch.context import (  # noqa: F401 (check_budget, check_refine, make_*: part of the API)
+    REFINE,
+    SearchContext,
+    check_budget,
+    check_refine,
+    make_estimator,
+    make_solver,
+    search_components,
+)
 from mpsearch.core import (
-    DEFAULT_OPTIONS,
     BitPlan,
     Budget,
     CostTable,
     MpsearchError,
     SearchResult,
-    cost_rows,
     parse_option,
-    parse_options,
 )
-from mpsearch.data import as_batches, data_fingerprint
-from mpsearch.layers import discover, require_finite, require_layers
+from mpsearch.data import as_batches
+from mpsearch.layers import discover, require_finite
 from mpsearch.names import DEFAULT_ESTIMATOR  # (see mpsearch.names)
 from mpsearch.outputs import OutputFn, evaluating, metric_of, nll_sum, raw_call, reduce_output, resolve_objective
 from mpsearch.quant.apply import quantized_weights, resolve_plan, swapped
-from mpsearch.quant.quantizer import for_plan, make_quantizer, quantizer_class, quantizer_name
-from mpsearch.safety import HOLDOUT_FRACTION, holdout, safeguard
-
-
-def _resolve_model(model, data, loss_fn, options, device=None, target: str | None = None):
-    """A zoo name becomes (module, calibration data, loss, options, name), loaded onto ``device``; a module
-    passes through and is used where it lives. A ``target`` runtime picks the options (its defaults, or
-    ``options`` named in its family: ``int4_g32`` -> ``torchao:int4_g32``)."""
-    if target is not None:
-        from mpsearch.runtimes import get_runtime
-
-        options = get_runtime(target).resolve(None if options is None else list(options))
-    if isinstance(model, str):
-        from mpsearch.models import load
-
-        zoo = load(model, device=device)
-        data = zoo.calibration if data is None else data
-        return zoo.model, data, loss_fn or zoo.loss, zoo.options if options is None else options, model
-    if not isinstance(model, nn.Module):
-        raise MpsearchError(f"model is a {type(model).__name__}, not a torch.nn.Module", "pass an nn.Module")
-    if data is None:
-        raise MpsearchError("no calibration data given", "pass data= (an iterable of batches)")
-    if device is not None:
-        raise MpsearchError(
-            "device= is for zoo model names; a model you pass runs where it lives",
-            "move it first (model.to('cuda')) and leave device unset",
-        )
-    return model, data, loss_fn, DEFAULT_OPTIONS if options is None else options, None
-
-
-def check_refine(refine) -> None:
-    """``refine`` is a count of measurements (0: no refinement)."""
-    if not isinstance(refine, int) or isinstance(refine, bool) or refine < 0:
-        raise MpsearchError(f"refine={refine!r} is not a count of measurements", "pass an int >= 0 (0: no refinement)")
+from mpsearch.quant.quantizer import for_plan
 
 
 def _no_extra(function: str, extra: dict) -> None:
@@ -72,35 +45,6 @@ def _no_extra(function: str, extra: dict) -> None:
             f"{function}() has no parameter {', '.join(map(repr, sorted(extra)))}",
             "estimator parameters go in estimator_params={...}, solver parameters in solver_params={...}",
         )
-
-
-def _component(obj, params: dict | None, kind: str, package):
-    """A validated estimator or solver (``kind``) from a name in ``package.REGISTRY`` (+ params) or an instance."""
-    if isinstance(obj, str):
-        return getattr(package, f"get_{kind}")(obj, **(params or {}))
-    base = getattr(package, kind.capitalize())
-    if not isinstance(obj, base):
-        raise MpsearchError(
-            f"{kind} {obj!r} is not an instance of {base.__name__}", f"use one of {sorted(package.REGISTRY)}"
-        )
-    if params:
-        raise MpsearchError(f"{kind}_params given with a {kind} instance", "set them on the instance")
-    obj.validate_params()
-    return obj
-
-
-def make_estimator(estimator, estimator_params: dict | None = None):
-    """An Estimator from a registry name (+ params) or an instance, validated."""
-    import sensitivity
-
-    return _component(estimator, estimator_params, "estimator", sensitivity)
-
-
-def make_solver(solver, solver_params: dict | None = None):
-    """A Solver from a registry name (+ params) or an instance, validated."""
-    import solvers
-
-    return _component(solver, solver_params, "solver", solvers)
 
 
 def estimate(
@@ -132,45 +76,12 @@ def estimate(
     ``mpsearch.quant.quantizer.Quantizer``.
     """
     _no_extra("estimate", extra)
-    est = make_estimator(estimator, estimator_params)
-    quantizer_name(quantizer)  # an unknown name fails before any work
-    module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options, device, target)
-    data = as_batches(data)
-    q = make_quantizer(quantizer, module, data, cache=cache)
-    table = est.estimate(
-        module, data, options, loss_fn, cache=cache, output_fn=output_fn, include=include, exclude=exclude, quantizer=q
-    )
-    _record(table, name, target)
-    return table
-
-
-def _record(table: CostTable, name: str | None, target: str | None) -> None:
-    """What a table records beside its estimate: the zoo model's name, the runtime its options are for (the
-    target, or the one family all its options belong to), so plans solved from it can be exported and
-    quantized without saying it again, and that runtime's ties (HQQ: the layers of a tag), so that every
-    solve, front and search of the table keeps them."""
-    from mpsearch.runtimes import get_runtime, runtime_of
-
-    if name:
-        table.meta["model"] = name
-    families = {runtime_of(parse_option(o)).name for o in table.options}
-    runtime = target or (families.pop() if len(families) == 1 else None)
-    table.meta["runtime"] = runtime
-    if runtime is not None:
-        ties = [list(g) for g in table.meta.get("ties", [])]
-        ties += [list(g) for g in get_runtime(runtime).ties(table.layers) if list(g) not in ties]
-        table.meta["ties"] = ties
-
-
-def check_budget(
-    model: nn.Module, budget: Budget, options: Iterable[str] = DEFAULT_OPTIONS, example=None, include=None, exclude=None
-) -> None:
-    """Raise InfeasibleBudgetError before any estimation if no plan with ``options`` can meet ``budget``."""
-    import solvers
-
-    layers, ties = discover(model, example=example, include=include, exclude=exclude)
-    frame = cost_rows(require_layers(layers), parse_options(options)).assign(damage=0.0)
-    solvers.Problem(CostTable(frame, {"ties": ties}), budget)
+    ctx = SearchContext.resolve(
+        model, data, None, estimator, None, options, loss_fn, output_fn=output_fn, include=include,
+        exclude=exclude, estimator_params=estimator_params, device=device, target=target, safe=False,
+        quantizer=quantizer, cache=cache,
+    )  # fmt: skip
+    return ctx.estimate()
 
 
 def solve(table: CostTable, budget: Budget, solver="core", solver_params: dict | None = None) -> SearchResult:
@@ -200,7 +111,7 @@ def search(
     device: str | None = None,
     target: str | None = None,
     safe: bool = True,
-    refine: int = 16,
+    refine: int = REFINE,
     quantizer="rtn",
     **extra,
 ) -> SearchResult:
@@ -220,51 +131,12 @@ def search(
     The cost table is kept in ``result.extra["table"]``.
     """
     _no_extra("search", extra)
-    budget = budget or Budget(avg_bits=4.0)
-    est, slv, needs_fitness = search_components(estimator, solver, estimator_params, solver_params)
-    module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options, device, target)
-    opts = parse_options(options)
-    quantizer_class(quantizer).check_options(opts)  # refuse options it has no grid for, before any work
-    check_refine(refine)
-    data = as_batches(data)  # iterated several times below
-    example = data[0] if budget.bops is not None else None
-    check_budget(module, budget, options, example, include, exclude)
-    fit, check = holdout(data, HOLDOUT_FRACTION) if safe else (data, data)
-    q = make_quantizer(quantizer, module, fit)
-    table = est.estimate(
-        module, fit, options, loss_fn, output_fn=output_fn, include=include, exclude=exclude, quantizer=q
-    )
-    _record(table, name, target)
-    import solvers
-    from mpsearch.fitness import PlanFitness
-
-    loss = table.meta["loss"] if loss_fn is None else loss_fn  # the table's resolved loss, for measurements
-    if needs_fitness:
-        slv.fitness = PlanFitness(module, fit, loss, output_fn, q)
-    problem = solvers.Problem(table, budget)
-    result = slv.solve(problem)
-    result.plan.provenance["quantizer"] = q.spec()  # before the check: its plans inherit the provenance
-    if safe and fit is not data:  # how to take the quantizer's calibration split out of the data again
-        result.plan.provenance["calibration"] = {"data": data_fingerprint(data), "holdout": HOLDOUT_FRACTION}
-    if safe:
-        measure = PlanFitness(module, check, loss, output_fn, q)
-        result = safeguard(problem, result, measure, refine, held_out=check is not fit)
-    result.extra["table"] = table
-    return result
-
-
-def search_components(estimator, solver, estimator_params: dict | None = None, solver_params: dict | None = None):
-    """(estimator, solver, needs_fitness), both validated. An "evolutionary" solver without a ``fitness``
-    gets a stand-in that ``search`` replaces by a PlanFitness on the calibration data."""
-    est = make_estimator(estimator, estimator_params)
-    solver_params = dict(solver_params or {})
-    needs_fitness = solver == "evolutionary" and "fitness" not in solver_params
-    slv = make_solver(solver, {**solver_params, "fitness": _placeholder} if needs_fitness else solver_params)
-    return est, slv, needs_fitness
-
-
-def _placeholder(plan) -> float:
-    raise RuntimeError("the evolutionary fitness was not set")
+    ctx = SearchContext.resolve(
+        model, data, budget or Budget(avg_bits=4.0), estimator, solver, options, loss_fn, output_fn=output_fn,
+        include=include, exclude=exclude, estimator_params=estimator_params, solver_params=solver_params,
+        device=device, target=target, safe=safe, refine=refine, quantizer=quantizer,
+    )  # fmt: skip
+    return ctx.run()
 
 
 def pareto(

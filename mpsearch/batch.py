@@ -1,8 +1,10 @@
 """Offline batch searches: a grid of models x estimators x solvers x budgets into a run directory.
 
 Layout of ``run_dir``:
-  tables/<model>__<estimator>.parquet   one cost table per (model, estimator), reused by every budget
+  tables/<model>__<estimator>__<key>.parquet   one cost table per (model, estimator, options, code), reused
+                                         by every solver and budget
   cells/<cell>/plan.json, metrics.json   one folder per finished cell (metrics.json is written last)
+  <solver>/                              a solver's own files (the evolutionary study)
   results.parquet, results.csv           every finished cell's metrics, rebuilt at the end
   summary.png                            measured metric vs size per model
 
@@ -131,16 +133,23 @@ def _open_run_dir(run_dir: Path) -> tuple[Path, Path]:
     return tables_dir, cells_dir
 
 
-def _solver_params(solver: str, zoo) -> dict:
-    """What a solver needs beyond the table: a measured fitness for those that evaluate plans on the model
-    (``evolutionary``), on the zoo model's calibration data (never its evaluation data)."""
+def _solver_params(solver: str, run_dir: Path) -> dict:
+    """A solver that keeps files of its own (the evolutionary study) keeps them in the run dir."""
     import solvers
 
-    if "fitness" not in solvers.REGISTRY[solver].required_params():
-        return {}
-    from mpsearch.fitness import PlanFitness
+    return {"run_dir": str(run_dir / solver)} if "run_dir" in solvers.REGISTRY[solver].param_names() else {}
 
-    return {"fitness": PlanFitness(zoo.model, zoo.calibration, zoo.loss)}
+
+def table_name(model: str, estimator: str, options: list[str]) -> str:
+    """A run-dir table's file name, keyed by what a grid can change for one (model, estimator) -- its options --
+    and by the estimator code (``sensitivity.base._code_hash``), so a re-run with other options or code
+    estimates anew instead of reusing a table built for others."""
+    import hashlib
+
+    from sensitivity.base import _code_hash
+
+    digest = hashlib.sha256(json.dumps([list(options), _code_hash()]).encode()).hexdigest()[:12]
+    return f"{model}__{estimator}__{digest}.parquet"
 
 
 def _budget(spec: dict, table: CostTable) -> Budget:
@@ -161,6 +170,7 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
     from tqdm.auto import tqdm
 
     from mpsearch import api
+    from mpsearch.context import SearchContext
     from mpsearch.models import load
 
     tables_dir, cells_dir = _open_run_dir(config.run_dir)
@@ -168,19 +178,27 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
     todo = [g for g in grid if not (cells_dir / cell_id(*g) / "metrics.json").exists()]
     delay = float(os.environ.get("MPSEARCH_BATCH_CELL_DELAY", "0"))  # test hook: widen the kill window
     zoo_cache: dict = {}
+    contexts: dict = {}  # (model, estimator, solver) -> its resolved, validated search
     bar = tqdm(
         total=len(grid), initial=len(grid) - len(todo), desc="batch cells", disable=not progress, file=sys.stderr
     )
     for model, estimator, solver, budget_spec in todo:
         if model not in zoo_cache:
             zoo_cache.clear()  # one model in memory at a time
+            contexts.clear()
             zoo_cache[model] = load(model)
         zoo = zoo_cache[model]
-        table_path = tables_dir / f"{model}__{estimator}.parquet"
+        if (model, estimator, solver) not in contexts:  # the whole estimate-solve pipeline, validated once
+            contexts[model, estimator, solver] = SearchContext.resolve(
+                zoo.model, zoo.calibration, None, estimator, solver, config.options or zoo.options, zoo.loss,
+                solver_params=_solver_params(solver, config.run_dir), safe=False,
+            )  # fmt: skip
+        ctx = contexts[model, estimator, solver]
+        table_path = tables_dir / table_name(model, estimator, ctx.options)
         if table_path.exists():
             table = CostTable.from_parquet(table_path)
         else:
-            table = api.estimate(zoo.model, zoo.calibration, estimator, config.options or zoo.options, zoo.loss)
+            table = ctx.estimate()
             table.meta["model"] = model
             with _writing(config.run_dir):
                 write_atomic(table_path, table.to_parquet)
@@ -190,7 +208,7 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
         row = {"cell": cell.name, "model": model, "estimator": estimator, "solver": solver}
         row.update(budget_kind=key, budget_value=value)
         try:
-            result = api.solve(table, _budget(budget_spec, table), solver, _solver_params(solver, zoo))
+            result = ctx.solve(table, _budget(budget_spec, table))
         except InfeasibleBudgetError as err:  # a result too: recorded, and the grid goes on
             with _writing(config.run_dir):
                 cell.mkdir(exist_ok=True)

@@ -162,13 +162,31 @@ def test_a_full_disk_mid_run_is_one_line_and_a_rerun_resumes_without_redoing_a_c
     assert done[0].stat().st_mtime_ns == stamp  # not redone
 
 
-def test_a_solver_that_measures_plans_gets_a_fitness_on_the_calibration_data(digits):
-    # an evolutionary cell used to end the grid in a bare TypeError (no fitness): now it gets a PlanFitness
-    import solvers
-    from mpsearch.batch import _solver_params
-    from mpsearch.fitness import PlanFitness
+def test_a_grid_with_the_evolutionary_solver_measures_its_plans_and_finishes(tmp_path):
+    # an evolutionary cell used to end the grid in a bare TypeError (no fitness) after the other cells: the
+    # resolved search gives it a PlanFitness on the calibration data, and its study lives in the run dir
+    from mpsearch.batch import run_batch
 
-    params = _solver_params("evolutionary", digits)
-    assert isinstance(params["fitness"], PlanFitness) and params["fitness"].batches == list(digits.calibration)
-    assert _solver_params("core", digits) == {}
-    assert solvers.REGISTRY["evolutionary"].required_params() == ["fitness"]
+    cfg = tmp_path / "grid.toml"
+    run = tmp_path / "run"
+    cfg.write_text(
+        f'run_dir = "{run}"\nmodels = ["digits-cnn"]\nestimators = ["sqnr"]\nsolvers = ["dp", "evolutionary"]\n'
+        'budgets = [{avg_bits = 4.0}]\noptions = ["int2", "int4", "int8"]\n'
+    )
+    results = run_batch(BatchConfig.load(cfg), progress=False).set_index("solver")
+    assert set(results.index) == {"dp", "evolutionary"} and (results["avg_bits"] <= 4.0 + 1e-9).all()
+    assert results.loc["evolutionary", "status"] == "feasible" and list((run / "evolutionary").glob("*.db"))
+
+
+def test_a_rerun_with_other_options_estimates_anew(tmp_path):
+    # run-dir tables were keyed by model and estimator only: a re-run with other options reused the old table
+    from mpsearch.batch import run_batch
+
+    cfg = tmp_path / "grid.toml"
+    grid = f'run_dir = "{tmp_path / "run"}"\nmodels = ["digits-cnn"]\nestimators = ["sqnr"]\nsolvers = ["dp"]\n'
+    cfg.write_text(grid + 'budgets = [{avg_bits = 6.0}]\noptions = ["int4", "int8"]\n')
+    run_batch(BatchConfig.load(cfg), progress=False)
+    cfg.write_text(grid + 'budgets = [{avg_bits = 3.0}]\noptions = ["int2", "int3"]\n')
+    results = run_batch(BatchConfig.load(cfg), progress=False).set_index("budget_value")
+    assert results.loc[3.0, "status"] == "optimal" and results.loc[3.0, "avg_bits"] <= 3.0
+    assert len(list((tmp_path / "run" / "tables").glob("digits-cnn__sqnr__*.parquet"))) == 2

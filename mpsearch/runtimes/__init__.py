@@ -43,7 +43,7 @@ def parse(name: str):
             return option
     raise InvalidOptionError(
         f"unknown option {name!r}",
-        "use " + "; or ".join(f"{r.accepted} ({r.name})" for r in _FAMILIES.values()),
+        "use " + "; or ".join(f"{r.accepted} ({r.name})" for r in _FAMILIES.values()) + " (e.g. int4_g128_asym)",
     )
 
 
