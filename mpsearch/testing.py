@@ -166,3 +166,159 @@ def tiny_transformers(seed: int = 0) -> dict[str, Callable[[], tuple[nn.Module, 
         return GPT2LMHeadModel(cfg).eval(), _token_batches(96, seed)
 
     return {"bert": bert, "llama": llama, "gpt2": gpt2, "qwen2": lambda: llama("Qwen2", tied=False)}
+
+
+# ------------------------------------------------------------------------------ runtimes, quantizers, layers
+def runtime_instances() -> list:
+    """Every registered runtime that owns options (the plan-JSON writer has none)."""
+    from mpsearch.runtimes import RUNTIMES
+
+    return [r for r in RUNTIMES.values() if not r.writer_only]
+
+
+def runtime_weight(rows: int = 32, row: int = 512, seed: int = 0) -> torch.Tensor:
+    """Gaussian rows plus the rows quantizers get wrong: all zero, constant, one-signed, one outlier."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, row, generator=g) * 0.02
+    w[1] = 0.0
+    w[2] = 0.01
+    w[3] = w[3].abs()
+    w[4, 7] = 0.5
+    return w
+
+
+def check_runtime(runtime) -> int:
+    """A runtime's registration is consistent with itself and with the runtime: each of its default options
+    parses back to it, resolves as its own and refuses other targets' options; quantizing keeps the shape and
+    dtype and pads rows that are not whole units; and where the runtime's own package is here (``reference``),
+    the bits mpsearch charges are the bytes the runtime stores and its decoded values are mpsearch's fake
+    quantization, exactly. Returns how many options were compared with the runtime itself."""
+    from mpsearch.core import MpsearchError, parse_option
+    from mpsearch.runtimes import runtime_of
+
+    w = runtime_weight()
+    compared = 0
+    assert runtime.default_options, f"{runtime.name}: no default options for --target"
+    for name in runtime.default_options:
+        opt = parse_option(name)
+        assert runtime_of(opt) is runtime and runtime.accepts(opt), name
+        assert runtime.resolve([name]) == [name], name
+        q = runtime.quantize(w, opt)
+        assert q.shape == w.shape and q.dtype == w.dtype and torch.isfinite(q).all(), name
+        odd = w[:, :-3]  # rows that are not whole blocks or groups: padded, still the input's shape
+        assert runtime.quantize(odd, opt).shape == odd.shape, name
+        try:
+            ref = runtime.reference(w, opt)
+        except ImportError:
+            ref = None
+        if ref is None:
+            continue
+        stored, decoded = ref
+        assert 8 * stored == opt.storage_bits(tuple(w.shape)), f"{name}: charged {opt.storage_bits(w.shape)} bits"
+        if decoded is not None:
+            mine = runtime.quantize(w.to(decoded.dtype), opt)
+            assert torch.equal(decoded.float(), mine.float()), f"{name}: differs from the runtime's own decoding"
+            compared += 1
+    others = [o for r in runtime_instances() if r is not runtime for o in r.default_options]
+    if others and runtime.prefix == "" and runtime.name != "mpsearch":
+        try:
+            runtime.resolve([others[0]])
+        except MpsearchError:
+            pass
+        else:
+            raise AssertionError(f"{runtime.name} accepted {others[0]!r}, another runtime's option")
+    return compared
+
+
+def check_quantizer(quantizer, model: nn.Module, data: list, plan) -> None:
+    """What a quantizer applies is what was measured: ``apply_plan`` (a copy and in place), ``quantized`` and
+    ``PlanFitness`` hold the very weights ``quantizer.quantize`` gives, the Measured estimator's loss of one
+    layer equals ``evaluate`` of that layer's plan, and ``evaluate`` of the plan equals ``PlanFitness``."""
+    import copy as _copy
+
+    import mpsearch
+    from mpsearch.core import BitPlan
+    from mpsearch.fitness import PlanFitness
+    from mpsearch.layers import unit_map
+    from sensitivity import Measured
+
+    units = unit_map(model)
+    expected = {name: quantizer.quantize(units[name], option) for name, option in plan.items()}
+    copied = mpsearch.apply_plan(model, plan, quantizer=quantizer)
+    inplace = mpsearch.apply_plan(_copy.deepcopy(model), plan, inplace=True, quantizer=quantizer)
+    fitness = PlanFitness(model, data, quantizer=quantizer)
+    loss = fitness(BitPlan(dict(plan.assignments)))
+    with mpsearch.quantized(model, plan, quantizer=quantizer):
+        inside = {name: units[name].weight.detach().clone() for name in plan}
+    for name, want in expected.items():
+        for label, got in (
+            ("apply_plan", unit_map(copied)[name].weight),
+            ("apply_plan(inplace)", unit_map(inplace)[name].weight),
+            ("quantized", inside[name]),
+            ("PlanFitness", fitness._current[units[name]][1]),
+        ):
+            assert torch.equal(got.detach(), want), f"{quantizer.name}: {label} differs for {name}"
+    measured = mpsearch.evaluate(model, BitPlan(dict(plan.assignments)), data, quantizer=quantizer, progress=False)
+    assert abs(measured["loss"] - loss) <= 1e-9 * max(1.0, abs(loss)), (measured["loss"], loss)
+    name, option = next(iter(plan.items()))
+    table = Measured(progress=False).estimate(
+        model, data, [option], include=[name], cache=False, quantizer=quantizer, loss_fn=fitness.objective.name
+    )
+    one = mpsearch.evaluate(model, BitPlan({name: option}), data, quantizer=quantizer, progress=False)
+    assert abs(float(table.frame["loss"].iloc[0]) - one["loss"]) <= 1e-9 * max(1.0, one["loss"])
+
+
+# one small instance of each registered layer type, with an input it takes (a new registration needs one here)
+def layer_examples() -> dict[type, Callable[[], tuple[nn.Module, torch.Tensor]]]:
+    examples: dict[type, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
+        nn.Linear: lambda: (nn.Linear(12, 8), torch.randn(4, 5, 12)),
+        nn.Conv1d: lambda: (nn.Conv1d(4, 6, 3, padding=1), torch.randn(3, 4, 10)),
+        nn.Conv2d: lambda: (nn.Conv2d(3, 6, 3, padding=1), torch.randn(2, 3, 6, 6)),
+        nn.Embedding: lambda: (nn.Embedding(20, 8), torch.randint(0, 20, (3, 7))),
+    }
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        examples[Conv1D] = lambda: (Conv1D(8, 12), torch.randn(4, 5, 12))
+    except ImportError:  # transformers is a dependency; its absence is not this check's business
+        pass
+    return examples
+
+
+def check_layer_type(entry, example: Callable[[], tuple[nn.Module, torch.Tensor]]) -> None:
+    """A registered layer type's behaviour holds for an instance: discovered as one unit of its kind with its
+    weight output-channels-first, MACs per sample equal to outputs x in_per_output counted from a real call,
+    SQNR's "matmul"/"lookup" statistics equal to calling the layer with dW ("call"), and GPTQ covering it
+    exactly when its inputs enter a matmul."""
+    import mpsearch
+    from mpsearch.layers import find_units, layer_type
+    from mpsearch.quant.gptq import GPTQ, covers
+    from mpsearch.quant.quantizer import RTN
+    from sensitivity.sqnr import noise_ratios
+
+    torch.manual_seed(0)
+    module, x = example()
+    model = nn.Sequential(module).eval()
+    assert layer_type(module) is entry, f"{entry.module_type.__name__}: another registration wins"
+    (unit,) = find_units(model)
+    weight = module.weight.t() if entry.transposed else module.weight
+    assert unit.weight.shape == weight.shape and torch.equal(unit.weight, weight)
+    infos, _ = mpsearch.discover(model, example=x, include_embeddings=True)
+    out = module(x)
+    assert infos[0].macs == out.numel() // out.shape[0] * entry.in_per_output(module)
+    assert infos[0].kind == entry.kind_of(module)
+    opt = mpsearch.parse_option("int3")
+    ratios = noise_ratios(model, [x], [unit], [opt], RTN())
+    delta = RTN().error(unit, opt)
+    delta = delta.t() if entry.transposed else delta
+    with torch.no_grad():
+        if entry.inputs == "lookup":
+            noise = nn.functional.embedding(x, delta)
+        else:
+            zero = {"bias": torch.zeros_like(module.bias)} if module.bias is not None else {}
+            noise = torch.func.functional_call(module, {"weight": delta, **zero}, (x,))
+    direct = float(noise.double().pow(2).sum() / out.double().pow(2).sum())
+    assert abs(float(ratios["output_nsr"].iloc[0]) - direct) <= 1e-4 * direct
+    assert covers(unit) == (entry.inputs == "matmul")
+    if covers(unit):
+        assert unit.name in GPTQ(model, [x], progress=False).factors

@@ -241,21 +241,6 @@ def test_searched_plan_size_equals_the_runtime_size_of_its_export():
     assert set(table.options) == set(GGUF_TYPES)
 
 
-@pytest.mark.parametrize(
-    "option", ["hqq:int3_g64", "hqq:int2_g32", "hqq:int4_g128", "torchao:int4_g32", "torchao:int2_g64_asym"]
-)
-def test_charged_size_is_the_bytes_the_runtime_holds(option):
-    import sys
-
-    sys.path.insert(0, "experiments")
-    from bench_targets import RUNTIME  # the runtime-side measurement of experiments/bench_targets.py
-
-    w = torch.randn(40, 384, generator=torch.Generator().manual_seed(0)) * 0.02
-    bpw, diff = RUNTIME["hqq" if option.startswith("hqq") else "torchao"](w, option)
-    assert bpw == pytest.approx(parse_option(option).effective_bits(tuple(w.shape)), rel=1e-12)
-    assert diff == 0.0
-
-
 @pytest.mark.parametrize("estimator", ["sqnr", "fisher", "hessian", "entropy", "relevance", "measured"])
 def test_estimators_skip_the_layers_a_runtime_cannot_store(estimator, monkeypatch):
     from mpsearch.runtimes.llama_cpp import LlamaCpp

@@ -74,6 +74,13 @@ class Runtime(ABC):
         padded = torch.nn.functional.pad(rows, (0, pad)) if pad else rows
         return self.fake_quantize(padded, option)[:, : rows.shape[1]].reshape(w.shape)
 
+    def reference(self, w, option):
+        """The runtime's own storage and decoding of ``w`` (out, row), from its own package, for conformance
+        checks (``mpsearch.testing.check_runtime``, ``experiments/bench_targets.py``): (bytes it stores, its
+        decoded values or None where only the layout can be counted). None: no runtime besides mpsearch's
+        code to compare with; raises ImportError when the runtime's package is not installed."""
+        return None
+
     def gptq_grid(self, option):
         """The grid GPTQ's column loop quantizes ``option`` on, or None (GPTQ cannot): an object with ``lo``,
         ``hi`` (the stored integer range) and ``fit(cols)`` -> (scale, zero, decode scale) per row of the

@@ -94,5 +94,13 @@ class GPTQModel(Runtime):
     def gptq_grid(self, option):
         return GPTQGrid(option)
 
+    def reference(self, w, option):
+        """GPTQModel builds CUDA kernels and does not install here: its tensors' layout is counted instead
+        (int32 ``qweight`` of 32 / b values a word, ``qzeros`` likewise, fp16 ``scales``, int32 ``g_idx``)."""
+        out, inp = w.shape[0], w[0].numel()
+        groups = inp // (option.group_size or inp)
+        words = inp * option.bits // 32 * out + groups * (out * option.bits // 32)
+        return (32 * words + 16 * groups * out + 32 * inp) // 8, None
+
     def render(self, plan, **kwargs) -> str:
         return json.dumps(gptqmodel_dynamic(plan), indent=2)

@@ -77,6 +77,20 @@ class HQQ(Runtime):
 
         return fake_quantize(w, option)
 
+    def reference(self, w, option):
+        """HQQ's own ``HQQLinear`` of the weight: the bytes of W_q, scale and zero, and its ``dequantize()``."""
+        import copy
+
+        import torch
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False).requires_grad_(False)
+        lin.weight.copy_(w.detach().float())
+        config = BaseQuantizeConfig(nbits=option.bits, group_size=option.group_size)
+        layer = HQQLinear(copy.deepcopy(lin), config, compute_dtype=torch.float16, device="cpu")
+        stored = (layer.W_q, layer.meta["scale"], layer.meta["zero"])
+        return sum(t.numel() * t.element_size() for t in stored), layer.dequantize().float()
+
     def ties(self, layers: Iterable[str]) -> list[tuple[str, ...]]:
         """HQQ takes one config per tag, so the layers of a tag share an option."""
         groups: dict[str, list[str]] = {}

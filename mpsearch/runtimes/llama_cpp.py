@@ -118,6 +118,22 @@ class LlamaCpp(Runtime):
 
         return fake_quantize(w, option)
 
+    def reference(self, w, option):
+        """ggml's row size (``gguf.GGML_QUANT_SIZES``) and gguf's own decoder of the bytes mpsearch writes
+        (for Q4_0 ... Q8_0 also gguf's own quantizer: an independent path)."""
+        import gguf
+        import torch
+
+        from mpsearch.quant.llama_cpp import ggml_type, quantize_rows
+
+        rows = w.detach().reshape(w.shape[0], -1).float().numpy()
+        packed, _ = quantize_rows(rows, option)
+        if option.name in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0"):
+            packed = gguf.quants.quantize(rows, ggml_type(option))
+        block, nbytes = gguf.GGML_QUANT_SIZES[ggml_type(option)]
+        decoded = torch.from_numpy(gguf.quants.dequantize(packed, ggml_type(option)).copy()).reshape(w.shape)
+        return rows.shape[0] * rows.shape[1] // block * nbytes, decoded
+
     def render(self, plan, arch: str | None = None, **kwargs) -> str:
         arch = arch or plan.provenance.get("architecture") or "llama"
         planned = plan.provenance.get("architecture")

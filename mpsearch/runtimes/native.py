@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+from mpsearch.core.options import DEFAULT_OPTIONS
 from mpsearch.runtimes.base import SCALE_BITS, Runtime
 
 FP4_DEFAULT_GROUP = 32
@@ -43,6 +44,7 @@ class Native(Runtime):
 
     name = "mpsearch"
     family = "mpsearch"
+    default_options = DEFAULT_OPTIONS
     accepted = "int<2-8>[_g<group>][_asym], fp8_e4m3, fp8_e5m2, fp4_e2m1[_g<group>], fp16"
 
     def parse(self, name: str):

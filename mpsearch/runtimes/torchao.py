@@ -64,6 +64,21 @@ class Torchao(Runtime):
 
         return fake_quantize(w, option)
 
+    def reference(self, w, option):
+        """torchao's own ``quantize_`` of a bf16 Linear (its models run in bf16): the bytes of the tensors it
+        keeps (qdata, scale, zero_point) and its ``dequantize()``."""
+        import torch
+        from torchao.quantization import quantize_
+
+        from mpsearch.core import BitPlan
+
+        w = w.detach().bfloat16()
+        model = torch.nn.Sequential(torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16))
+        model[0].weight.data.copy_(w)
+        quantize_(model, torchao_config(BitPlan({"0": option.name})), filter_fn=None)
+        q = model[0].weight
+        return sum(t.numel() * t.element_size() for t in (q.qdata, q.scale, q.zero_point)), q.dequantize()
+
     def render(self, plan, **kwargs) -> str:
         """JSON of the FqnToConfig (torchao.core.config.config_to_dict); load with config_from_dict."""
         from torchao.core.config import config_to_dict
