@@ -24,7 +24,7 @@ from torch import nn
 
 from mpsearch.core import LayerInfo, MpsearchError
 from mpsearch.data import hash_tensor
-from mpsearch.outputs import evaluating, raw_call
+from mpsearch.outputs import evaluating, hooked, raw_call
 
 INPUTS = ("matmul", "lookup", "call")
 
@@ -118,6 +118,11 @@ class Unit:
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
 
+    def takes(self, option) -> bool:
+        """Whether ``option``'s runtime can store this weight (a GGUF row must be whole blocks...): where not,
+        the unit has no row for the option in a cost table and is never quantized with it."""
+        return option.fits(tuple(self.weight.shape))
+
 
 def find_units(model: nn.Module) -> list[Unit]:
     """Every quantizable weight of ``model`` (embeddings too) in module order, shared tensors merged into one
@@ -172,7 +177,6 @@ def _macs(model: nn.Module, units: list[Unit], example) -> dict[str, int]:
     """MACs per sample of each unit (summed over the modules sharing its weight), from one forward pass."""
     macs = {u.name: 0 for u in units}
     modules = dict(model.named_modules())
-    hooks = []
 
     def hook(unit: Unit, entry: LayerType):
         def fn(module, inputs, output):
@@ -181,15 +185,9 @@ def _macs(model: nn.Module, units: list[Unit], example) -> dict[str, int]:
 
         return fn
 
-    try:
-        for u in units:
-            for n in u.names:
-                hooks.append(modules[n].register_forward_hook(hook(u, layer_type(modules[n]))))
-        with torch.no_grad(), evaluating(model):
-            raw_call(model, example)
-    finally:
-        for h in hooks:
-            h.remove()
+    handles = (modules[n].register_forward_hook(hook(u, layer_type(modules[n]))) for u in units for n in u.names)
+    with hooked(handles), torch.no_grad(), evaluating(model):
+        raw_call(model, example)
     return macs
 
 

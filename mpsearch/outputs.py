@@ -16,7 +16,7 @@ one tensor whose rows are the units a loss averages over:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +45,21 @@ def to_device(batch, device: torch.device):
     if isinstance(batch, tuple | list):
         return type(batch)(to_device(t, device) for t in batch)
     return batch
+
+
+@contextmanager
+def hooked(handles: Iterable) -> Iterator[list]:
+    """Hooks registered by iterating ``handles`` (e.g. a generator of ``register_forward_hook`` calls), all
+    removed on exit, also when the block or a registration raises: the one place hooks are put on and taken
+    off the caller's model."""
+    made: list = []
+    try:
+        for handle in handles:
+            made.append(handle)
+        yield made
+    finally:
+        for handle in made:
+            handle.remove()
 
 
 @contextmanager

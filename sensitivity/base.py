@@ -214,9 +214,8 @@ def weight_perturbations(model: nn.Module, layers: list[LayerInfo], options: lis
     out = {}
     with torch.no_grad():
         for unit in units_for(model, layers):
-            w = unit.weight
             for opt in options:
-                out[unit.name, opt.name] = dot64(quantizer.error(unit, opt)) if opt.fits(tuple(w.shape)) else NAN
+                out[unit.name, opt.name] = dot64(quantizer.error(unit, opt)) if unit.takes(opt) else NAN
     return out
 
 

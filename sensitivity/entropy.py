@@ -11,7 +11,7 @@ from torch import nn
 
 from mpsearch.core import LayerInfo, Option
 from mpsearch.core.params import Interval
-from mpsearch.outputs import Objective, model_device, raw_call
+from mpsearch.outputs import Objective, hooked, model_device, raw_call
 from mpsearch.quant.quantizer import Quantizer
 from sensitivity.base import Estimator, units_for, weight_perturbations
 from sensitivity.sums import dot64
@@ -79,13 +79,9 @@ class Entropy(Estimator):
 
             return fn
 
-        handles = [u.module.register_forward_hook(hook(u.name)) for u in units]
-        try:
+        with hooked(u.module.register_forward_hook(hook(u.name)) for u in units):
             for batch in batches:
                 raw_call(model, batch)
-        finally:
-            for h in handles:
-                h.remove()
         h_act = {name: histogram_entropy(torch.cat(xs), self.bins) for name, xs in collected.items()}
         h_w = {u.name: histogram_entropy(u.weight, self.bins) for u in units}
         mean_h = float(np.mean(list(h_act.values())))

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from mpsearch.core import LayerInfo, MpsearchError, Option
 from mpsearch.core.params import Interval
 from mpsearch.data import n_samples, take
-from mpsearch.outputs import Objective, model_device
+from mpsearch.outputs import Objective, hooked, model_device
 from mpsearch.quant.quantizer import Quantizer
 from sensitivity.base import NAN, Estimator, trainable_weights, units_for
 from sensitivity.sums import dot64, sum64
@@ -92,11 +92,11 @@ class Fisher(Estimator):
 
             return hook
 
-        handles = [p.register_post_accumulate_grad_hook(accumulate(acc)) for p, acc in zip(params, fisher)]
         seen = 0
         total = min(self.max_samples, sum(n_samples(b) for b in batches))
         bar = tqdm(total=total, desc="fisher samples", disable=not self.progress, leave=False)
-        try:
+        hooks = hooked(p.register_post_accumulate_grad_hook(accumulate(acc)) for p, acc in zip(params, fisher))
+        with hooks, bar:
             for batch in batches:
                 for i in range(min(n_samples(batch), self.max_samples - seen)):
                     with torch.enable_grad():
@@ -114,10 +114,6 @@ class Fisher(Estimator):
                             torch.autograd.backward(score, inputs=params, retain_graph=j < len(draws) - 1)
                     seen += 1
                     bar.update()
-        finally:
-            bar.close()
-            for h in handles:
-                h.remove()
         rows = []
         with torch.no_grad():
             for unit, f in zip(units, fisher):
@@ -125,7 +121,7 @@ class Fisher(Estimator):
                 trace = sum64(f)
                 h = quantizer.hessian(unit, shrunk=True) if self.cross_terms else None
                 for opt in options:
-                    if not opt.fits(tuple(unit.weight.shape)):  # no row in the table
+                    if not unit.takes(opt):  # no row in the table
                         rows.append({"layer": unit.name, "option": opt.name, "damage": NAN})
                         continue
                     d = quantizer.error(unit, opt)

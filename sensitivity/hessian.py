@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from mpsearch.core import MpsearchError
 from mpsearch.core.params import Interval, OneOf
 from mpsearch.data import n_samples, split
-from mpsearch.outputs import Objective, model_device
+from mpsearch.outputs import Objective, hooked, model_device
 from sensitivity.base import Estimator, trainable_weights, weight_perturbations
 from sensitivity.hutchinson import hutchinson, hutchpp, seeded_probes
 from sensitivity.sums import dot64
@@ -74,16 +74,12 @@ class HessianVectorProduct:
 
             return hook
 
-        handles = [p.register_post_accumulate_grad_hook(keep(i)) for i, p in enumerate(self.params)]
-        try:
-            with sdpa_kernel(SDPBackend.MATH), torch.enable_grad(), warnings.catch_warnings():
-                # backward(create_graph=True) warns of a param <-> grad cycle: the hook breaks it (grad = None)
-                warnings.filterwarnings("ignore", "Using backward\\(\\) with create_graph=True")
-                loss = self.objective(self.model, chunk, reference) * weight
-                torch.autograd.backward(loss, inputs=self.params, create_graph=True)
-        finally:
-            for h in handles:
-                h.remove()
+        hooks = hooked(p.register_post_accumulate_grad_hook(keep(i)) for i, p in enumerate(self.params))
+        with hooks, sdpa_kernel(SDPBackend.MATH), torch.enable_grad(), warnings.catch_warnings():
+            # backward(create_graph=True) warns of a param <-> grad cycle: the hook breaks it (grad = None)
+            warnings.filterwarnings("ignore", "Using backward\\(\\) with create_graph=True")
+            loss = self.objective(self.model, chunk, reference) * weight
+            torch.autograd.backward(loss, inputs=self.params, create_graph=True)
         return edges
 
     def _backward(self, edges: list, vs: list[torch.Tensor], on_block: Callable[[int, torch.Tensor], None]) -> None:
@@ -100,17 +96,13 @@ class HessianVectorProduct:
         roots = [i for i, e in enumerate(edges) if e is not None]
         if not roots:
             return
-        handles = [p.register_post_accumulate_grad_hook(hand(i)) for i, p in enumerate(self.params)]
-        try:
+        with hooked(p.register_post_accumulate_grad_hook(hand(i)) for i, p in enumerate(self.params)):
             torch.autograd.backward(
                 [edges[i] for i in roots],
                 grad_tensors=[vs[i] for i in roots],
                 inputs=self.params,
                 retain_graph=True,
             )
-        finally:
-            for h in handles:
-                h.remove()
 
     def _products(self, count: int, vectors: Callable[[int], list[torch.Tensor]], on_block) -> None:
         """``count`` products summed over micro-batches; product j takes probe ``vectors(j)`` (drawn once per

@@ -7,7 +7,7 @@ from torch import nn
 
 from mpsearch.core import LayerInfo, Option
 from mpsearch.data import n_samples, take
-from mpsearch.outputs import LOSSES, Objective, model_device
+from mpsearch.outputs import LOSSES, Objective, hooked, model_device
 from mpsearch.quant.quantizer import Quantizer
 from sensitivity.base import Estimator, units_for
 from sensitivity.sqnr import noise_ratios
@@ -55,9 +55,8 @@ def layer_relevance(
 
         return fn
 
-    handles = [modules[n].register_forward_hook(hook(n)) for n in layer_names]
     score_total = 0.0
-    try:
+    with hooked(modules[n].register_forward_hook(hook(n)) for n in layer_names):
         for sample in (take(batch, i) for batch in batches for i in range(n_samples(batch))):
             with torch.enable_grad():
                 out = objective.output(model, sample)
@@ -65,9 +64,6 @@ def layer_relevance(
                 torch.autograd.grad(score, anchor, allow_unused=True)  # runs the hooks; keeps nothing
             score_total += float(score.detach())
             del out, score
-    finally:
-        for h in handles:
-            h.remove()
     return {"relevance": totals, "signed": signed, "score": score_total}
 
 

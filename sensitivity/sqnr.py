@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from mpsearch.core import LayerInfo, Option
 from mpsearch.core.params import OneOf
 from mpsearch.layers import Unit, layer_type
-from mpsearch.outputs import Objective, raw_call
+from mpsearch.outputs import Objective, hooked, raw_call
 from sensitivity.base import NAN, Estimator, units_for
 from sensitivity.sums import dot64
 
@@ -48,7 +48,7 @@ class _Direct:
 
     def __init__(self, unit: Unit, options: list[Option], quantizer) -> None:
         self.unit, self.quantizer = unit, quantizer
-        self.options = [opt for opt in options if opt.fits(tuple(unit.weight.shape))]
+        self.options = [opt for opt in options if unit.takes(opt)]
         self.total = {opt.name: 0.0 for opt in self.options}
 
     def observe(self, x: torch.Tensor) -> None:
@@ -139,7 +139,7 @@ def noise_ratios(
                 w = mod.weight
                 bias = getattr(mod, "bias", None)  # a registered type may have none
                 zero = {"bias": torch.zeros_like(bias)} if isinstance(bias, torch.Tensor) else {}
-                for opt in (o for o in options if o.fits(tuple(w.shape))):
+                for opt in (o for o in options if owner[name].takes(o)):
                     err = functional_call(mod, {**zero, "weight": quantizer.quantize(owner[name], opt) - w}, inputs)
                     key = (name, opt.name)
                     conv_noise[key] = conv_noise.get(key, 0.0) + float(err.float().pow(2).sum())
@@ -153,20 +153,16 @@ def noise_ratios(
 
         return fn
 
-    handles = [modules[n].register_forward_hook(hook(n)) for n in owner]
-    try:
+    with hooked(modules[n].register_forward_hook(hook(n)) for n in owner):
         for batch in tqdm(batches, desc="sqnr", disable=not progress, leave=False):
             last[0] = last[1] = None
             raw_call(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
     rows = []
     for unit in tqdm(units, desc="sqnr options", disable=not progress, leave=False):
         w = unit.weight
         energy = dot64(w)
         for opt in options:
-            if not opt.fits(tuple(w.shape)):  # no row in the table
+            if not unit.takes(opt):  # no row in the table
                 rows.append({"layer": unit.name, "option": opt.name, "output_nsr": NAN, "weight_nsr": NAN})
                 continue
             delta = quantizer.error(unit, opt)

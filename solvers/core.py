@@ -23,7 +23,7 @@ from mpsearch.core import InfeasibleBudgetError, MpsearchError
 from mpsearch.core.params import Interval
 from solvers.base import Solver
 from solvers.lagrange import Hull, dual_multipliers, lagrangian
-from solvers.problem import Problem
+from solvers.problem import SOLVER_RTOL, Problem, relative_gap
 
 BEAMS = (2048,)
 
@@ -44,7 +44,7 @@ class Arrays:
         scale = np.maximum(w.max(axis=(1, 2)), 1e-300)
         limits = problem.limits()
         cap = (limits - base.sum(axis=1)) / scale
-        tol = 1e-12 * np.maximum(np.abs(limits), 1e-300) / scale
+        tol = SOLVER_RTOL * np.maximum(np.abs(limits), 1e-300) / scale
         return cls(np.where(problem.valid, problem.damage, np.inf), w / scale[:, None, None], cap, tol)
 
     def damage_of(self, choice: np.ndarray) -> float:
@@ -211,4 +211,4 @@ class CoreDP(Solver):
         if exact:
             return choice, "optimal", 0.0
         value = a.damage_of(choice)
-        return choice, "feasible", float((value - lb) / max(abs(value), 1e-300))
+        return choice, "feasible", relative_gap(value, lb)

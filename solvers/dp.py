@@ -17,7 +17,7 @@ import numpy as np
 from mpsearch.core import InfeasibleBudgetError, MpsearchError
 from mpsearch.core.params import Interval
 from solvers.base import Solver
-from solvers.problem import Problem
+from solvers.problem import SOLVER_RTOL, Problem, relative_gap
 
 
 def _knapsack(damage: np.ndarray, weight: np.ndarray, capacity: int) -> tuple[np.ndarray | None, float]:
@@ -83,7 +83,7 @@ def integerize(problem: Problem, max_buckets: int, max_cells: int) -> Integerize
     valid = problem.valid
     bases, residuals = problem.residual_costs()
     residual = residuals[0]
-    slack = problem.constraints[0].limit * (1 + 1e-12) - bases[0].sum()
+    slack = problem.constraints[0].limit * (1 + SOLVER_RTOL) - bases[0].sum()
     buckets = max(1, min(max_buckets, max_cells // problem.n_units))
     ints = _as_integers(residual)
     if ints is not None:
@@ -128,5 +128,5 @@ class DP(Solver):
                 "raise the budget slightly, raise max_buckets, or use solver 'ilp'",
             )
         _, lower = _knapsack(damage, w.down, w.capacity)
-        gap = 0.0 if upper == lower else (upper - lower) / max(abs(upper), 1e-300)
-        return picks, ("optimal" if gap <= 1e-12 else "feasible"), float(gap)
+        gap = relative_gap(upper, lower)
+        return picks, ("optimal" if gap <= 1e-12 else "feasible"), gap

@@ -25,7 +25,7 @@ from mpsearch.core import BitPlan, MpsearchError
 from mpsearch.core.errors import redact
 from mpsearch.core.params import Interval, OneOf
 from solvers.base import Solver
-from solvers.problem import Problem
+from solvers.problem import SOLVER_RTOL, Problem
 
 Fitness = Callable[[BitPlan], float]
 
@@ -69,7 +69,7 @@ def _repair(problem: Problem, choice: np.ndarray, order, rank) -> np.ndarray:
     limits = problem.limits()
     while True:
         _, totals = problem.evaluate(choice)
-        over = totals > limits * (1 + 1e-12)
+        over = totals > limits * (1 + SOLVER_RTOL)
         if not over.any():
             return choice
         best, best_ratio = None, np.inf

@@ -30,7 +30,7 @@ import numpy as np
 from mpsearch.core import InfeasibleBudgetError, MpsearchError
 from mpsearch.core.params import Interval, OneOf
 from solvers.base import Solver
-from solvers.problem import Problem
+from solvers.problem import SOLVER_RTOL, Problem, relative_gap
 
 BACKENDS = ("cbc", "highs", "cpsat")
 _OBJ_STEPS = 1e9
@@ -204,7 +204,7 @@ class ILP(Solver):
             c = cost[cols[:, 0], cols[:, 1]]
             ints = np.round(c)
             if np.all(np.abs(c - ints) <= 1e-9 * np.maximum(1, np.abs(c))) and c.max() < 2**52:
-                coef, limit = ints.astype(np.int64), int(np.floor(con.limit * (1 + 1e-12)))
+                coef, limit = ints.astype(np.int64), int(np.floor(con.limit * (1 + SOLVER_RTOL)))
             else:  # float costs: integer steps of max/1e9, costs up, limit down (stays feasible)
                 step = float(np.abs(c).max()) / _OBJ_STEPS
                 coef, limit = np.ceil(c / step).astype(np.int64), int(np.floor(con.limit / step))
@@ -224,4 +224,4 @@ class ILP(Solver):
         if status == cp_model.OPTIMAL:
             return choice, "optimal", 0.0
         best, bound = solver.objective_value, solver.best_objective_bound
-        return choice, "time_limit", float((best - bound) / max(abs(best), 1e-300))
+        return choice, "time_limit", relative_gap(best, bound)

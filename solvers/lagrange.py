@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from solvers.problem import SOLVER_RTOL
+
 
 @dataclass
 class Hull:
@@ -72,7 +74,7 @@ class Hull:
     def split(self, capacity: float) -> tuple[int, float]:
         """Number of whole segments that fit in ``capacity`` (weight above the start plan) and the multiplier
         there: the slope of the first segment that does not fit, or 0 when all fit."""
-        fits = int(np.searchsorted(np.cumsum(self.dw), capacity * (1 + 1e-12), side="right"))
+        fits = int(np.searchsorted(np.cumsum(self.dw), capacity * (1 + SOLVER_RTOL), side="right"))
         lam = float(self.slope[fits]) if fits < len(self.slope) else 0.0
         return fits, lam
 
@@ -87,7 +89,7 @@ class Hull:
         (``w``: (K, n, m), ``cap``: (K,)) still holds; a segment that does not fit is skipped, not the rest.
         None if even the start plan breaks a constraint."""
         idx = np.arange(len(self.start))
-        left = cap * (1 + 1e-12) - w[:, idx, self.start].sum(axis=1)
+        left = cap * (1 + SOLVER_RTOL) - w[:, idx, self.start].sum(axis=1)
         if np.any(left < 0):
             return None
         gain = w[:, self.unit, self.to] - w[:, self.unit, self.frm]  # (K, segments)

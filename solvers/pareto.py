@@ -12,7 +12,7 @@ from mpsearch.core.pareto import ParetoFront
 from solvers.core import Arrays, relax, search_core
 from solvers.dp import backtrack, integerize, knapsack_table
 from solvers.lagrange import Hull
-from solvers.problem import Problem
+from solvers.problem import SOLVER_RTOL, Problem
 
 
 class Pareto(Configurable):
@@ -85,7 +85,7 @@ class Pareto(Configurable):
                     f"the two-axis front exceeds {self.max_points} points", "raise max_points or use one axis"
                 )
         limits = problem.limits()
-        ok = (pts[:, 0] <= limits[0] * (1 + 1e-12)) & (pts[:, 1] <= limits[1] * (1 + 1e-12))
+        ok = (pts[:, 0] <= limits[0] * (1 + SOLVER_RTOL)) & (pts[:, 1] <= limits[1] * (1 + SOLVER_RTOL))
         return plans[ok]
 
     def _front(self, problem: Problem, choices: np.ndarray, exact: bool, complete: bool = True) -> ParetoFront:

@@ -20,7 +20,13 @@ from mpsearch.core import (
     SearchResult,
 )
 
-FEAS_RTOL = 1e-9
+FEAS_RTOL = 1e-9  # a plan within this relative excess of every limit is feasible (``is_feasible``, ``slack``)
+SOLVER_RTOL = 1e-12  # the solvers' own, stricter tolerance: what they return is feasible by FEAS_RTOL
+
+
+def relative_gap(value: float, bound: float) -> float:
+    """The optimality gap every solver reports: (objective - lower bound) / |objective| (0 when they meet)."""
+    return 0.0 if value == bound else float((value - bound) / max(abs(value), 1e-300))
 
 
 def _union_find_groups(layers: list[str], ties: list[list[str]]) -> list[list[str]]:

@@ -64,18 +64,27 @@ def _absmax(g: torch.Tensor) -> torch.Tensor:
     return torch.maximum(g.amax(-1, keepdim=True), -g.amin(-1, keepdim=True))
 
 
-def _int_quant(g: torch.Tensor, opt: Option) -> torch.Tensor:
-    # in-place steps on one new tensor: a weight-sized temporary, not one per operation
+def int_grid(g: torch.Tensor, opt: Option) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp16 scale, zero point) of mpsearch's integer grid for each group along g's last dim (kept, size 1):
+    symmetric, zero 0 and levels -2^(b-1) .. 2^(b-1) - 1; asymmetric, levels 0 .. 2^b - 1. The one grid of
+    round to nearest and of GPTQ's column loop (``mpsearch.runtimes.native.IntGrid``)."""
     if opt.symmetric:
-        qmax = 2 ** (opt.bits - 1) - 1
-        scale = _fp16_scale(_absmax(g) / qmax)
-        return (g / scale).round_().clamp_(-qmax - 1, qmax).mul_(scale)
+        scale = _fp16_scale(_absmax(g) / (2 ** (opt.bits - 1) - 1))
+        return scale, torch.zeros_like(scale)
     levels = 2**opt.bits - 1
     lo = g.amin(-1, keepdim=True).clamp(max=0)
     hi = g.amax(-1, keepdim=True).clamp(min=0)
     scale = _fp16_scale((hi - lo) / levels)
-    zero = torch.clamp(torch.round(-lo / scale), 0, levels)
-    return (g / scale).round_().add_(zero).clamp_(0, levels).sub_(zero).mul_(scale)
+    return scale, torch.clamp(torch.round(-lo / scale), 0, levels)
+
+
+def _int_quant(g: torch.Tensor, opt: Option) -> torch.Tensor:
+    # in-place steps on one new tensor: a weight-sized temporary, not one per operation
+    scale, zero = int_grid(g, opt)
+    if opt.symmetric:
+        qmax = 2 ** (opt.bits - 1) - 1
+        return (g / scale).round_().clamp_(-qmax - 1, qmax).mul_(scale)
+    return (g / scale).round_().add_(zero).clamp_(0, 2**opt.bits - 1).sub_(zero).mul_(scale)
 
 
 def _fp_quant(g: torch.Tensor, opt: Option) -> torch.Tensor:

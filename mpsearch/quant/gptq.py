@@ -209,7 +209,7 @@ class GPTQ(Quantizer):
 
     def _collect(self, model: nn.Module, batches: list, units: list, label: str = "") -> None:
         """One calibration pass summing X^T X for ``units``; their factors into ``factors``."""
-        from mpsearch.outputs import attention_mask, evaluating, raw_call
+        from mpsearch.outputs import attention_mask, evaluating, hooked, raw_call
 
         moments: dict[str, Moments] = {}
         owner: dict[str, str] = {}  # unit -> the unit whose sum holds its inputs (itself, or a sibling's)
@@ -227,20 +227,13 @@ class GPTQ(Quantizer):
 
             return fn
 
-        handles = [u.module.register_forward_hook(hook(u.name)) for u in units]
         quiet = not self.progress
-        try:
-            with evaluating(model), torch.no_grad():
-                for batch in tqdm(
-                    batches, desc=label or "gptq hessians", disable=quiet or len(batches) < 2, leave=False
-                ):
-                    m = attention_mask(batch)
-                    mask[0] = m.bool() if isinstance(m, torch.Tensor) and m.dim() == 2 else None
-                    raw_call(model, batch)
-                    last[:] = [None, None]
-        finally:
-            for h in handles:
-                h.remove()
+        with hooked(u.module.register_forward_hook(hook(u.name)) for u in units), evaluating(model), torch.no_grad():
+            for batch in tqdm(batches, desc=label or "gptq hessians", disable=quiet or len(batches) < 2, leave=False):
+                m = attention_mask(batch)
+                mask[0] = m.bool() if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+                raw_call(model, batch)
+                last[:] = [None, None]
         self.passes += 1
         _warn_few_tokens({src: sum(moments[src].tokens) for src in set(owner.values())}, {u.name: u for u in units})
         factored: dict[str, Factor] = {}

@@ -26,17 +26,10 @@ class IntGrid:
         self.lo, self.hi = (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if option.symmetric else (0, 2**b - 1)
 
     def fit(self, cols):
-        import torch
+        from mpsearch.quant.formats import int_grid
 
-        o = self.option
-        if o.symmetric:
-            scale = (torch.maximum(cols.amax(1), -cols.amin(1)) / (2 ** (o.bits - 1) - 1)).half().float()
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            return scale, torch.zeros_like(scale), scale
-        lo, hi = cols.amin(1).clamp(max=0), cols.amax(1).clamp(min=0)
-        scale = ((hi - lo) / self.hi).half().float()
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return scale, torch.clamp(torch.round(-lo / scale), 0, self.hi), scale
+        scale, zero = int_grid(cols, self.option)
+        return scale[:, 0], zero[:, 0], scale[:, 0]
 
 
 class Native(Runtime):
