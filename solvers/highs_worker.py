@@ -10,7 +10,13 @@ import numpy as np
 
 
 def solve_lp(arrays: dict, time_limit: float | None, msg: bool) -> dict:
-    """Solve a 0/1 program given as column-wise sparse arrays; returns solution, status and gap."""
+    """Solve a 0/1 program given as column-wise sparse arrays; returns solution, status and gap. Runs in its
+    own child process (ILP's pool), so pointing its stdout at stderr is safe: ``highspy.Highs()`` prints its
+    banner before any option can silence it, which broke the one-JSON-object-per-line output of benchmarks."""
+    import os
+
+    if not msg:
+        os.dup2(2, 1)
     import highspy
 
     n_vars, n_rows = len(arrays["cost"]), len(arrays["row_lower"])
