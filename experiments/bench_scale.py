@@ -46,6 +46,23 @@ CONFIGS = {
     "1.1B": dict(  # TinyLlama-1.1B's shape
         hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4
     ),
+    "8B": dict(  # Llama-3-8B's shape
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    # for tests of the scripts themselves (experiments/gpu_check.py on the CPU)
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    ),  # fmt: skip
 }
 ESTIMATORS = ("sqnr", "entropy", "relevance", "measured", "fisher", "hessian")
 TARGETS = {"sqnr": 1.0, "entropy": 1.0, "relevance": 1.0, "measured": 1.0, "fisher": 2.0, "hessian": 4.0}
@@ -60,18 +77,26 @@ PARAMS = {
 N_BATCHES, BATCH, SEQ, VOCAB = 4, 4, 128, 32000
 
 
-def build(size: str, device: str, dtype: str):
-    """(random-init LlamaForCausalLM on ``device``, calibration batches on the CPU), both seeded."""
+def build(size: str, device: str, dtype: str, n_batches: int = N_BATCHES):
+    """(random-init LlamaForCausalLM made on ``device`` in ``dtype`` (no CPU copy, no float32 copy first),
+    calibration batches on the CPU), both seeded."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=SEQ, tie_word_embeddings=False, **CONFIGS[size])
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
+    fields = {"vocab_size": VOCAB, **CONFIGS[size]}
+    cfg = LlamaConfig(max_position_embeddings=SEQ, tie_word_embeddings=False, **fields)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
     gen = torch.Generator(device="cpu").manual_seed(1)
+    vocab = fields["vocab_size"]
     batches = [
-        {"input_ids": torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen, device="cpu")} for _ in range(N_BATCHES)
+        {"input_ids": torch.randint(0, vocab, (BATCH, SEQ), generator=gen, device="cpu")} for _ in range(n_batches)
     ]
     return model, batches
 

@@ -113,6 +113,7 @@ def search(
     safe: bool = True,
     refine: int = REFINE,
     quantizer="rtn",
+    cache: bool = True,
     **extra,
 ) -> SearchResult:
     """Estimate sensitivities and solve for the best plan under ``budget`` (default: avg 4 bits).
@@ -127,14 +128,15 @@ def search(
     and the best measured plan is returned (``result.extra["safety"]`` has the losses; see mpsearch.safety).
     ``quantizer``: "rtn" (round to nearest), "gptq" (GPTQ with the Hessians of the calibration data's fit split)
     or a Quantizer: the table and the check use it, and the plan's provenance records its ``spec()``, so that
-    ``apply_plan``, ``quantized`` and ``evaluate`` rebuild exactly that math (or refuse).
-    The cost table is kept in ``result.extra["table"]``.
+    ``apply_plan``, ``quantized`` and ``evaluate`` rebuild exactly that math (or refuse); ``cache``: reuse/store
+    the table and the quantizer's state on disk. ``result.extra``: the cost table (``"table"``), the quantizer
+    searched with (``"quantizer"``: pass it to ``evaluate``), the seconds of each stage (``"stages_s"``).
     """
     _no_extra("search", extra)
     ctx = SearchContext.resolve(
         model, data, budget or Budget(avg_bits=4.0), estimator, solver, options, loss_fn, output_fn=output_fn,
         include=include, exclude=exclude, estimator_params=estimator_params, solver_params=solver_params,
-        device=device, target=target, safe=safe, refine=refine, quantizer=quantizer,
+        device=device, target=target, safe=safe, refine=refine, quantizer=quantizer, cache=cache,
     )  # fmt: skip
     return ctx.run()
 

@@ -6,6 +6,7 @@ model runs, never a bare ``TypeError`` halfway through."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -139,18 +140,31 @@ class SearchContext:
         return result
 
     def run(self) -> SearchResult:
-        """Estimate, solve and (with ``safe``) refine and check the plan on the held-out split."""
+        """Estimate, solve and (with ``safe``) refine and check the plan on the held-out split;
+        ``result.extra["stages_s"]``: the seconds of each stage (quantizer, estimate, solve, check)."""
         from mpsearch.fitness import PlanFitness
 
+        clock, stages = time.perf_counter(), {}
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            stages[name], clock = round(now - clock, 3), now
+
+        q = self.quantizer_for()
+        lap("quantizer")
         table = self.estimate()
+        lap("estimate")
         result = self.solve(table)
         problem = result.extra.pop("problem")
+        lap("solve")
         if self.safe:
-            measure = PlanFitness(
-                self.model, self.check, self.measure_loss(table), self.output_fn, self.quantizer_for()
-            )
+            measure = PlanFitness(self.model, self.check, self.measure_loss(table), self.output_fn, q)
             result = safeguard(problem, result, measure, self.refine, held_out=self.check is not self.fit)
+            lap("check")
         result.extra["table"] = table
+        result.extra["quantizer"] = q  # the very quantizer searched with: evaluate(..., quantizer=) reuses it
+        result.extra["stages_s"] = stages
         return result
 
 
