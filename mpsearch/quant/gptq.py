@@ -29,6 +29,7 @@ no Hessian for (another model, a renamed layer) is an error, never a silent fall
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -262,7 +263,16 @@ class GPTQ(Quantizer):
         return self._calibration
 
     def spec(self) -> dict:
-        return {**super().spec(), "other_layers": "rtn"}  # convolutions and embeddings: round to nearest
+        return self.spec_of(self.params(), self._calibration)
+
+    @classmethod
+    def spec_of(cls, params: dict, calibration: str) -> dict:
+        """The spec of a GPTQ with ``params`` (the rest at their defaults) built on data of that fingerprint,
+        without building it (the cache looks it up by this)."""
+        defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items() if k in cls.MATH}
+        full = {k: params.get(k, defaults[k]) for k in cls.MATH}
+        # convolutions and embeddings: round to nearest, part of the definition
+        return {"name": cls.name, "params": full, "calibration": calibration, "other_layers": "rtn"}
 
     @classmethod
     def supports(cls, option: Option) -> bool:

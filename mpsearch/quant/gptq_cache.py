@@ -35,19 +35,6 @@ def _path(model, spec: dict) -> Path:
     return cache_root() / "quantizers" / f"{spec['name']}-{digest}.pt"
 
 
-def _spec(batches: list, params: dict) -> dict:
-    from mpsearch.data import data_fingerprint
-    from mpsearch.quant.gptq import GPTQ
-
-    defaults = {k: v.default for k, v in __import__("inspect").signature(GPTQ.__init__).parameters.items()}
-    return {
-        "name": "gptq",
-        "params": {k: params.get(k, defaults[k]) for k in GPTQ.MATH},
-        "calibration": data_fingerprint(batches),
-        "other_layers": "rtn",
-    }
-
-
 def load_cached(model, spec: dict, progress: bool = True):
     """The cached GPTQ of ``spec`` for ``model`` (factors on the model's device), or None."""
     from mpsearch.outputs import model_device
@@ -73,7 +60,9 @@ def cached_gptq(model, batches: list, params: dict, cache: bool = True, progress
 
     if not cache:
         return GPTQ(model, batches, progress=progress, **params)
-    spec = _spec(batches, params)
+    from mpsearch.data import data_fingerprint
+
+    spec = GPTQ.spec_of(params, data_fingerprint(batches))
     found = load_cached(model, spec, progress)
     if found is not None:
         return found
