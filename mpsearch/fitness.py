@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -14,9 +16,6 @@ from mpsearch.quant import swapped
 from mpsearch.quant.apply import resolve_plan
 from mpsearch.quant.quantizer import RTN, Quantizer
 from mpsearch.replay import Replay
-
-
-UNCHANGED = 2**62  # "the first changed block" of a plan equal to the last one: every block replays
 
 
 class PlanFitness:
@@ -53,21 +52,25 @@ class PlanFitness:
         return float(np.mean(self.losses(plan)))
 
     @torch.no_grad()
-    def losses(self, plan: BitPlan) -> np.ndarray:
-        """The plan's loss on each batch (``fitness(plan)`` is their mean)."""
-        wanted = resolve_plan(self.model, plan)
-        before, self._current = self._current, self._quantized(wanted)
+    def losses(self, plan: BitPlan, give_up: Callable[[np.ndarray], bool] | None = None) -> np.ndarray:
+        """The plan's loss on each batch (``fitness(plan)`` is their mean). ``give_up(even)``: asked once the
+        even batches are measured (their losses); when it says True, the odd ones are left unmeasured (NaN):
+        the measured check stops a move the even fold already rejects."""
+        self._current = self._quantized(resolve_plan(self.model, plan))
         self.calls += 1
+        n = len(self.batches)
+        order = [*range(0, n, 2), *range(1, n, 2)]
+        out = np.full(n, np.nan)
         with evaluating(self.model), swapped(self.model, {u: q for u, (_, q) in self._current.items()}):
-            if self._replay is None:
-                return np.array(self.objective.losses(self.model, self.batches, self.reference))
-            changed = [u for u in before.keys() | self._current.keys() if before.get(u) is not self._current.get(u)]
-            first = min((self._replay.block_of(u) for u in changed), default=UNCHANGED)
-            out = []
-            for i, (batch, reference) in enumerate(zip(self.batches, self.reference)):
-                with self._replay.pass_from(i, first):
-                    out.append(float(self.objective(self.model, batch, reference)))
-            return np.array(out)
+            for position, i in enumerate(order):
+                if give_up is not None and position == (n + 1) // 2 and n > 1 and give_up(out[0::2]):
+                    break
+                if self._replay is None:
+                    out[i] = float(self.objective(self.model, self.batches[i], self.reference[i]))
+                    continue
+                with self._replay.pass_from(i, self._current):
+                    out[i] = float(self.objective(self.model, self.batches[i], self.reference[i]))
+        return out
 
     def _quantized(self, wanted: dict) -> dict:
         return {

@@ -92,23 +92,33 @@ class Replay:
                 self._index[unit] = min(where)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         self.max_bytes = int(weights * MAX_BYTES_FRACTION) if max_bytes is None else max_bytes
-        self.records: dict[int, list] = {}  # batch index -> each block's output on the latest pass
+        self.records: dict[int, tuple[dict, list]] = {}  # batch -> (the weights it was run with, block outputs)
         self.usable: bool | None = None if found else False  # None: the first full pass checks the chain
 
     def block_of(self, unit) -> int:
         return self._index.get(unit, -1)
 
+    def first_changed(self, batch: int, weights: dict) -> int:
+        """The first block whose weights differ from those batch ``batch`` was last recorded with (0: no record;
+        ``len(blocks)``: none differs). ``weights``: unit -> an object that changes whenever its weight does."""
+        if batch not in self.records:
+            return 0
+        old = self.records[batch][0]
+        changed = [u for u in old.keys() | weights.keys() if old.get(u) is not weights.get(u)]
+        return max(0, min((self.block_of(u) for u in changed), default=len(self.blocks._modules)))
+
     @contextmanager
-    def pass_from(self, batch: int, first_changed: int) -> Iterator[None]:
-        """Within the block, a forward pass of batch ``batch`` replays blocks ``< first_changed`` from the
-        records (when there are some) and records the outputs of the others."""
+    def pass_from(self, batch: int, weights: dict) -> Iterator[None]:
+        """Within the block, a forward pass of batch ``batch`` with ``weights`` (unit -> an object that changes
+        whenever its weight does) replays the blocks before the first changed one from the records and
+        records the outputs of the others."""
         if self.usable is False:
             yield
             return
         keys = list(self.blocks._modules)
-        recorded = self.records.get(batch)
-        start = max(0, min(first_changed, len(keys))) if recorded is not None else 0
-        outputs: list = list(recorded[:start]) if recorded is not None else []
+        start = self.first_changed(batch, weights)
+        recorded = self.records[batch][1] if start else None
+        outputs: list = list(recorded[:start]) if start else []
         inputs: list = []
         originals = {k: self.blocks._modules[k] for k in keys[:start]}
 
@@ -129,16 +139,16 @@ class Replay:
         finally:
             for k, module in originals.items():
                 self.blocks._modules[k] = module
-        self._store(batch, start, inputs, outputs)
+        self._store(batch, dict(weights), start, inputs, outputs)
 
-    def _store(self, batch: int, start: int, inputs: list, outputs: list) -> None:
+    def _store(self, batch: int, weights: dict, start: int, inputs: list, outputs: list) -> None:
         """Keep the pass's outputs, or stop replaying: when a block ran other than once, when the first full
         pass shows the blocks are no chain, or when the records would exceed ``max_bytes``."""
         ran_once = len(outputs) == len(self.blocks._modules)
         if ran_once and self.usable is None and start == 0:
             self.usable = all(x is outputs[i - 1] or x is _first(outputs[i - 1]) for i, x in enumerate(inputs) if i)
-        others = sum(_nbytes(o) for b, r in self.records.items() if b != batch for o in r)
+        others = sum(_nbytes(o) for b, (_, r) in self.records.items() if b != batch for o in r)
         if not ran_once or not self.usable or others + _nbytes(outputs) > self.max_bytes:
             self.usable, self.records = False, {}
             return
-        self.records[batch] = outputs
+        self.records[batch] = (weights, outputs)

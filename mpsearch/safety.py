@@ -18,6 +18,7 @@ against its budget) is specific to mpsearch's problem; no library does measured 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -142,15 +143,20 @@ def _better(new: np.ndarray, old: np.ndarray) -> bool:
     batches, a lower mean on each of the two folds (even and odd batches), so that a move which only fits
     the noise of some batches is not kept."""
     new, old = np.atleast_1d(new), np.atleast_1d(old)
+    if np.isnan(new).any():  # a measurement stopped early: its even fold already rejected it
+        return False
     if new.mean() >= old.mean():
         return False
     return len(new) < 2 or (new[0::2].mean() < old[0::2].mean() and new[1::2].mean() < old[1::2].mean())
 
 
-def refine(problem, choice: np.ndarray, loss, measure: Callable[[np.ndarray], object], max_evals: int):
+def refine(
+    problem, choice: np.ndarray, loss, measure: Callable[..., object], max_evals: int, early_stop: bool = False
+):
     """Measured local search from ``choice`` (measured ``loss``), at most ``max_evals`` more measurements:
     (choice, its measured loss, moves kept, measurements made). ``measure`` returns a loss or per-batch
-    losses (then a move must lower both folds' losses: see ``_better``)."""
+    losses (then a move must lower both folds' losses: see ``_better``); with ``early_stop``, it is called as
+    ``measure(candidate, best)`` and may stop a measurement the even fold already rejects (NaN losses)."""
     best, evals, kept = loss, 0, 0
     tried: set = set()
     while evals < max_evals:
@@ -163,7 +169,7 @@ def refine(problem, choice: np.ndarray, loss, measure: Callable[[np.ndarray], ob
             candidate = choice.copy()
             for u, k in move.items():
                 candidate[u] = k
-            loss = measure(candidate)
+            loss = measure(candidate, best) if early_stop else measure(candidate)
             evals += 1
             if _better(loss, best):
                 choice, best, kept, improved = candidate, loss, kept + 1, True
@@ -189,10 +195,17 @@ def safeguard(
     uniforms = uniform_choices(problem)
     bar = tqdm(total=1 + max_evals + len(uniforms), desc="measured check", disable=not progress, leave=False)
 
-    def measure(choice) -> np.ndarray:  # per-batch losses where the fitness has them (PlanFitness.losses)
+    stops = "give_up" in inspect.signature(fitness.losses).parameters if hasattr(fitness, "losses") else False
+
+    def measure(choice, against=None) -> np.ndarray:  # per-batch losses where the fitness has them
         plan = plan_of(choice)
         bar.update()
-        return np.atleast_1d(fitness.losses(plan) if hasattr(fitness, "losses") else float(fitness(plan)))
+        if not hasattr(fitness, "losses"):
+            return np.atleast_1d(float(fitness(plan)))
+        if not stops or against is None or len(against) < 2:
+            return np.atleast_1d(fitness.losses(plan))
+        even = np.atleast_1d(against)[0::2].mean()
+        return np.atleast_1d(fitness.losses(plan, give_up=lambda losses: losses.mean() >= even))
 
     try:
         return _safeguard(problem, result, measure, max_evals, held_out, uniforms)
@@ -204,7 +217,7 @@ def _safeguard(problem, result: SearchResult, measure, max_evals: int, held_out:
     began = time.perf_counter()
     start = problem.choice_of(result.plan)
     searched = measure(start)
-    choice, losses, moves, evals = refine(problem, start, searched, measure, max_evals)
+    choice, losses, moves, evals = refine(problem, start, searched, measure, max_evals, early_stop=True)
     loss = float(losses.mean())
     chosen = "refined" if moves else "searched"
     report = SafetyReport(float(searched.mean()), loss, moves, evals, held_out=held_out, chosen=chosen)

@@ -81,3 +81,37 @@ def test_records_over_the_memory_budget_turn_replay_off():
     for plan in _plans(names, 4, seed=2):
         assert np.array_equal(full.losses(plan), fast.losses(plan))
     assert fast._replay.usable is False
+
+
+def test_the_check_stops_a_move_its_even_fold_rejects_and_decides_exactly_as_before():
+    # a move must lower the loss on both folds: once the even batches say no, the odd ones are not measured.
+    # The check must return the same plan with the same report as one that measures every batch
+    import mpsearch
+    import solvers
+    from mpsearch.safety import safeguard
+
+    model, batches = tiny_transformers()["llama"]()
+    batches = batches * 2  # four batches: two folds of two
+    table = mpsearch.estimate(model, batches, "sqnr", ["int3_g16", "int4_g16", "int8"], loss_fn="kl", cache=False)
+    problem = solvers.Problem(table, mpsearch.Budget(avg_bits=4.5))
+    result = solvers.CoreDP().solve(problem)
+
+    class AllBatches:  # the same fitness without the early stop
+        def __init__(self, fitness):
+            self.fitness = fitness
+
+        def losses(self, plan):
+            return self.fitness.losses(plan)
+
+    reports, passes = [], []
+    for fitness in (AllBatches(PlanFitness(model, batches, "kl", replay=False)), PlanFitness(model, batches, "kl")):
+        calls = []
+        handle = model.lm_head.register_forward_hook(lambda m, a, o, calls=calls: calls.append(1))
+        try:
+            checked = safeguard(problem, result, fitness, 16, progress=False)
+        finally:
+            handle.remove()
+        reports.append((checked.plan.assignments, {k: v for k, v in checked.extra["safety"].items() if k != "wall_s"}))
+        passes.append(len(calls))
+    assert reports[0] == reports[1]
+    assert passes[1] < passes[0]
