@@ -267,6 +267,39 @@ def evaluate(
     return {**result, "metric_name": metric_name, "metric": metric, "higher_is_better": higher}
 
 
+def best_uniform(
+    model: nn.Module,
+    plan: BitPlan | dict,
+    data: Iterable,
+    options: Iterable[str],
+    loss: str | None = None,
+    output_fn: OutputFn | None = None,
+    quantizer=None,
+    size: float | None = None,
+    status=None,
+) -> tuple[str | None, dict | None]:
+    """(option, its evaluation) of the best uniform plan over ``plan``'s layers among ``options`` whose
+    average bits are no larger than the plan's (``size``, when already known), measured with ``quantizer``
+    (None: the plan's own) on ``data``; (None, None) when no option can store every layer within that size.
+    The fair baseline a mixed plan is compared with. ``status(line)``: told before each measurement."""
+    batches = as_batches(data)
+    q = for_plan(model, plan, quantizer, None, "evaluate") if quantizer is None else quantizer
+    limit = plan_size(model, plan)["avg_bits"] if size is None else size
+    units = resolve_plan(model, plan)
+    best_option, best = None, None
+    for option in options:
+        if not all(u.takes(parse_option(option)) for u in units):
+            continue  # the runtime cannot store every layer in this option: no uniform plan
+        candidate = BitPlan({u.name: option for u in units})
+        if plan_size(model, candidate)["avg_bits"] <= limit + 1e-12:
+            if status is not None:
+                status(f"measuring uniform {option} ...")
+            result = evaluate(model, candidate, batches, loss, output_fn, quantizer=q)
+            if better(result, best):
+                best_option, best = option, result
+    return best_option, best
+
+
 def better(a: dict, b: dict | None) -> bool:
     """Whether evaluation ``a`` is better than ``b`` (None: no contender)."""
     if b is None:

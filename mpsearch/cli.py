@@ -155,17 +155,10 @@ def cmd_evaluate(args) -> int:
     quantizer = q.label()
     _status(f"measuring the planned model ({quantizer}) ...")
     measured = api.evaluate(zoo.model, plan, zoo.evaluation, zoo.loss, quantizer=q)
-    planned = list(plan.assignments)
-    uniform_option, uniform = None, None
-    for option in plan.provenance.get("options") or list(zoo.options):
-        if not all(api.parse_option(option).fits(shapes[name]) for name in planned):
-            continue  # the runtime cannot store every layer in this option: no uniform plan
-        candidate = api.BitPlan({name: option for name in planned})
-        if api.plan_size(zoo.model, candidate)["avg_bits"] <= measured["avg_bits"] + 1e-12:
-            _status(f"measuring uniform {option} ...")
-            result = api.evaluate(zoo.model, candidate, zoo.evaluation, zoo.loss, quantizer=q)
-            if api.better(result, uniform):
-                uniform_option, uniform = option, result
+    options = plan.provenance.get("options") or list(zoo.options)
+    uniform_option, uniform = api.best_uniform(
+        zoo.model, plan, zoo.evaluation, options, zoo.loss, quantizer=q, size=measured["avg_bits"], status=_status
+    )
     line = {
         "model": args.model,
         "avg_bits": measured["avg_bits"],

@@ -150,9 +150,7 @@ def _better(new: np.ndarray, old: np.ndarray) -> bool:
     return len(new) < 2 or (new[0::2].mean() < old[0::2].mean() and new[1::2].mean() < old[1::2].mean())
 
 
-def refine(
-    problem, choice: np.ndarray, loss, measure: Callable[..., object], max_evals: int, early_stop: bool = False
-):
+def refine(problem, choice: np.ndarray, loss, measure: Callable[..., object], max_evals: int, early_stop: bool = False):
     """Measured local search from ``choice`` (measured ``loss``), at most ``max_evals`` more measurements:
     (choice, its measured loss, moves kept, measurements made). ``measure`` returns a loss or per-batch
     losses (then a move must lower both folds' losses: see ``_better``); with ``early_stop``, it is called as

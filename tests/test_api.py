@@ -128,3 +128,21 @@ def test_device_is_for_zoo_names_not_for_a_model_passed_in(digits):
         mpsearch.estimate(digits.model, digits.calibration[:1], "sqnr", device="cpu")
     table = mpsearch.estimate("digits-cnn", estimator="sqnr", device="cpu", cache=False)
     assert table.meta["model"] == "digits-cnn" and len(table.frame) > 0
+
+
+def test_best_uniform_is_the_best_option_of_no_larger_size_that_stores_every_layer():
+    import torch
+
+    import mpsearch
+    from mpsearch.api import best_uniform
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    data = [torch.randn(16, 64) for _ in range(2)]
+    plan = mpsearch.BitPlan({"0": "int4", "2": "int8"})  # 4.69 bits per weight
+    option, result = best_uniform(model, plan, data, ["int2", "int3", "int4", "int8"])
+    assert option == "int4"  # int8 (8.25 bits) is larger; int2 and int3 are worse
+    assert result == mpsearch.evaluate(model, mpsearch.BitPlan({"0": "int4", "2": "int4"}), data, progress=False)
+    with_blocks, blocks = best_uniform(model, plan, data, ["int4", "int8", "q4_0"])  # q4_0: 4.5 bits, blocks of 32
+    assert with_blocks == "q4_0" and blocks["loss"] < result["loss"]
+    assert best_uniform(model, plan, data, ["int8"]) == (None, None)  # nothing of no larger size
