@@ -9,7 +9,6 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mpsearch.core import LayerInfo, Option
 from mpsearch.core.params import Interval
 from mpsearch.outputs import Objective, hooked, model_device, raw_call
 from mpsearch.quant.quantizer import Quantizer
@@ -55,15 +54,7 @@ class Entropy(Estimator):
         self.progress = progress
 
     @torch.no_grad()
-    def _estimate(
-        self,
-        model: nn.Module,
-        batches: list,
-        layers: list[LayerInfo],
-        options: list[Option],
-        objective: Objective,
-        quantizer: Quantizer,
-    ):
+    def _estimate(self, model: nn.Module, batches, layers, options, objective: Objective, quantizer: Quantizer):
         gen = torch.Generator(device=model_device(model)).manual_seed(self.seed)
         units = units_for(model, layers)
         collected: dict[str, list[torch.Tensor]] = {u.name: [] for u in units}

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mpsearch.core import LayerInfo, MpsearchError, Option
+from mpsearch.core import MpsearchError
 from mpsearch.core.params import Interval
 from mpsearch.data import n_samples, take
 from mpsearch.outputs import Objective, hooked, model_device
@@ -66,15 +66,7 @@ class Fisher(Estimator):
         self.cross_terms = cross_terms
         self.progress = progress
 
-    def _estimate(
-        self,
-        model: nn.Module,
-        batches: list,
-        layers: list[LayerInfo],
-        options: list[Option],
-        objective: Objective,
-        quantizer: Quantizer,
-    ):
+    def _estimate(self, model: nn.Module, batches, layers, options, objective: Objective, quantizer: Quantizer):
         if objective.name not in ("kl", "cosine"):
             raise MpsearchError(
                 "Fisher needs loss 'kl' (logits) or 'cosine' (embeddings)", "pass loss_fn='kl' or 'cosine'"

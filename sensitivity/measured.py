@@ -7,7 +7,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mpsearch.core import LayerInfo, Option
 from mpsearch.outputs import Objective
 from mpsearch.quant import swapped
 from mpsearch.quant.quantizer import Quantizer
@@ -30,15 +29,7 @@ class Measured(Estimator):
         self.progress = progress
 
     @torch.no_grad()
-    def _estimate(
-        self,
-        model: nn.Module,
-        batches: list,
-        layers: list[LayerInfo],
-        options: list[Option],
-        objective: Objective,
-        quantizer: Quantizer,
-    ):
+    def _estimate(self, model: nn.Module, batches, layers, options, objective: Objective, quantizer: Quantizer):
         reference = objective.references(model, batches)
         base = objective.mean(model, batches, reference)
         rows = []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mpsearch.core import LayerInfo, Option
 from mpsearch.data import n_samples, take
 from mpsearch.outputs import LOSSES, Objective, hooked, model_device
 from mpsearch.quant.quantizer import Quantizer
@@ -88,15 +87,7 @@ class Relevance(Estimator):
     def __init__(self, progress: bool = True) -> None:
         self.progress = progress
 
-    def _estimate(
-        self,
-        model: nn.Module,
-        batches: list,
-        layers: list[LayerInfo],
-        options: list[Option],
-        objective: Objective,
-        quantizer: Quantizer,
-    ):
+    def _estimate(self, model: nn.Module, batches, layers, options, objective: Objective, quantizer: Quantizer):
         units = units_for(model, layers)
         names = [n for u in units for n in u.names]  # a shared weight gathers the relevance of all its uses
         rel = layer_relevance(model, batches, names, _score(objective.name), objective)
