@@ -56,12 +56,50 @@ def _params(text: str | None, flag: str) -> dict:
     return value
 
 
-def _load(name: str, device: str | None = None):
+def _load(args, text: bool = True):
+    """The model ``--model`` names, with its data: a zoo model, or your own (a transformers folder, a .gguf
+    file, module:function, a hub id in the local cache) with batches from ``--calib``/``--eval`` text files."""
     from mpsearch.models import ZOO, load, resolve_device
+    from mpsearch.models.local import TextSpec, is_local, load_local, source_of
 
+    name, device = args.model, args.device
     if name in ZOO:  # unknown names (and devices) fail before any status line
+        if getattr(args, "calib", None):
+            raise MpsearchError(f"--calib is for your own model; {name} brings its own data", "leave --calib out")
         _status(f"loading {name} on {resolve_device(device)} ...")
-    return load(name, device=device)
+        return load(name, device=device)
+    if not is_local(name):
+        return load(name, device=device)  # the zoo's one-line error, naming its models
+    source_of(name)  # a path that cannot be a model fails before anything else
+    spec = None
+    if args.calib:
+        spec = TextSpec(
+            args.calib, args.eval, args.seq_len, args.n_calib, args.n_eval, args.batch_size, args.eval_split
+        )
+    elif text:
+        raise MpsearchError(f"model {name} needs calibration text", "pass --calib FILE (plain text or JSONL 'text')")
+    _status(f"loading {name} on {resolve_device(device)} ...")
+    return load_local(name, spec, args.dtype, device)
+
+
+def _add_source(parser) -> None:
+    """--model and the data options every command that loads a model takes."""
+    from mpsearch.names import ZOO_NAMES
+
+    parser.add_argument(
+        "--model",
+        required=True,
+        help=f"a zoo model ({', '.join(ZOO_NAMES)}), a transformers folder, a .gguf file or module:function",
+    )
+    parser.add_argument("--calib", help="your model: calibration text (plain text, or JSONL with a 'text' field)")
+    parser.add_argument("--eval", help="your model: evaluation text (default: the last --eval-split of --calib)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence cut from the text")
+    parser.add_argument("--n-calib", type=int, default=32, help="calibration sequences at most")
+    parser.add_argument("--n-eval", type=int, default=32, help="evaluation sequences at most")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per batch")
+    parser.add_argument("--eval-split", type=float, default=0.2, help="share of --calib held out without --eval")
+    parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
+    parser.add_argument("--device", help=DEVICE_HELP)
 
 
 def _budget(args):
@@ -88,9 +126,15 @@ def cmd_search(args) -> int:
     api.check_refine(args.refine)
     # wrong names or values fail before the model is loaded
     api.search_components(args.estimator, args.solver, estimator_params, solver_params)
+    from mpsearch.models import ZOO
+
+    source: dict = {"model": args.model, "device": args.device}
+    if args.model not in ZOO:  # your own model: loaded here with its text, then searched where it lives
+        zoo = _load(args)
+        source = {"model": zoo.model, "data": zoo.calibration, "loss_fn": zoo.loss}
     _status(f"searching {args.model} with {args.estimator} + {args.solver} ...")
     result = api.search(
-        args.model,
+        **source,
         budget=budget,
         estimator=args.estimator,
         solver=args.solver,
@@ -99,13 +143,13 @@ def cmd_search(args) -> int:
         exclude=_patterns(args.exclude),
         estimator_params=estimator_params,
         solver_params=solver_params,
-        device=args.device,
         target=args.target,
         safe=not args.no_safe,
         refine=args.refine,
         quantizer=args.quantizer,
     )
     table = result.extra["table"]
+    table.meta["model"] = result.plan.provenance["model"] = args.model  # the name evaluate checks the plan by
     frame = result.plan.to_frame(table)[["layer", "option", "bits", "n_params", "damage"]]
     with __import__("pandas").option_context("display.max_rows", None, "display.width", 200):
         print(frame.to_string(index=False))
@@ -147,7 +191,7 @@ def cmd_evaluate(args) -> int:
             f"plan {args.plan} was made for model {made_for!r}, not {args.model!r}",
             f"use --model {made_for} or search a plan for {args.model}",
         )
-    zoo = _load(args.model, args.device)
+    zoo = _load(args)
     shapes = {info.name: info.shape for info in discover(zoo.model)[0]}
     plan.check_layers(list(shapes), f"model {args.model!r}")
     # the quantizer the plan was searched with, rebuilt exactly from its spec (the search's calibration split)
@@ -190,7 +234,7 @@ def cmd_pareto(args) -> int:
         raise MpsearchError(f"--measure {args.measure} is negative", "pass the number of points to measure, >= 0")
     if args.plot:
         _check_plot_path(args.plot)
-    zoo = _load(args.model, args.device)
+    zoo = _load(args)
     _status(f"estimating sensitivities ({args.estimator}) ...")
     table = api.estimate(
         zoo.model,
@@ -322,13 +366,13 @@ DEVICE_HELP = "where the zoo model runs: auto (default: cuda when available, els
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser, built from names only (``mpsearch.names``): no torch import, ``--help`` is instant."""
-    from mpsearch.names import DEFAULT_ESTIMATOR, ESTIMATOR_NAMES, QUANTIZERS, SOLVER_NAMES, ZOO_NAMES
+    from mpsearch.names import DEFAULT_ESTIMATOR, ESTIMATOR_NAMES, QUANTIZERS, SOLVER_NAMES
 
     parser = _Parser(prog="mpsearch", description="Mixed-precision bit-allocation search.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("search", help="estimate sensitivities and solve for a bit plan")
-    s.add_argument("--model", required=True, help=f"zoo model: {', '.join(ZOO_NAMES)}")
+    _add_source(s)
     s.add_argument("--avg-bits", type=float, help="budget: mean effective bits per weight")
     s.add_argument("--size-bytes", type=float, help="budget: bytes of the quantized weights")
     s.add_argument("--bops", type=float, help="budget: bit operations per sample")
@@ -347,7 +391,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--solver-params", help="solver parameters as JSON")
     s.add_argument("--include", help="comma-separated FQN patterns of layers to quantize (default: all)")
     s.add_argument("--exclude", help="comma-separated FQN patterns of layers to leave alone, e.g. lm_head")
-    s.add_argument("--device", help=DEVICE_HELP)
     s.add_argument("--target", help=TARGET_HELP)
     s.add_argument(
         "--no-safe",
@@ -362,14 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_search)
 
     f = sub.add_parser("pareto", help="the predicted damage vs size front, as CSV and a plot")
-    f.add_argument("--model", required=True)
+    _add_source(f)
     f.add_argument("--estimator", default=DEFAULT_ESTIMATOR)
     f.add_argument("--options", help="comma-separated options (default: the model's)")
     f.add_argument("--estimator-params", help="estimator parameters as JSON")
     f.add_argument("--include", help="comma-separated FQN patterns of layers to quantize")
     f.add_argument("--exclude", help="comma-separated FQN patterns of layers to leave alone")
     f.add_argument("--axis", default="size_bytes", help="size_bytes or avg_bits")
-    f.add_argument("--device", help=DEVICE_HELP)
     f.add_argument("--target", help=TARGET_HELP)
     f.add_argument("--out", help="front CSV: plan_id, cost, predicted damage (and measured metric)")
     f.add_argument("--plot", help="PNG of the front with the uniform options marked")
@@ -400,8 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_export)
 
     e = sub.add_parser("evaluate", help="measure a plan against full precision and the uniform baseline")
-    e.add_argument("--model", required=True)
-    e.add_argument("--device", help=DEVICE_HELP)
+    _add_source(e)
     e.add_argument("--plan", required=True, help="plan JSON from `mpsearch search --out`")
     e.set_defaults(func=cmd_evaluate)
     return parser

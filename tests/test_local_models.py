@@ -1,0 +1,87 @@
+"""Your model, your text (issue 24, first part): the CLI searches and evaluates a local transformers folder or
+a GGUF file with calibration text from a file, offline, and refuses bad input in one line."""
+
+import json
+
+import pytest
+
+from mpsearch.cli import main
+from mpsearch.models.sources import corpus_sentences
+
+TEXT_ARGS = ["--seq-len", "64", "--n-calib", "4", "--n-eval", "2", "--batch-size", "2"]
+SEARCH_ARGS = ["--estimator", "sqnr", "--options", "int4_g32_asym,int8", "--avg-bits", "6", "--refine", "2"]
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text("\n".join(corpus_sentences()[:400]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A random-init Llama saved with save_pretrained, with SmolLM2's tokenizer beside it: a user's folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mpsearch.models.smollm2 import load_tokenizer
+
+    tok = load_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("model")
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _json_line(out: str) -> dict:
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+
+
+@pytest.mark.parametrize("source", ["folder", "gguf"])
+def test_search_then_evaluate_your_own_model_with_a_text_file(source, llama_dir, text, tmp_path, capsys):
+    from mpsearch.models.smollm2 import gguf_path
+
+    model = str(llama_dir) if source == "folder" else str(gguf_path())
+    plan = tmp_path / "plan.json"
+    args = ["--model", model, "--calib", str(text), *TEXT_ARGS]
+    assert main(["search", *args, *SEARCH_ARGS, "--out", str(plan)]) == 0
+    searched = _json_line(capsys.readouterr().out)
+    assert searched["model"] == model and searched["avg_bits"] <= 6 + 1e-9
+    assert json.loads(plan.read_text())["provenance"]["model"] == model
+    assert main(["evaluate", *args, "--plan", str(plan)]) == 0
+    measured = _json_line(capsys.readouterr().out)
+    assert measured["metric_name"] == "perplexity" and measured["metric"] > 1 and measured["perplexity_fp"] > 1
+    assert measured["uniform_option"] in ("int4_g32_asym", "int8")
+
+
+BAD = {
+    "not a model": (lambda d, t, p: [str(t)], "is a file but not a .gguf"),
+    "a folder without config.json": (lambda d, t, p: [str(p)], "without config.json"),
+    "no such hub id": (
+        lambda d, t, p: ["nobody/no-such-model-xyz", "--calib", str(t)],
+        "nor in the local Hugging Face cache",
+    ),
+    "no text": (lambda d, t, p: [str(d)], "needs calibration text"),
+    "too little text": (lambda d, t, p: [str(d), "--calib", str(p / "short.txt")], "fewer than one sequence"),
+    "eval is calib": (lambda d, t, p: [str(d), "--calib", str(t), "--eval", str(t)], "--eval is the --calib file"),
+    "bad dtype": (lambda d, t, p: [str(d), "--calib", str(t), "--dtype", "int8"], "--dtype 'int8'"),
+    "not JSONL": (lambda d, t, p: [str(d), "--calib", str(p / "bad.jsonl")], "line 1 is not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_models_and_text_are_one_line(case, llama_dir, text, tmp_path, capsys):
+    (tmp_path / "short.txt").write_text("too short")
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    build, message = BAD[case]
+    args = build(llama_dir, text, tmp_path)
+    code = main(["search", "--model", args[0], *args[1:], *TEXT_ARGS, *SEARCH_ARGS])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("mpsearch: error:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0], err
