@@ -68,6 +68,20 @@ def as_batches(data: Iterable) -> list:
     batches = list(data)
     if not batches:
         raise MpsearchError("calibration data is empty", "pass at least one batch")
+    for i, batch in enumerate(batches):  # what a model can be called with: tensors, somewhere in the batch
+        leaves = [v for _, v in _leaves(batch)]
+        if any(isinstance(v, torch.Tensor) for v in leaves):
+            continue
+        if any(isinstance(v, str) for v in leaves):
+            raise MpsearchError(
+                f"calibration batch {i} is text ({type(batch).__name__} of str), not tensors",
+                "tokenize it first, e.g. [tokenizer(texts, return_tensors='pt', padding=True)], or use the CLI's "
+                "--calib FILE",
+            )
+        kind = next((type(v).__name__ for v in leaves if type(v).__module__ == "numpy"), type(batch).__name__)
+        raise MpsearchError(
+            f"calibration batch {i} holds no tensor (a {kind})", "pass torch tensors (torch.from_numpy(array))"
+        )
     return batches
 
 

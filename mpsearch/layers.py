@@ -148,7 +148,12 @@ def unit_map(model: nn.Module) -> dict[str, Unit]:
 
 def _matches(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
+        try:
+            return re.fullmatch(pattern[3:], name) is not None
+        except re.error as err:
+            raise MpsearchError(
+                f"pattern {pattern!r} is not a valid regular expression ({err})", "fix it, or use a shell pattern"
+            ) from None
     return fnmatchcase(name, pattern)
 
 

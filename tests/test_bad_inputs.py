@@ -62,6 +62,8 @@ CLI_CASES = [
     (["pareto", "--model", "digits-cnn", "--plot", "front"], "cannot write a 'file without an extension'"),
     (["pareto", "--model", "digits-cnn", "--out", "f.csv", "--budgets", "0"], "budgets"),
     (["export", "plan.json"], "export needs --target"),
+    (["search", "--model", "digits-cnn", "--include", "re:[a"], "not a valid regular expression"),
+    (["search", "--model", "digits-cnn", "--device", "meta"], "device 'meta' cannot run a search"),
     (["export", "plan.json", "--target", "onnx"], "unknown target 'onnx'"),
     (["export", "missing.json", "--target", "json"], "missing.json"),
     (["export", "broken.json", "--target", "json"], "broken.json"),
@@ -157,6 +159,11 @@ API_CASES = {
         _linear(), BitPlan({"0": "int8"}, {"quantizer": {"name": "gptq", "params": {"damp": 0.01}, "calibration": "0"}})
     ),
     "quantizer: bad gptq parameter": lambda: mpsearch.GPTQ(_linear(), DATA, block_size=0),
+    "search: strings as batches": lambda: mpsearch.search(_linear(), ["hello world", "more text"]),
+    "search: numpy batches": lambda: mpsearch.search(_linear(), [__import__("numpy").zeros((4, 8))]),
+    "estimate: a bad regex include": lambda: mpsearch.estimate(_linear(), DATA, "sqnr", include="re:[a"),
+    "estimate: a bad regex exclude": lambda: mpsearch.estimate(_linear(), DATA, "sqnr", exclude=["re:(x"]),
+    "search: the meta device": lambda: mpsearch.search("digits-cnn", device="meta"),
 }
 
 
@@ -165,3 +172,20 @@ def test_api_bad_input_is_a_one_line_mpsearch_error(case):
     with pytest.raises(MpsearchError) as info:
         API_CASES[case]()
     assert "\n" not in str(info.value) and str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://auditor:pa/ssW0RD@//tmp/x.db",
+        "postgresql://auditor:pa ssW0RD@localhost/db",
+        "postgresql://auditor@localhost/db?password=pa/ssW0RD&sslmode=disable",
+        "postgresql+psycopg://auditor:pa/ssW0RD@localhost:5432/db",
+    ],
+)
+def test_storage_passwords_are_redacted_in_every_form(url):
+    from mpsearch.core.errors import redact
+
+    shown = redact(f"mpsearch: error: cannot open the Optuna storage {url}")
+    assert "pa/ssW0RD" not in shown and "ssW0RD" not in shown and "***" in shown
+    assert "auditor" in shown  # the user name and host stay: they say which storage it was

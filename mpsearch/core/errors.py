@@ -33,8 +33,10 @@ class UnknownModelError(MpsearchError):
 
 
 def redact(text: str) -> str:
-    """``text`` with the password of every ``scheme://user:password@host`` URL in it replaced by ``***``:
-    storage URLs land in plan provenance, logs and messages, which users share."""
+    """``text`` with the password of every storage URL in it replaced by ``***``: ``scheme://user:password@host``
+    (also a password holding ``/`` or spaces: up to the first ``@`` on its line) and ``?password=...`` query
+    arguments. Storage URLs land in plan provenance, logs and messages, which users share."""
     import re
 
-    return re.sub(r"(://[^:/@\s]*):[^@/\s]*@", r"\1:***@", text)
+    text = re.sub(r"(://[^:/@\s]*):[^@\n]*?@", r"\1:***@", text)
+    return re.sub(r"([?&](?:password|passwd|pwd)=)[^&\s]*", r"\1***", text, flags=re.IGNORECASE)

@@ -102,6 +102,8 @@ def resolve_device(device: str | None = None):
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise MpsearchError(f"unknown device {device!r}", "use auto, cpu, cuda, cuda:N or mps") from err
+    if dev.type not in ("cpu", "cuda", "mps"):  # meta, xpu...: no data can be computed there by mpsearch
+        raise MpsearchError(f"device {device!r} cannot run a search", "use auto, cpu, cuda, cuda:N or mps")
     available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
     if dev.type in available and not available[dev.type]():
         raise MpsearchError(f"device {device!r} is not available on this machine", "use --device cpu (or auto)")
