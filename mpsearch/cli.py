@@ -335,6 +335,10 @@ def cmd_export(args) -> int:
     from mpsearch.core import BitPlan
     from mpsearch.export import export
 
+    if args.target and args.format and args.target != args.format:
+        raise MpsearchError(
+            f"--target {args.target} and --format {args.format} contradict each other", "pass only --target"
+        )
     plan = BitPlan.load(args.plan)
     target = args.target or args.format or plan.provenance.get("runtime")  # default: the runtime searched for
     if target is None:

@@ -21,6 +21,7 @@ FILES = {
     "notoml.toml": "models = [\n",
     "ok.toml": 'models = ["digits-cnn"]\nestimators = ["sqnr"]\nsolvers = ["dp"]\nbudgets = [{avg_bits = 4.0}]\n',
     "table.parquet": "not parquet",
+    "binary.json": b"\x89PNG\r\n\x1a\n\xff\xfe binary",
 }
 
 CLI_CASES = [
@@ -63,6 +64,8 @@ CLI_CASES = [
     (["pareto", "--model", "digits-cnn", "--out", "f.csv", "--budgets", "0"], "budgets"),
     (["export", "plan.json"], "export needs --target"),
     (["search", "--model", "digits-cnn", "--include", "re:[a"], "not a valid regular expression"),
+    (["export", "binary.json", "--target", "json"], "is not UTF-8 text"),
+    (["export", "plan.json", "--target", "json", "--format", "hqq"], "contradict each other"),
     (["search", "--model", "digits-cnn", "--device", "meta"], "device 'meta' cannot run a search"),
     (["export", "plan.json", "--target", "onnx"], "unknown target 'onnx'"),
     (["export", "missing.json", "--target", "json"], "missing.json"),
@@ -90,7 +93,7 @@ CLI_CASES = [
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     for name, text in FILES.items():
-        (tmp_path / name).write_text(text)
+        (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -100,7 +100,14 @@ class BitPlan:
         path = Path(path)
         if not path.is_file():
             raise InvalidPlanError(f"plan file {path} does not exist", "check the path")
-        return cls.from_json(path.read_text(), source=f"plan file {path}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InvalidPlanError(
+                f"plan file {path} is not UTF-8 text (not a plan JSON)",
+                "pass the JSON written by mpsearch search --out",
+            ) from None
+        return cls.from_json(text, source=f"plan file {path}")
 
     def __repr__(self) -> str:
         counts = pd.Series(list(self.assignments.values())).value_counts().to_dict()

@@ -81,6 +81,7 @@ class Torchao(Runtime):
 
     def render(self, plan, **kwargs) -> str:
         """JSON of the FqnToConfig (torchao.core.config.config_to_dict); load with config_from_dict."""
+        config = torchao_config(plan)  # first: says which package to install when torchao is missing
         from torchao.core.config import config_to_dict
 
-        return json.dumps(config_to_dict(torchao_config(plan)), indent=2)
+        return json.dumps(config_to_dict(config), indent=2)
