@@ -60,6 +60,16 @@ def _first(output):
     return output[0] if isinstance(output, tuple | list) and output else output
 
 
+def _versions(output) -> tuple:
+    """The in-place version counters of an output's tensors: a later in-place op (``ReLU(inplace=True)``)
+    bumps them, and a record changed that way can no longer stand in for the block."""
+    if isinstance(output, torch.Tensor):
+        return (output._version,)
+    if isinstance(output, tuple | list):
+        return tuple(v for o in output for v in _versions(o))
+    return ()
+
+
 def _nbytes(output) -> int:
     if isinstance(output, torch.Tensor):
         return output.numel() * output.element_size()
@@ -92,7 +102,8 @@ class Replay:
                 self._index[unit] = min(where)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         self.max_bytes = int(weights * MAX_BYTES_FRACTION) if max_bytes is None else max_bytes
-        self.records: dict[int, tuple[dict, list]] = {}  # batch -> (the weights it was run with, block outputs)
+        # batch -> (the weights it was run with, each block's output, their in-place version counters)
+        self.records: dict[int, tuple[dict, list, list]] = {}
         self.usable: bool | None = None if found else False  # None: the first full pass checks the chain
 
     def block_of(self, unit) -> int:
@@ -119,6 +130,7 @@ class Replay:
         start = self.first_changed(batch, weights)
         recorded = self.records[batch][1] if start else None
         outputs: list = list(recorded[:start]) if start else []
+        versions: list = list(self.records[batch][2][:start]) if start else []
         inputs: list = []
         originals = {k: self.blocks._modules[k] for k in keys[:start]}
 
@@ -127,6 +139,7 @@ class Replay:
 
         def keep_output(module, args, output):
             outputs.append(output)
+            versions.append(_versions(output))
 
         live = [self.blocks._modules[k] for k in keys[start:]]
         hooks = [m.register_forward_pre_hook(keep_input, with_kwargs=True) for m in live]
@@ -139,16 +152,19 @@ class Replay:
         finally:
             for k, module in originals.items():
                 self.blocks._modules[k] = module
-        self._store(batch, dict(weights), start, inputs, outputs)
+        self._store(batch, dict(weights), start, inputs, outputs, versions)
 
-    def _store(self, batch: int, weights: dict, start: int, inputs: list, outputs: list) -> None:
+    def _store(self, batch: int, weights: dict, start: int, inputs: list, outputs: list, versions: list) -> None:
         """Keep the pass's outputs, or stop replaying: when a block ran other than once, when the first full
-        pass shows the blocks are no chain, or when the records would exceed ``max_bytes``."""
+        pass shows the blocks are no chain, when a later op changed a recorded output in place, or when the
+        records would exceed ``max_bytes``."""
         ran_once = len(outputs) == len(self.blocks._modules)
+        if ran_once and any(_versions(o) != v for o, v in zip(outputs, versions)):
+            ran_once = False  # an in-place op wrote into a recorded output: replaying it would be wrong
         if ran_once and self.usable is None and start == 0:
             self.usable = all(x is outputs[i - 1] or x is _first(outputs[i - 1]) for i, x in enumerate(inputs) if i)
-        others = sum(_nbytes(o) for b, (_, r) in self.records.items() if b != batch for o in r)
+        others = sum(_nbytes(o) for b, (_, r, _) in self.records.items() if b != batch for o in r)
         if not ran_once or not self.usable or others + _nbytes(outputs) > self.max_bytes:
             self.usable, self.records = False, {}
             return
-        self.records[batch] = (weights, outputs)
+        self.records[batch] = (weights, outputs, versions)

@@ -115,3 +115,25 @@ def test_the_check_stops_a_move_its_even_fold_rejects_and_decides_exactly_as_bef
         passes.append(len(calls))
     assert reports[0] == reports[1]
     assert passes[1] < passes[0]
+
+
+def test_an_in_place_op_on_a_recorded_output_turns_replay_off():
+    # a block that scales its input in place writes into the output recorded for the block before: replaying
+    # that record would scale twice. The version counters catch it, and every pass is a full one from then on
+    class HalveThenLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.lin(x.mul_(0.5))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), HalveThenLinear(), nn.Linear(8, 4)).eval()
+    data = [torch.randn(16, 8) for _ in range(2)]
+    names = [u.name for u in find_units(model)]
+    full, fast = PlanFitness(model, data, "kl", replay=False), PlanFitness(model, data, "kl")
+    fast._replay.max_bytes = 10**9  # a tiny model: its activations outweigh its weights
+    for plan in _plans(names, 8, seed=3):
+        assert np.array_equal(full.losses(plan), fast.losses(plan))
+    assert fast._replay.usable is False
