@@ -49,11 +49,11 @@ def write_atomic(path: Path, content: str | Callable[[Path], object]) -> None:
 
 def store_in_cache(path: Path, content: str | Callable[[Path], object]) -> None:
     """``write_atomic`` into the cache; a cache that cannot be written (read-only, full, not a folder) is said
-    once, and the work goes on without it."""
+    once, and the work goes on without it. (``torch.save`` reports such faults as RuntimeError.)"""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, content)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:
         if path.parent not in _UNWRITABLE:
             _UNWRITABLE.add(path.parent)
             LOG.warning("mpsearch: cannot write the cache %s (%s); going on without caching", path.parent, err)

@@ -280,3 +280,23 @@ def test_an_unwritable_cache_is_said_once_and_the_search_goes_on(digits, caplog,
         table = mpsearch.estimate(digits.model, digits.calibration, "sqnr", options, loss_fn="kl")
         assert set(table.options) == set(options)
     assert caplog.text.count("going on without caching") == 1 and "Read-only file system" in caplog.text
+
+
+def test_a_cache_torch_save_cannot_write_is_said_once_and_the_work_goes_on(caplog, monkeypatch, tmp_path):
+    # torch.save reports a read-only or full file system as RuntimeError, not OSError: the GPTQ state and the
+    # digits weights are written with it, and neither may end the search
+    import mpsearch.data
+    from mpsearch.quant.gptq_cache import cached_gptq
+
+    def read_only(obj, path, *args, **kwargs):
+        raise RuntimeError(f"File {path} cannot be opened: Read-only file system")
+
+    monkeypatch.setenv("MPSEARCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch, "save", read_only)
+    monkeypatch.setattr(mpsearch.data, "_UNWRITABLE", set())
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    data = [torch.randn(16, 8)]
+    first, second = cached_gptq(model, data, {}), cached_gptq(model, data, {})
+    assert first.factors.keys() == second.factors.keys() == {"0", "2"}  # built twice: nothing was cached
+    assert caplog.text.count("going on without caching") == 1 and "Read-only file system" in caplog.text
+    assert not list((tmp_path / "cache").rglob("*.pt")) and not list((tmp_path / "cache").rglob("*.tmp"))

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import torch
 from torch import nn
 
-from mpsearch.data import cache_root
+from mpsearch.data import cache_root, store_in_cache
 
 VERSION = 1
 N_TRAIN = 1400  # the remaining 397 digits are held out for evaluation
@@ -77,10 +76,8 @@ def load_digits_cnn() -> DigitsCNN:
             )
             path.unlink(missing_ok=True)
     model = train_digits()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)  # atomic: a crash never leaves a half-written cache
+    state = model.state_dict()
+    store_in_cache(path, lambda tmp: torch.save(state, tmp))  # atomic; an unwritable cache is said once
     return model
 
 
