@@ -45,7 +45,7 @@ class PlanFitness:
             self.objective = resolve_objective(loss, output_fn, model, self.batches[0])
             self.reference = self.objective.references(model, self.batches)
         self._current: dict = {}  # unit -> (option, quantized weight) of the latest plan
-        self._replay = Replay(model, [u for u in find_units(model)]) if replay else None
+        self._replay = Replay(model, find_units(model)) if replay else None
         self.calls = 0
 
     def __call__(self, plan: BitPlan) -> float:

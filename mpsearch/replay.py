@@ -18,6 +18,7 @@ Written here because no library replays a partial forward pass of an arbitrary `
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -142,8 +143,10 @@ class Replay:
             versions.append(_versions(output))
 
         live = [self.blocks._modules[k] for k in keys[start:]]
-        hooks = [m.register_forward_pre_hook(keep_input, with_kwargs=True) for m in live]
-        hooks += [m.register_forward_hook(keep_output) for m in live]
+        hooks = itertools.chain(  # registered inside ``hooked``: removed even if a registration fails
+            (m.register_forward_pre_hook(keep_input, with_kwargs=True) for m in live),
+            (m.register_forward_hook(keep_output) for m in live),
+        )
         try:
             for i, k in enumerate(keys[:start]):
                 self.blocks._modules[k] = _Recorded(recorded[i])

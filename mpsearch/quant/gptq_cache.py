@@ -35,12 +35,13 @@ def _path(model, spec: dict) -> Path:
     return cache_root() / "quantizers" / f"{spec['name']}-{digest}.pt"
 
 
-def load_cached(model, spec: dict, progress: bool = True):
-    """The cached GPTQ of ``spec`` for ``model`` (factors on the model's device), or None."""
+def load_cached(model, spec: dict, progress: bool = True, path: Path | None = None):
+    """The cached GPTQ of ``spec`` for ``model`` (factors on the model's device), or None. ``path``: its cache
+    file when the caller has it already (finding it hashes every weight of the model)."""
     from mpsearch.outputs import model_device
     from mpsearch.quant.gptq import GPTQ
 
-    path = _path(model, spec)
+    path = _path(model, spec) if path is None else path
     if not path.exists():
         return None
     try:
@@ -63,14 +64,15 @@ def cached_gptq(model, batches: list, params: dict, cache: bool = True, progress
     from mpsearch.data import data_fingerprint
 
     spec = GPTQ.spec_of(params, data_fingerprint(batches))
-    found = load_cached(model, spec, progress)
+    path = _path(model, spec)  # one hash of the model's weights, for the look-up and the store alike
+    found = load_cached(model, spec, progress, path)
     if found is not None:
         return found
     quantizer = GPTQ(model, batches, progress=progress, **params)
     state = quantizer.state()
     size = sum(f["hinv"].numel() * 4 for f in state["factors"])
     if size <= MAX_CACHED_BYTES:
-        store_in_cache(_path(model, spec), lambda tmp: torch.save(state, tmp))
+        store_in_cache(path, lambda tmp: torch.save(state, tmp))
     else:
         LOG.info("mpsearch: GPTQ state of %.1f GB not cached (over %.1f GB)", size / 1e9, MAX_CACHED_BYTES / 1e9)
     return quantizer
