@@ -38,6 +38,7 @@ _LAZY = {
     "apply_plan": "mpsearch.quant",
     "quantized": "mpsearch.quant",
     "quantize_weight": "mpsearch.quant",
+    "quantize": "mpsearch.artifacts",
     "Quantizer": "mpsearch.quant.quantizer",
     "RTN": "mpsearch.quant.quantizer",
     "GPTQ": "mpsearch.quant.gptq",

@@ -1,4 +1,4 @@
-"""Command line: ``mpsearch search`` and ``mpsearch evaluate``.
+"""Command line: ``mpsearch search``, ``evaluate``, ``pareto``, ``batch``, ``export`` and ``quantize``.
 
 Bad input prints one line ``mpsearch: error: <what>; <fix>`` to stderr and exits with code 2.
 """
@@ -180,17 +180,12 @@ def _safety_line(safety: dict) -> str:
 
 def cmd_evaluate(args) -> int:
     from mpsearch import api
-    from mpsearch.core import BitPlan, InvalidPlanError
+    from mpsearch.core import BitPlan
     from mpsearch.layers import discover
     from mpsearch.quant.quantizer import for_plan
 
     plan = BitPlan.load(args.plan)
-    made_for = plan.provenance.get("model")
-    if made_for and made_for != args.model:
-        raise InvalidPlanError(
-            f"plan {args.plan} was made for model {made_for!r}, not {args.model!r}",
-            f"use --model {made_for} or search a plan for {args.model}",
-        )
+    _check_plan_model(plan, args.plan, args.model)
     zoo = _load(args)
     shapes = {info.name: info.shape for info in discover(zoo.model)[0]}
     plan.check_layers(list(shapes), f"model {args.model!r}")
@@ -218,6 +213,74 @@ def cmd_evaluate(args) -> int:
     if "perplexity_fp" in measured:
         line["perplexity_fp"] = measured["perplexity_fp"]
     print(json.dumps(line))
+    return 0
+
+
+def _check_plan_model(plan, plan_path: str, model: str) -> None:
+    """Refuse a plan searched on another model (paths compared resolved)."""
+    from pathlib import Path
+
+    from mpsearch.core import InvalidPlanError
+
+    made_for = plan.provenance.get("model")
+
+    def same(a: str, b: str) -> bool:
+        return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+    if made_for and not same(made_for, model):
+        raise InvalidPlanError(
+            f"plan {plan_path} was made for model {made_for!r}, not {model!r}",
+            f"use --model {made_for} or search a plan for {model}",
+        )
+
+
+def _check_writer_source(runtime, path: str | None, args) -> None:
+    """llama.cpp writes from a GGUF (the model's, or --gguf), torchao and HQQ from a transformers folder."""
+    is_gguf = (path or "").endswith(".gguf")
+    if runtime.writes_file and not is_gguf and not args.gguf:
+        raise MpsearchError(
+            f"llama.cpp files are written from a GGUF, and {args.model} is not one",
+            "make an F16 GGUF of it with llama.cpp's convert_hf_to_gguf.py (python convert_hf_to_gguf.py DIR "
+            "--outtype f16) and pass it as --gguf",
+        )
+    if not runtime.writes_file and (path is None or is_gguf):
+        raise MpsearchError(
+            f"{runtime.name} models are written from a transformers folder, and {args.model} is not one",
+            "pass --model the checkpoint folder (config.json + safetensors) the plan was searched on",
+        )
+
+
+def cmd_quantize(args) -> int:
+    from mpsearch.artifacts import check_output, quantize
+    from mpsearch.core import BitPlan
+    from mpsearch.models.local import is_local, source_of
+    from mpsearch.runtimes import get_runtime
+
+    plan = BitPlan.load(args.plan)
+    _check_plan_model(plan, args.plan, args.model)
+    runtime = get_runtime(plan.provenance.get("runtime") or "mpsearch")
+    runtime.check(plan)
+    check_output(__import__("pathlib").Path(args.out), runtime)
+    args.calib = None
+    local = is_local(args.model)
+    if local:  # a wrong kind of source fails before the model loads
+        _check_writer_source(runtime, args.model if source_of(args.model)[0] in ("gguf", "folder") else None, args)
+    zoo = _load(args, text=False)
+    if not local:
+        _check_writer_source(runtime, zoo.path, args)
+    source = args.gguf or zoo.path
+    _status(f"writing {args.out} for {runtime.name} ...")
+    info = quantize(zoo.model, plan, args.out, source=source, progress=True)
+    _status(
+        f"wrote {info['path']}: {info['file_bytes'] / 2**20:.1f} MiB on disk; planned weights "
+        f"{info['tensor_bytes']} bytes, {info['bits_per_weight']:.4f} bits per weight (the search charged "
+        f"{info['charged_bytes']} bytes, {info['charged_bits_per_weight']:.4f})"
+    )
+    for extra in info["side_files"]:
+        _status(f"also wrote {extra}")
+    if "note" in info:
+        _status(f"note: {info['note']}")
+    print(json.dumps({"model": args.model, **info}))
     return 0
 
 
@@ -449,6 +512,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source(e)
     e.add_argument("--plan", required=True, help="plan JSON from `mpsearch search --out`")
     e.set_defaults(func=cmd_evaluate)
+
+    q = sub.add_parser("quantize", help="write the file the plan's runtime loads (a GGUF, a saved model)")
+    q.add_argument("plan", help="plan JSON from `mpsearch search --target ... --out`")
+    q.add_argument("--model", required=True, help="the .gguf or transformers folder the plan was searched on")
+    q.add_argument("--out", required=True, help="llama.cpp: a .gguf path; torchao, hqq: a new folder")
+    q.add_argument("--gguf", help="llama.cpp, for a transformers folder: its F16 GGUF (convert_hf_to_gguf.py)")
+    q.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
+    q.add_argument("--device", help=DEVICE_HELP)
+    q.set_defaults(func=cmd_quantize)
     return parser
 
 

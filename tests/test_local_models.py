@@ -6,37 +6,9 @@ import json
 import pytest
 
 from mpsearch.cli import main
-from mpsearch.models.sources import corpus_sentences
 
 TEXT_ARGS = ["--seq-len", "64", "--n-calib", "4", "--n-eval", "2", "--batch-size", "2"]
 SEARCH_ARGS = ["--estimator", "sqnr", "--options", "int4_g32_asym,int8", "--avg-bits", "6", "--refine", "2"]
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "calib.txt"
-    path.write_text("\n".join(corpus_sentences()[:400]))
-    return path
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    """A random-init Llama saved with save_pretrained, with SmolLM2's tokenizer beside it: a user's folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from mpsearch.models.smollm2 import load_tokenizer
-
-    tok = load_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True,
-    )  # fmt: skip
-    folder = tmp_path_factory.mktemp("model")
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def _json_line(out: str) -> dict:

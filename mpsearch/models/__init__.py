@@ -27,6 +27,7 @@ class ZooModel:
     evaluation: list
     loss: str
     options: tuple[str, ...] = DEFAULT_OPTIONS
+    path: str | None = None  # the file or folder it was loaded from (what `mpsearch quantize` writes from)
 
     @property
     def metric_name(self) -> str:
@@ -67,10 +68,10 @@ def _minilm(n_calib: int, n_eval: int) -> ZooModel:
 
 
 def _smollm2(n_calib: int, n_eval: int) -> ZooModel:
-    from mpsearch.models.smollm2 import OPTIONS, load_smollm2, text_batches
+    from mpsearch.models.smollm2 import OPTIONS, gguf_path, load_smollm2, text_batches
 
     calib, evaluation = text_batches(n_calib, n_eval)
-    return ZooModel("smollm2-135m", load_smollm2(), calib, evaluation, "kl", OPTIONS)
+    return ZooModel("smollm2-135m", load_smollm2(), calib, evaluation, "kl", OPTIONS, str(gguf_path()))
 
 
 def _efficientnet(n_calib: int, n_eval: int) -> ZooModel:

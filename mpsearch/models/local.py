@@ -61,7 +61,9 @@ def load_local(spec: str, text: TextSpec | None, dtype: str = "auto", device: st
     calibration, evaluation = ([], []) if text is None else text_batches(text, tokenizer)
     from mpsearch.core import DEFAULT_OPTIONS
 
-    return ZooModel(spec, model, calibration, evaluation, "kl", DEFAULT_OPTIONS)
+    kind, source, kwargs = source_of(spec)
+    path = str(Path(source) / kwargs["gguf_file"]) if kind == "gguf" else source if kind == "folder" else None
+    return ZooModel(spec, model, calibration, evaluation, "kl", DEFAULT_OPTIONS, path)
 
 
 def source_of(spec: str) -> tuple[str, str, dict]:

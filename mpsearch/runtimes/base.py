@@ -32,6 +32,8 @@ class Runtime(ABC):
     default_options: tuple[str, ...] = ()
     accepted: str = ""
     writer_only: bool = False
+    writer: str | None = None  # "module:function" writing the runtime's own file (mpsearch.artifacts)
+    writes_file: bool = False  # that file is one file (a GGUF), not a saved-model folder
 
     # -- grammar, storage, shapes ------------------------------------------------------------------------
     @abstractmethod
@@ -130,6 +132,18 @@ class Runtime(ABC):
     @abstractmethod
     def render(self, plan, **kwargs) -> str:
         """The file the runtime reads, for a plan already checked."""
+
+    # -- the runtime's own model file (``mpsearch.quantize``) ------------------------------------------------
+    def write(self, model, plan, quantizer, out, **kwargs) -> dict:
+        """Write the quantized model at ``out`` with ``writer``; returns {"tensor_bytes": {name: bytes}}."""
+        import importlib
+
+        module, _, function = (self.writer or "").partition(":")
+        return getattr(importlib.import_module(module), function)(model, plan, quantizer, out, **kwargs)
+
+    def side_files(self, plan, out) -> list[str]:
+        """Files written beside ``out`` for the runtime's own tools (e.g. llama-quantize's inputs)."""
+        return []
 
 
 def row_of(shape: tuple[int, ...]) -> int:

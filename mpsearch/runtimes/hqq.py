@@ -45,6 +45,7 @@ class HQQ(Runtime):
     name = "hqq"
     family = "hqq"
     prefix = "hqq:"
+    writer = "mpsearch.artifacts.saved:write_hqq"
     default_options = tuple(
         "hqq:" + o for o in ("int2_g32", "int2_g64", "int3_g64", "int4_g64", "int4_g128", "int8_g64")
     )

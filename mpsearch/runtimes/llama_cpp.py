@@ -94,6 +94,8 @@ class LlamaCpp(Runtime):
     family = "llama.cpp"
     default_options = tuple(GGUF_TYPES)
     accepted = ", ".join(GGUF_TYPES)
+    writer = "mpsearch.artifacts.gguf_file:write_gguf"
+    writes_file = True
 
     def parse(self, name: str):
         from mpsearch.core.options import Option
@@ -143,6 +145,16 @@ class LlamaCpp(Runtime):
             )
         lines = [f"^{re.escape(t)}$={o}" for t, o in tensor_types(plan, arch).items()]
         return "\n".join(lines) + "\n"
+
+    def side_files(self, plan, out) -> list[str]:
+        """The ``--tensor-type-file`` beside the GGUF, so ``llama-quantize`` can make the same file."""
+        from pathlib import Path
+
+        from mpsearch.data import write_atomic
+
+        path = Path(out).with_suffix(".tensor-types.txt")
+        write_atomic(path, self.render(plan))
+        return [str(path)]
 
 
 def bits_per_weight(plan, shapes: dict[str, tuple[int, ...]], arch: str = "llama") -> float:

@@ -40,6 +40,7 @@ class Torchao(Runtime):
     name = "torchao"
     family = "torchao"
     prefix = "torchao:"
+    writer = "mpsearch.artifacts.saved:write_torchao"
     default_options = tuple(
         "torchao:" + o
         for o in ("int2_g32_asym", "int3_g32_asym", "int4_g32", "int4_g32_asym", "int5_g32", "int6_g32", "int8")

@@ -1,0 +1,209 @@
+"""``mpsearch quantize`` (issue 24): the runtime's own file, holding exactly the math that was searched.
+
+Oracles: the runtime's own reader of the written file (gguf's reader and dequantizer, transformers'
+``from_pretrained``, HQQ's ``from_quantized``) against mpsearch's fake quantization of the same weights, and
+ggml's row sizes against the bytes the search charged."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import mpsearch
+from mpsearch.cli import main
+from mpsearch.core import BitPlan, MpsearchError
+from mpsearch.quant import quantized
+
+
+def _plan(model, runtime: str, pick) -> BitPlan:
+    """Every unit of ``model`` gets ``pick(index, unit info)``; provenance as a search records it."""
+    infos, _ = mpsearch.discover(model)
+    return BitPlan(
+        {info.name: pick(i, info) for i, info in enumerate(infos)},
+        provenance={"runtime": runtime, "aliases": {i.name: list(i.aliases) for i in infos if i.aliases}},
+    )
+
+
+def _gguf_types(i, info):
+    """A mix of legacy and k-quant types, k-quants where rows are whole 256-blocks."""
+    if info.shape[1] % 256 == 0:
+        return ("q4_k", "q6_k", "q3_k")[i % 3]
+    return ("q4_0", "q5_1", "q8_0")[i % 3]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_gguf):
+    from mpsearch.models.local import load_local
+
+    return load_local(str(tiny_gguf), None)
+
+
+def test_gguf_holds_the_planned_types_bytes_and_exact_math(tiny, tiny_gguf, tmp_path):
+    import gguf
+
+    from mpsearch.artifacts.gguf_file import row_order
+    from mpsearch.export import export
+    from mpsearch.layers import unit_map
+    from mpsearch.quant import quantize_weight
+    from mpsearch.runtimes.llama_cpp import tensor_bytes, tensors_of
+
+    model = tiny.model
+    plan = _plan(model, "llama.cpp", _gguf_types)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = tmp_path / "mixed.gguf"
+    info = mpsearch.quantize(model, plan, out, source=tiny_gguf, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is untouched
+    assert info["tensor_bytes"] == info["charged_bytes"] and info["bits_per_weight"] == info["charged_bits_per_weight"]
+    assert info["file_bytes"] == out.stat().st_size
+    assert (tmp_path / "mixed.tensor-types.txt").read_text() == export(plan, "llama.cpp")
+    written = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    source = {t.name: t for t in gguf.GGUFReader(str(tiny_gguf)).tensors}
+    assert list(written) == list(source)
+    units = unit_map(model)
+    planned = tensors_of(plan)
+    assert len(set(planned.values())) == len(plan.assignments)
+    for layer, name in planned.items():
+        t, option = written[name], mpsearch.parse_option(plan[layer])
+        w = units[layer].weight
+        assert t.tensor_type.name.lower() == plan[layer]
+        assert t.n_bytes == tensor_bytes(tuple(w.shape), plan[layer])
+        perm = row_order(model, name, "llama", w.shape[0])
+        decoded = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape[0], -1)[perm]
+        mine = quantize_weight(w, option)
+        assert torch.equal(torch.from_numpy(np.ascontiguousarray(decoded)), mine.reshape(w.shape[0], -1)), layer
+    for name in set(source) - set(planned.values()):  # norms: as the source holds them
+        assert source[name].tensor_type == written[name].tensor_type
+        assert np.array_equal(np.asarray(source[name].data), np.asarray(written[name].data)), name
+
+
+def test_transformers_reloads_the_gguf_as_the_fake_quantized_model(tiny, tiny_gguf, tmp_path):
+    from mpsearch.models.local import load_local
+
+    plan = _plan(tiny.model, "llama.cpp", _gguf_types)
+    out = tmp_path / "mixed.gguf"
+    mpsearch.quantize(tiny.model, plan, out, source=tiny_gguf, progress=False)
+    reloaded = load_local(str(out), None).model
+    x = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad(), quantized(tiny.model, plan) as fake:
+        expected = fake(x).logits
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, expected)
+
+
+def test_gguf_refuses_another_model_and_leaves_nothing(tiny, tiny_gguf, tmp_path):
+    plan = _plan(tiny.model, "llama.cpp", _gguf_types)
+    layer = "model.layers.1.mlp.down_proj"
+    weight = tiny.model.get_submodule(layer).weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(1.5)  # no longer the GGUF's tensor
+        with pytest.raises(MpsearchError, match="is not tensor 'blk.1.ffn_down.weight' of the GGUF"):
+            mpsearch.quantize(tiny.model, plan, tmp_path / "x.gguf", source=tiny_gguf, progress=False)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+    bigger = BitPlan({**plan.assignments, "model.layers.7.mlp.up_proj": "q8_0"}, provenance=plan.provenance)
+    with pytest.raises(MpsearchError, match="model.layers.7.mlp.up_proj"):
+        mpsearch.quantize(tiny.model, bigger, tmp_path / "x.gguf", source=tiny_gguf, progress=False)
+    with pytest.raises(MpsearchError, match="must end in .gguf"):
+        mpsearch.quantize(tiny.model, plan, tmp_path / "x.bin", source=tiny_gguf, progress=False)
+    with pytest.raises(MpsearchError, match="is not a writable folder"):
+        mpsearch.quantize(tiny.model, plan, tmp_path / "no" / "x.gguf", source=tiny_gguf, progress=False)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_torchao_folder_reloads_with_transformers_as_the_fake_quantized_model(dtype, llama_dir, tmp_path):
+    """bf16 (as torchao models run): the bytes are the charge; float32: torchao keeps fp32 scales, 2 bytes more
+    each than charged, and says so."""
+    from transformers import AutoModelForCausalLM
+
+    from mpsearch.models.local import load_local
+
+    model = load_local(str(llama_dir), None, dtype).model
+    options = ("torchao:int4_g32", "torchao:int8", "torchao:int3_g32_asym")
+    plan = _plan(model, "torchao", lambda i, info: options[i % 3])
+    with pytest.raises(MpsearchError, match="cannot store 'lm_head' as searched: it is tied"):
+        mpsearch.quantize(str(llama_dir), plan, tmp_path / "tied", progress=False)
+    assert list(tmp_path.iterdir()) == []
+    plan = BitPlan({k: v for k, v in plan.items() if k != "lm_head"}, provenance=plan.provenance)
+    out = tmp_path / "saved"
+    info = mpsearch.quantize(str(llama_dir), plan, out, dtype=dtype, progress=False)
+    scales = sum(mpsearch.parse_option(o).n_scales(tuple(model.get_submodule(k).weight.shape)) for k, o in plan.items())
+    extra = 0 if dtype == "bfloat16" else 2 * scales
+    assert info["tensor_bytes"] == info["charged_bytes"] + extra and info["file_bytes"] > 0
+    assert ("note" in info) == (dtype == "float32")
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    x = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad(), quantized(model, plan) as fake:
+        expected = fake(x).logits
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, expected)
+
+
+def test_hqq_folder_reloads_with_hqq_holding_the_fake_quantized_weights(llama_dir, tmp_path):
+    pytest.importorskip("hqq")
+    from hqq.models.hf.base import AutoHQQHFModel
+
+    from mpsearch.models.local import load_local
+    from mpsearch.quant.apply import quantized_weights
+    from mpsearch.quant.quantizer import RTN
+
+    model = load_local(str(llama_dir), None).model
+    options = {"q_proj": "hqq:int4_g64", "k_proj": "hqq:int2_g32", "down_proj": "hqq:int3_g64"}
+    plan = _plan(model, "hqq", lambda i, info: next((o for k, o in options.items() if k in info.name), "hqq:int8_g64"))
+    with pytest.raises(MpsearchError, match="HQQ cannot store 'lm_head' as searched: it is tied"):
+        mpsearch.quantize(model, plan, tmp_path / "tied", source=llama_dir, progress=False)
+    plan = BitPlan({k: v for k, v in plan.items() if k != "lm_head"}, provenance=plan.provenance)
+    out = tmp_path / "saved"
+    info = mpsearch.quantize(model, plan, out, source=llama_dir, progress=False)
+    assert info["tensor_bytes"] == info["charged_bytes"]
+    reloaded = AutoHQQHFModel.from_quantized(str(out), compute_dtype=torch.float16, device="cpu")
+    expected = {u.name: w for u, w in quantized_weights(model, plan, RTN()).items()}
+    for layer, w in expected.items():
+        assert torch.equal(reloaded.get_submodule(layer).dequantize().float(), w.float()), layer
+
+
+def _last_json(out: str) -> dict:
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+
+
+def test_cli_quantize_writes_the_gguf_and_prints_what_was_charged(tiny, tiny_gguf, tmp_path, capsys):
+    plan = _plan(tiny.model, "llama.cpp", _gguf_types)
+    plan.provenance["model"] = str(tiny_gguf)
+    plan.save(tmp_path / "plan.json")
+    out = tmp_path / "out.gguf"
+    assert main(["quantize", str(tmp_path / "plan.json"), "--model", str(tiny_gguf), "--out", str(out)]) == 0
+    cap = capsys.readouterr()
+    line = _last_json(cap.out)
+    assert line["path"] == str(out) and out.is_file() and line["tensor_bytes"] == line["charged_bytes"]
+    assert f"{line['bits_per_weight']:.4f} bits per weight" in cap.err
+
+
+QUANTIZE_BAD = {
+    "folder for llama.cpp": ("llama.cpp", "folder", "out.gguf", "convert_hf_to_gguf.py"),
+    "gguf for torchao": ("torchao", "gguf", "saved", "written from a transformers folder"),
+    "not .gguf": ("llama.cpp", "gguf", "out.bin", "must end in .gguf"),
+    "another model": ("llama.cpp", "other", "out.gguf", "was made for model"),
+    "no runtime file": ("mpsearch", "gguf", "out.gguf", "has no file writer"),
+    "existing folder": ("torchao", "folder", "full", "is not an empty folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(QUANTIZE_BAD))
+def test_cli_quantize_bad_input_is_one_line(case, tiny, tiny_gguf, llama_dir, tmp_path, capsys):
+    runtime, source, out, message = QUANTIZE_BAD[case]
+    model = {"folder": str(llama_dir), "gguf": str(tiny_gguf), "other": str(tiny_gguf)}[source]
+    option = {"llama.cpp": "q8_0", "torchao": "torchao:int8", "mpsearch": "int8"}[runtime]
+    plan = BitPlan(
+        {"model.layers.0.mlp.down_proj": option},
+        provenance={"runtime": runtime, "model": "elsewhere.gguf" if source == "other" else model},
+    )
+    plan.save(tmp_path / "plan.json")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    code = main(["quantize", str(tmp_path / "plan.json"), "--model", model, "--out", str(tmp_path / out)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mpsearch: error:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0], errors
