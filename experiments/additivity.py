@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         evo = Evolutionary(fitness, n_trials=args.trials, run_dir=run_dir, seed=args.seed).solve(problem)
     wall = time.perf_counter() - start
     for name, result in (("dp", dp), ("evolutionary", evo)):
-        held_out = evaluate(zoo.model, result.plan, zoo.evaluation, zoo.loss)
+        held_out = evaluate(zoo.model, result.plan, zoo.evaluation, zoo.loss, uniform=False)
         print(
             json.dumps(
                 {

@@ -55,7 +55,7 @@ def child(model: str, n_calib: int | None, shrink: bool, options: list[str]) -> 
     }
     for option in options:
         plan = mpsearch.uniform_plan(zoo.model, option)
-        measured = mpsearch.evaluate(zoo.model, plan, zoo.evaluation, zoo.loss, quantizer=quantizer)
+        measured = mpsearch.evaluate(zoo.model, plan, zoo.evaluation, zoo.loss, quantizer=quantizer, uniform=False)
         row[f"loss_{option}"] = measured["loss"]
     return row
 

@@ -180,7 +180,7 @@ def main(argv=None) -> int:
             continue
         for fraction in BUDGETS:
             result = mpsearch.solve(table, mpsearch.Budget(size_bytes=fraction * int4["size_bytes"]))
-            r = mpsearch.evaluate(zoo.model, result.plan, zoo.evaluation)
+            r = mpsearch.evaluate(zoo.model, result.plan, zoo.evaluation, uniform=False)
             fair = [o for o in table.options if o in uniform and uniform[o]["size_bytes"] <= r["size_bytes"]]
             best = min(fair, key=lambda o: uniform[o]["perplexity"]) if fair else None
             row = {

@@ -76,7 +76,7 @@ def run(zoo: ZooModel, estimators: list[str], trials: int, out: Path) -> list[di
         )
         for label, limit in budgets.items():
             result = solve(tables[est], Budget(size_bytes=limit), "dp")
-            m = evaluate(zoo.model, result.plan, zoo.evaluation, zoo.loss)
+            m = evaluate(zoo.model, result.plan, zoo.evaluation, zoo.loss, uniform=False)
             rows.append(emit({"model": name, "method": f"{est}+dp", "budget": label, **_keep(m)}))
     if trials:
         fitness = PlanFitness(zoo.model, zoo.calibration, zoo.loss)
@@ -85,7 +85,7 @@ def run(zoo: ZooModel, estimators: list[str], trials: int, out: Path) -> list[di
             problem = Problem(tables[best_est], Budget(size_bytes=budgets[label]))
             with tempfile.TemporaryDirectory() as run_dir:
                 result = Evolutionary(fitness, n_trials=trials, run_dir=run_dir).solve(problem)
-            m = evaluate(zoo.model, result.plan, zoo.evaluation, zoo.loss)
+            m = evaluate(zoo.model, result.plan, zoo.evaluation, zoo.loss, uniform=False)
             rows.append(emit({"model": name, "method": f"{best_est}+evolutionary", "budget": label, **_keep(m)}))
     rows.append(emit(targets(name, rows)))
     plot(name, rows, out / f"quality_{name}.png")
@@ -228,7 +228,7 @@ def n_samples_of(batches: list) -> int:
 
 
 def _measure(zoo: ZooModel, quantizer, plan) -> dict:
-    return evaluate(zoo.model, plan, zoo.evaluation, zoo.loss, quantizer=quantizer)
+    return evaluate(zoo.model, plan, zoo.evaluation, zoo.loss, quantizer=quantizer, uniform=False)
 
 
 def fair_targets(name: str, rows: list[dict]) -> dict:

@@ -82,7 +82,7 @@ def search_child(args) -> int:
         stages.update(result.extra["stages_s"])
         clock = time.perf_counter()
         q = result.extra["quantizer"]  # the searched GPTQ itself: an 8B one is too large to cache on disk
-        measured = mpsearch.evaluate(model, result.plan, held_out, quantizer=q, progress=False)
+        measured = mpsearch.evaluate(model, result.plan, held_out, quantizer=q, progress=False, uniform=False)
         stages["evaluate"] = round(time.perf_counter() - clock, 3)
     except (torch.OutOfMemoryError, mpsearch.MpsearchError, RuntimeError) as err:
         kind = "out of memory" if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err) else ""

@@ -62,6 +62,7 @@ def estimate(
     device: str | None = None,
     target: str | None = None,
     quantizer="rtn",
+    tokenizer=None,
     **extra,
 ) -> CostTable:
     """Build a cost table with an estimator (a name from sensitivity.REGISTRY or an Estimator).
@@ -73,13 +74,14 @@ def estimate(
     CUDA when available); a module runs where it lives; ``target``: a runtime of ``mpsearch.runtimes.RUNTIMES``
     whose options (sizes and quantization math its own) are estimated; ``quantizer``: "rtn" (round to
     nearest), "gptq" (GPTQ with Hessians from ``data``, cached under its spec; see mpsearch.quant.gptq) or a
-    ``mpsearch.quant.quantizer.Quantizer``.
+    ``mpsearch.quant.quantizer.Quantizer``; ``tokenizer``: turns ``data`` given as a list of strings into
+    batches (a transformers tokenizer, or a callable such as ``SentenceTransformer.tokenize``).
     """
     _no_extra("estimate", extra)
     ctx = SearchContext.resolve(
         model, data, None, estimator, None, options, loss_fn, output_fn=output_fn, include=include,
         exclude=exclude, estimator_params=estimator_params, device=device, target=target, safe=False,
-        quantizer=quantizer, cache=cache,
+        quantizer=quantizer, cache=cache, tokenizer=tokenizer,
     )  # fmt: skip
     return ctx.estimate()
 
@@ -114,6 +116,7 @@ def search(
     refine: int = REFINE,
     quantizer="rtn",
     cache: bool = True,
+    tokenizer=None,
     **extra,
 ) -> SearchResult:
     """Estimate sensitivities and solve for the best plan under ``budget`` (default: avg 4 bits).
@@ -131,12 +134,14 @@ def search(
     ``apply_plan``, ``quantized`` and ``evaluate`` rebuild exactly that math (or refuse); ``cache``: reuse/store
     the table and the quantizer's state on disk. ``result.extra``: the cost table (``"table"``), the quantizer
     searched with (``"quantizer"``: pass it to ``evaluate``), the seconds of each stage (``"stages_s"``).
+    ``tokenizer``: turns ``data`` given as a list of strings into batches (see ``estimate``).
     """
     _no_extra("search", extra)
     ctx = SearchContext.resolve(
         model, data, budget or Budget(avg_bits=4.0), estimator, solver, options, loss_fn, output_fn=output_fn,
         include=include, exclude=exclude, estimator_params=estimator_params, solver_params=solver_params,
         device=device, target=target, safe=safe, refine=refine, quantizer=quantizer, cache=cache,
+        tokenizer=tokenizer,
     )  # fmt: skip
     return ctx.run()
 
@@ -213,6 +218,9 @@ def evaluate(
     quantizer=None,
     calibration: Iterable | None = None,
     progress: bool = True,
+    *,
+    uniform: bool | Iterable[str] = True,
+    tokenizer=None,
 ) -> dict:
     """Measure ``plan`` against the full-precision model on ``data``, where the model lives, without copying
     it: per batch, one forward with its own weights and one with the plan's quantized weights swapped in
@@ -226,9 +234,31 @@ def evaluate(
     a name or a Quantizer (refused when it differs from the plan's spec); a GPTQ plan is rebuilt exactly from
     ``calibration`` (the data given to search; never ``data``: the evaluation stays held out) or the cache,
     or refused. ``progress``: a progress bar over the batches.
+    ``uniform``: also measure the fair baseline, the best uniform option of no larger size (``best_uniform``), among
+    the options the plan was searched over (True: those its provenance records; or a list of option names;
+    False: none); a uniform plan is its own baseline. The result then has ``uniform_option``,
+    ``uniform_avg_bits`` and ``uniform_metric`` (None each when no option fits the size).
+    ``tokenizer``: turns ``data`` given as a list of strings into batches (``mpsearch.data.as_batches``).
     """
-    batches = as_batches(data)
+    batches = as_batches(data, tokenizer)
     q = for_plan(model, plan, quantizer, calibration, "evaluate")
+    result = _measure(model, plan, batches, loss, output_fn, q, progress)
+    plan = plan if isinstance(plan, BitPlan) else BitPlan(plan)
+    names = plan.provenance.get("options") if uniform is True else uniform
+    if names and len(set(plan.assignments.values())) > 1:
+        option, best = best_uniform(
+            model, plan, batches, list(names), loss, output_fn, quantizer=q, size=result["avg_bits"]
+        )
+        result.update(
+            uniform_option=option,
+            uniform_avg_bits=best["avg_bits"] if best else None,
+            uniform_metric=best["metric"] if best else None,
+        )
+    return result
+
+
+def _measure(model, plan, batches: list, loss, output_fn, q, progress: bool) -> dict:
+    """``evaluate`` of one plan with quantizer ``q`` (see there)."""
     if loss is not None and loss not in ("kl", "cosine"):
         raise MpsearchError(f"unknown loss {loss!r}", "use 'kl' or 'cosine'")
     sizes = plan_size(model, plan)
@@ -294,7 +324,7 @@ def best_uniform(
         if plan_size(model, candidate)["avg_bits"] <= limit + 1e-12:
             if status is not None:
                 status(f"measuring uniform {option} ...")
-            result = evaluate(model, candidate, batches, loss, output_fn, quantizer=q)
+            result = _measure(model, candidate, batches, loss, output_fn, q, False)
             if better(result, best):
                 best_option, best = option, result
     return best_option, best

@@ -33,10 +33,78 @@ from mpsearch.data import write_atomic
 BUDGET_KEYS = ("avg_bits", "size_bytes", "size_fraction")
 
 
+MODEL_KEYS = ("name", "path", "calib", "eval", "seq_len", "n_calib", "n_eval", "batch_size", "eval_split", "dtype")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of the grid: a zoo name, or your own (``{path = "...", calib = "..."}``: a transformers
+    folder, a .gguf or module:function, with its text as for the CLI's --calib/--eval)."""
+
+    name: str
+    path: str | None = None  # None: a zoo model
+    text: object = None  # mpsearch.models.local.TextSpec
+    dtype: str = "auto"
+
+    @classmethod
+    def of(cls, entry) -> ModelEntry:
+        if isinstance(entry, str):
+            return cls(entry)
+        from mpsearch.models.local import TextSpec
+
+        fields = {k: entry[k] for k in ("seq_len", "n_calib", "n_eval", "batch_size", "eval_split") if k in entry}
+        text = TextSpec(entry["calib"], entry.get("eval"), **fields)
+        return cls(entry.get("name") or Path(entry["path"]).stem, entry["path"], text, entry.get("dtype", "auto"))
+
+    def load(self):
+        from mpsearch.models import load
+        from mpsearch.models.local import load_local
+
+        return load(self.name) if self.path is None else load_local(self.path, self.text, self.dtype)
+
+
+def model_problems(entry) -> list[str]:
+    """What is wrong with one ``models`` entry (nothing loaded; files are only looked at)."""
+    import re
+
+    from mpsearch.models.local import DTYPES, source_of
+    from mpsearch.names import ZOO_NAMES
+
+    if isinstance(entry, str):
+        return [] if entry in ZOO_NAMES else [f"unknown model {entry!r} (use one of {', '.join(ZOO_NAMES)}, or a "
+                                               '{path = "...", calib = "..."} table for your own)']  # fmt: skip
+    if not isinstance(entry, dict):
+        return [f"model entry {entry!r} is neither a zoo name nor a table with path and calib"]
+    problems = [
+        f"model entry key {k!r} is unknown (keys: {', '.join(MODEL_KEYS)})" for k in entry if k not in MODEL_KEYS
+    ]
+    for key in ("path", "calib"):
+        if not isinstance(entry.get(key), str):
+            problems.append(f'model entry {entry!r} needs {key} = "..."')
+    if problems:
+        return problems
+    try:
+        source_of(entry["path"])
+        ModelEntry.of(entry).text.check()
+    except MpsearchError as err:
+        problems.append(f"model {entry['path']}: {err.what}")
+    except TypeError as err:
+        problems.append(f"model {entry['path']}: {err}")
+    for key in ("calib", "eval"):
+        if key in entry and not Path(entry[key]).is_file():
+            problems.append(f"model {entry['path']}: {key} file {entry[key]} does not exist")
+    if entry.get("dtype", "auto") not in DTYPES:
+        problems.append(f"model {entry['path']}: dtype {entry['dtype']!r} is not one of {DTYPES}")
+    name = entry.get("name")
+    if name is not None and not (isinstance(name, str) and re.fullmatch(r"[\w.-]+", name)):
+        problems.append(f"model name {name!r} must be letters, digits, '_', '-' or '.' (it names files)")
+    return problems
+
+
 @dataclass
 class BatchConfig:
     run_dir: Path
-    models: list[str]
+    models: list[ModelEntry]
     estimators: list[str]
     solvers: list[str]
     budgets: list[dict]
@@ -60,7 +128,7 @@ class BatchConfig:
         run_dir = Path(raw.get("run_dir", Path("runs") / path.stem))
         return cls(
             run_dir,
-            raw["models"],
+            [ModelEntry.of(m) for m in raw["models"]],
             raw["estimators"],
             raw["solvers"],
             raw["budgets"],
@@ -74,10 +142,10 @@ KEYS = ("run_dir", "models", "estimators", "solvers", "budgets", "options")
 def grid_problems(raw: dict) -> list[str]:
     """Every problem of a batch config, one line each (empty: the grid can run)."""
     from mpsearch.core import InvalidOptionError, parse_option
-    from mpsearch.names import ESTIMATOR_NAMES, SOLVER_NAMES, ZOO_NAMES
+    from mpsearch.names import ESTIMATOR_NAMES, SOLVER_NAMES
 
     problems = [f"unknown key {k!r} (keys: {', '.join(KEYS)})" for k in raw if k not in KEYS]
-    known = {"models": ZOO_NAMES, "estimators": ESTIMATOR_NAMES, "solvers": SOLVER_NAMES}
+    known = {"estimators": ESTIMATOR_NAMES, "solvers": SOLVER_NAMES}
     for key in ("models", "estimators", "solvers", "budgets"):
         value = raw.get(key)
         if not isinstance(value, list) or not value:
@@ -86,6 +154,12 @@ def grid_problems(raw: dict) -> list[str]:
         for item in value if key in known else ():
             if item not in known[key]:
                 problems.append(f"unknown {key[:-1]} {item!r} (use one of {', '.join(known[key])})")
+        for item in value if key == "models" else ():
+            problems.extend(model_problems(item))
+        if key == "models" and not any(model_problems(m) for m in value):
+            names = [ModelEntry.of(m).name for m in value]
+            problems.extend(f"model name {n!r} appears twice (give one a name = ...)" for n in set(names)
+                            if names.count(n) > 1)  # fmt: skip
     for b in raw.get("budgets") if isinstance(raw.get("budgets"), list) else ():
         if not isinstance(b, dict) or len(b) != 1 or next(iter(b)) not in BUDGET_KEYS:
             problems.append(f"budget {b!r} is not one of {BUDGET_KEYS}: write e.g. {{avg_bits = 4.0}}")
@@ -140,15 +214,17 @@ def _solver_params(solver: str, run_dir: Path) -> dict:
     return {"run_dir": str(run_dir / solver)} if "run_dir" in solvers.REGISTRY[solver].param_names() else {}
 
 
-def table_name(model: str, estimator: str, options: list[str]) -> str:
-    """A run-dir table's file name, keyed by what a grid can change for one (model, estimator) -- its options --
-    and by the estimator code (``sensitivity.base._code_hash``), so a re-run with other options or code
-    estimates anew instead of reusing a table built for others."""
+def table_name(model: str, estimator: str, options: list[str], data: list | None = None) -> str:
+    """A run-dir table's file name, keyed by what a grid can change for one (model, estimator) -- its options and
+    its calibration data (your own model's text) -- and by the estimator code (``sensitivity.base._code_hash``),
+    so a re-run with other options, text or code estimates anew instead of reusing a table built for others."""
     import hashlib
 
+    from mpsearch.data import data_fingerprint
     from sensitivity.base import _code_hash
 
-    digest = hashlib.sha256(json.dumps([list(options), _code_hash()]).encode()).hexdigest()[:12]
+    key = [list(options), _code_hash(), data_fingerprint(data) if data is not None else None]
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
     return f"{model}__{estimator}__{digest}.parquet"
 
 
@@ -171,10 +247,10 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
 
     from mpsearch import api
     from mpsearch.context import SearchContext
-    from mpsearch.models import load
 
     tables_dir, cells_dir = _open_run_dir(config.run_dir)
-    grid = list(itertools.product(config.models, config.estimators, config.solvers, config.budgets))
+    entries = {m.name: m for m in config.models}
+    grid = list(itertools.product(entries, config.estimators, config.solvers, config.budgets))
     todo = [g for g in grid if not (cells_dir / cell_id(*g) / "metrics.json").exists()]
     delay = float(os.environ.get("MPSEARCH_BATCH_CELL_DELAY", "0"))  # test hook: widen the kill window
     zoo_cache: dict = {}
@@ -186,7 +262,7 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
         if model not in zoo_cache:
             zoo_cache.clear()  # one model in memory at a time
             contexts.clear()
-            zoo_cache[model] = load(model)
+            zoo_cache[model] = entries[model].load()
         zoo = zoo_cache[model]
         if (model, estimator, solver) not in contexts:  # the whole estimate-solve pipeline, validated once
             contexts[model, estimator, solver] = SearchContext.resolve(
@@ -194,7 +270,7 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
                 solver_params=_solver_params(solver, config.run_dir), safe=False,
             )  # fmt: skip
         ctx = contexts[model, estimator, solver]
-        table_path = tables_dir / table_name(model, estimator, ctx.options)
+        table_path = tables_dir / table_name(model, estimator, ctx.options, ctx.data)
         if table_path.exists():
             table = CostTable.from_parquet(table_path)
         else:
@@ -215,7 +291,7 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
                 write_atomic(cell / "metrics.json", json.dumps({**row, "status": "infeasible", "reason": str(err)}))
             bar.update()
             continue
-        measured = api.evaluate(zoo.model, result.plan, zoo.evaluation, zoo.loss, progress=False)
+        measured = api.evaluate(zoo.model, result.plan, zoo.evaluation, zoo.loss, progress=False, uniform=False)
         with _writing(config.run_dir):
             cell.mkdir(exist_ok=True)
             write_atomic(cell / "plan.json", result.plan.to_json())

@@ -193,7 +193,7 @@ def cmd_evaluate(args) -> int:
     q = for_plan(zoo.model, plan, None, zoo.calibration, "evaluate")
     quantizer = q.label()
     _status(f"measuring the planned model ({quantizer}) ...")
-    measured = api.evaluate(zoo.model, plan, zoo.evaluation, zoo.loss, quantizer=q)
+    measured = api.evaluate(zoo.model, plan, zoo.evaluation, zoo.loss, quantizer=q, uniform=False)
     options = plan.provenance.get("options") or list(zoo.options)
     uniform_option, uniform = api.best_uniform(
         zoo.model, plan, zoo.evaluation, options, zoo.loss, quantizer=q, size=measured["avg_bits"], status=_status
@@ -316,7 +316,9 @@ def cmd_pareto(args) -> int:
         picks = sorted({int(round(i)) for i in np.linspace(0, len(frame) - 1, min(args.measure, len(frame)))})
         frame["metric"] = np.nan
         for i in tqdm(picks, desc="measuring front points", file=sys.stderr):
-            frame.loc[i, "metric"] = api.evaluate(zoo.model, front.plans[i], zoo.evaluation, zoo.loss)["metric"]
+            frame.loc[i, "metric"] = api.evaluate(zoo.model, front.plans[i], zoo.evaluation, zoo.loss, uniform=False)[
+                "metric"
+            ]
         frame["metric_name"] = zoo.metric_name
     if args.out:
         _write(args.out, lambda path: frame.to_csv(path, index=False))

@@ -74,6 +74,7 @@ class SearchContext:
         refine: int = REFINE,
         quantizer="rtn",
         cache: bool = True,
+        tokenizer=None,
     ) -> SearchContext:
         """Check every argument (names, parameters, options the quantizer and target can take, the budget's
         feasibility, include/exclude patterns) and load a zoo model; nothing is estimated yet."""
@@ -85,7 +86,7 @@ class SearchContext:
         module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options, device, target)
         options = list(options)
         quantizer_class(quantizer).check_options(parse_options(options))  # e.g. GPTQ and fp8: refused now
-        data = as_batches(data)  # iterated several times
+        data = as_batches(data, tokenizer)  # iterated several times
         if budget is not None:
             check_budget(module, budget, options, data[0] if budget.bops is not None else None, include, exclude)
         else:

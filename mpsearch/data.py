@@ -59,13 +59,20 @@ def store_in_cache(path: Path, content: str | Callable[[Path], object]) -> None:
             LOG.warning("mpsearch: cannot write the cache %s (%s); going on without caching", path.parent, err)
 
 
-def as_batches(data: Iterable) -> list:
-    """Materialize calibration data (it is iterated several times) and check it is not empty."""
-    if isinstance(data, torch.Tensor | Mapping):
+TEXT_BATCH = 8  # strings per batch when a tokenizer turns a list of strings into batches
+
+
+def as_batches(data: Iterable, tokenizer=None) -> list:
+    """Materialize calibration data (it is iterated several times) and check it is not empty. A list of
+    strings with ``tokenizer`` (a transformers tokenizer, or any callable from a list of strings to a dict of
+    tensors, e.g. a SentenceTransformer's ``tokenize``) becomes batches of ``TEXT_BATCH`` strings, padded."""
+    if isinstance(data, torch.Tensor | Mapping | str):
         raise MpsearchError(
             f"calibration data is one {type(data).__name__}, not an iterable of batches", "wrap it in a list: [batch]"
         )
     batches = list(data)
+    if tokenizer is not None:
+        batches = tokenize_texts(batches, tokenizer)
     if not batches:
         raise MpsearchError("calibration data is empty", "pass at least one batch")
     for i, batch in enumerate(batches):  # what a model can be called with: tensors, somewhere in the batch
@@ -75,14 +82,41 @@ def as_batches(data: Iterable) -> list:
         if any(isinstance(v, str) for v in leaves):
             raise MpsearchError(
                 f"calibration batch {i} is text ({type(batch).__name__} of str), not tensors",
-                "tokenize it first, e.g. [tokenizer(texts, return_tensors='pt', padding=True)], or use the CLI's "
-                "--calib FILE",
+                "pass tokenizer= (the model's tokenizer) with a list of strings, or use the CLI's --calib FILE",
             )
         kind = next((type(v).__name__ for v in leaves if type(v).__module__ == "numpy"), type(batch).__name__)
         raise MpsearchError(
             f"calibration batch {i} holds no tensor (a {kind})", "pass torch tensors (torch.from_numpy(array))"
         )
     return batches
+
+
+def tokenize_texts(texts: list, tokenizer) -> list[dict]:
+    """Batches of ``TEXT_BATCH`` strings through ``tokenizer`` (see ``as_batches``)."""
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise MpsearchError(
+            f"tokenizer= is given, but item {bad} of the data is a {type(texts[bad]).__name__}, not a string",
+            "pass a list of strings with tokenizer=, or batches of tensors without it",
+        )
+    try:
+        from transformers import PreTrainedTokenizerBase
+    except ImportError:  # no transformers: a plain callable
+        PreTrainedTokenizerBase = ()  # noqa: N806
+    out = []
+    for i in range(0, len(texts), TEXT_BATCH):
+        chunk = texts[i : i + TEXT_BATCH]
+        if isinstance(tokenizer, PreTrainedTokenizerBase):
+            batch = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True)
+        else:
+            batch = tokenizer(chunk)
+        if not isinstance(batch, Mapping) or not any(isinstance(v, torch.Tensor) for v in batch.values()):
+            raise MpsearchError(
+                f"tokenizer returned a {type(batch).__name__}, not a dict of tensors",
+                "pass a transformers tokenizer, or a callable returning one (e.g. SentenceTransformer.tokenize)",
+            )
+        out.append(dict(batch))
+    return out
 
 
 def _leaves(batch, label: str = "") -> Iterator[tuple[str, object]]:
@@ -135,13 +169,15 @@ def n_samples(batch) -> int:
 
 
 def take(batch, i: int, count: int = 1):
-    """Samples ``i .. i + count - 1`` of a batch, keeping the batch dimension (non-tensor entries pass through)."""
-    pick = lambda t: t[i : i + count] if isinstance(t, torch.Tensor) else t  # noqa: E731
+    """Samples ``i .. i + count - 1`` of a batch, keeping the batch dimension, at any depth (a tuple holding a
+    dict too); non-tensor entries pass through."""
     if isinstance(batch, torch.Tensor):
-        return pick(batch)
+        return batch[i : i + count]
     if isinstance(batch, Mapping):
-        return {k: pick(v) for k, v in batch.items()}
-    return type(batch)(pick(t) for t in batch)
+        return {k: take(v, i, count) for k, v in batch.items()}
+    if isinstance(batch, tuple | list):
+        return type(batch)(take(t, i, count) for t in batch)
+    return batch
 
 
 def split(batch, size: int) -> list:

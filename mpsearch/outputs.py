@@ -81,13 +81,34 @@ def raw_call(model: nn.Module, batch):
     if isinstance(batch, torch.Tensor):
         return model(batch)
     if isinstance(batch, Mapping):
-        return model(**batch)
+        return model(batch) if takes_one_dict(model, batch) else model(**batch)
     if isinstance(batch, tuple | list):
         return model(*batch)
     raise MpsearchError(
         f"cannot call the model on a batch of type {type(batch).__name__}",
         "give batches as tensors, tuples of tensors or dicts of tensors",
     )
+
+
+def takes_one_dict(model: nn.Module, batch: Mapping) -> bool:
+    """Whether the model's forward takes the batch as ONE dict (a sentence-transformers ``SentenceTransformer``:
+    ``forward(input: dict)``) rather than as keyword arguments (transformers models)."""
+    import inspect
+
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return False
+    try:
+        sig.bind(**batch)
+        return False
+    except TypeError:
+        pass
+    try:
+        sig.bind(batch)
+        return True
+    except TypeError:
+        return False
 
 
 def attention_mask(batch) -> torch.Tensor | None:

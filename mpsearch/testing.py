@@ -258,13 +258,15 @@ def check_quantizer(quantizer, model: nn.Module, data: list, plan) -> None:
             ("PlanFitness", fitness._current[units[name]][1]),
         ):
             assert torch.equal(got.detach(), want), f"{quantizer.name}: {label} differs for {name}"
-    measured = mpsearch.evaluate(model, BitPlan(dict(plan.assignments)), data, quantizer=quantizer, progress=False)
+    measured = mpsearch.evaluate(
+        model, BitPlan(dict(plan.assignments)), data, quantizer=quantizer, progress=False, uniform=False
+    )
     assert abs(measured["loss"] - loss) <= 1e-9 * max(1.0, abs(loss)), (measured["loss"], loss)
     name, option = next(iter(plan.items()))
     table = Measured(progress=False).estimate(
         model, data, [option], include=[name], cache=False, quantizer=quantizer, loss_fn=fitness.objective.name
     )
-    one = mpsearch.evaluate(model, BitPlan({name: option}), data, quantizer=quantizer, progress=False)
+    one = mpsearch.evaluate(model, BitPlan({name: option}), data, quantizer=quantizer, progress=False, uniform=False)
     assert abs(float(table.frame["loss"].iloc[0]) - one["loss"]) <= 1e-9 * max(1.0, one["loss"])
 
 

@@ -79,7 +79,7 @@ def test_bad_configs_are_rejected(tmp_path):
 
 def test_shipped_config_parses():
     cfg = BatchConfig.load(Path(__file__).resolve().parents[1] / "experiments" / "configs" / "memory_grid.toml")
-    assert set(cfg.models) == {"digits-cnn", "minilm-l6", "efficientnet-lite0"}
+    assert {m.name for m in cfg.models} == {"digits-cnn", "minilm-l6", "efficientnet-lite0"}
     assert any("size_fraction" in b for b in cfg.budgets)
 
 
@@ -190,3 +190,56 @@ def test_a_rerun_with_other_options_estimates_anew(tmp_path):
     results = run_batch(BatchConfig.load(cfg), progress=False).set_index("budget_value")
     assert results.loc[3.0, "status"] == "optimal" and results.loc[3.0, "avg_bits"] <= 3.0
     assert len(list((tmp_path / "run" / "tables").glob("digits-cnn__sqnr__*.parquet"))) == 2
+
+
+def test_your_own_model_in_a_grid_loaded_once_tables_shared_across_budgets(tmp_path, llama_dir, text, monkeypatch):
+    from mpsearch import batch
+
+    loads = []
+    real = batch.ModelEntry.load
+    monkeypatch.setattr(batch.ModelEntry, "load", lambda self: loads.append(self.name) or real(self))
+    cfg = tmp_path / "grid.toml"
+    cfg.write_text(
+        f'run_dir = "{tmp_path / "run"}"\nestimators = ["sqnr"]\nsolvers = ["dp", "greedy"]\n'
+        'budgets = [{avg_bits = 6.0}, {avg_bits = 8.0}]\noptions = ["int4_g32_asym", "int8"]\n'
+        f'[[models]]\npath = "{llama_dir}"\ncalib = "{text}"\nname = "mine"\nseq_len = 64\nn_calib = 4\n'
+        "n_eval = 2\nbatch_size = 2\n"
+    )
+    results = batch.run_batch(BatchConfig.load(cfg), progress=False)
+    assert loads == ["mine"] and len(results) == 4 and set(results["model"]) == {"mine"}
+    assert (results["metric_name"] == "perplexity").all() and (results["avg_bits"] <= results["budget_value"]).all()
+    assert len(list((tmp_path / "run" / "tables").glob("mine__sqnr__*.parquet"))) == 1
+    # other text is other calibration data: a table of its own, not the one built on the first text
+    other = tmp_path / "other.txt"
+    other.write_text(text.read_text()[::-1])
+    cfg.write_text(cfg.read_text().replace(str(text), str(other)).replace("{avg_bits = 8.0}", "{avg_bits = 7.0}"))
+    batch.run_batch(BatchConfig.load(cfg), progress=False)
+    assert len(list((tmp_path / "run" / "tables").glob("mine__sqnr__*.parquet"))) == 2
+
+
+def test_bad_model_entries_are_listed_before_any_cell(tmp_path, llama_dir, text, capsys):
+    bad = f"""
+run_dir = "{tmp_path / "r"}"
+estimators = ["sqnr"]
+solvers = ["dp"]
+budgets = [{{avg_bits = 6.0}}]
+models = [
+  {{path = "{tmp_path / "nothing-here.gguf"}", calib = "{text}"}},
+  {{path = "{llama_dir}"}},
+  {{path = "{llama_dir}", calib = "{tmp_path / "no.txt"}", seq_len = 0, name = "a/b"}},
+  {{path = "{llama_dir}", calib = "{text}", colour = "red"}},
+]
+"""
+    (tmp_path / "bad.toml").write_text(bad)
+    code = main(["batch", str(tmp_path / "bad.toml")])
+    err = capsys.readouterr().err
+    for line in (
+        "nothing-here.gguf does not exist",
+        "needs calib = ",
+        "--seq-len 0 must be a whole number >= 1",
+        f"calib file {tmp_path / 'no.txt'} does not exist",
+        "model name 'a/b' must be letters",
+        "model entry key 'colour' is unknown",
+    ):
+        assert line in err, line
+    assert code == 2 and not (tmp_path / "r").exists()
