@@ -188,7 +188,7 @@ def cmd_evaluate(args) -> int:
     _check_plan_model(plan, args.plan, args.model)
     zoo = _load(args)
     shapes = {info.name: info.shape for info in discover(zoo.model)[0]}
-    plan.check_layers(list(shapes), f"model {args.model!r}")
+    plan.check_layers(list(shapes), f"model {args.model!r}", require_all=False)  # --exclude: layers left out
     # the quantizer the plan was searched with, rebuilt exactly from its spec (the search's calibration split)
     q = for_plan(zoo.model, plan, None, zoo.calibration, "evaluate")
     quantizer = q.label()

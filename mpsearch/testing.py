@@ -324,3 +324,16 @@ def check_layer_type(entry, example: Callable[[], tuple[nn.Module, torch.Tensor]
     assert covers(unit) == (entry.inputs == "matmul")
     if covers(unit):
         assert unit.name in GPTQ(model, [x], progress=False).factors
+
+
+def hold(seconds: float = 60.0) -> None:
+    """Test hook (``MPSEARCH_TEST_HOLD=<file>``): say that quantized weights are swapped in by creating the file,
+    then wait there, so that a test's signal arrives in the middle of the work and never after its end."""
+    import os
+    import time
+    from pathlib import Path
+
+    Path(os.environ["MPSEARCH_TEST_HOLD"]).touch()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.05)

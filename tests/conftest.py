@@ -66,16 +66,13 @@ def tiny_gguf(tmp_path_factory):
     valid llama GGUF that transformers and llama.cpp load."""
     import gguf
 
+    from mpsearch.artifacts.gguf_file import copy_metadata
     from mpsearch.models.smollm2 import gguf_path
 
     reader = gguf.GGUFReader(str(gguf_path()))
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     writer = gguf.GGUFWriter(str(path), arch="llama", endianess=reader.endianess)
-    for f in reader.fields.values():
-        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
-            continue
-        value = 2 if f.name == "llama.block_count" else f.contents()
-        writer.add_key_value(f.name, value, f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+    copy_metadata(reader, writer, values={"llama.block_count": 2})
     kept = [t for t in reader.tensors if not t.name.startswith("blk.") or int(t.name.split(".")[1]) < 2]
     for t in kept:
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)

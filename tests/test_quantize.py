@@ -25,6 +25,15 @@ def _plan(model, runtime: str, pick) -> BitPlan:
     )
 
 
+def _assert_reloads_as_planned(reloaded, model, plan) -> None:
+    """The reloaded file computes exactly what mpsearch's fake-quantized ``model`` computes."""
+    x = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad(), quantized(model, plan) as fake:
+        expected = fake(x).logits
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, expected)
+
+
 def _gguf_types(i, info):
     """A mix of legacy and k-quant types, k-quants where rows are whole 256-blocks."""
     if info.shape[1] % 256 == 0:
@@ -45,6 +54,7 @@ def test_gguf_holds_the_planned_types_bytes_and_exact_math(tiny, tiny_gguf, tmp_
     from mpsearch.artifacts.gguf_file import row_order
     from mpsearch.export import export
     from mpsearch.layers import unit_map
+    from mpsearch.models.local import load_local
     from mpsearch.quant import quantize_weight
     from mpsearch.runtimes.llama_cpp import tensor_bytes, tensors_of
 
@@ -75,20 +85,8 @@ def test_gguf_holds_the_planned_types_bytes_and_exact_math(tiny, tiny_gguf, tmp_
     for name in set(source) - set(planned.values()):  # norms: as the source holds them
         assert source[name].tensor_type == written[name].tensor_type
         assert np.array_equal(np.asarray(source[name].data), np.asarray(written[name].data)), name
-
-
-def test_transformers_reloads_the_gguf_as_the_fake_quantized_model(tiny, tiny_gguf, tmp_path):
-    from mpsearch.models.local import load_local
-
-    plan = _plan(tiny.model, "llama.cpp", _gguf_types)
-    out = tmp_path / "mixed.gguf"
-    mpsearch.quantize(tiny.model, plan, out, source=tiny_gguf, progress=False)
-    reloaded = load_local(str(out), None).model
-    x = torch.randint(0, 1000, (2, 12))
-    with torch.no_grad(), quantized(tiny.model, plan) as fake:
-        expected = fake(x).logits
-    with torch.no_grad():
-        assert torch.equal(reloaded(x).logits, expected)
+    # transformers reloads the file as the model mpsearch's fake quantization makes
+    _assert_reloads_as_planned(load_local(str(out), None).model, model, plan)
 
 
 def test_gguf_refuses_another_model_and_leaves_nothing(tiny, tiny_gguf, tmp_path):
@@ -135,12 +133,7 @@ def test_torchao_folder_reloads_with_transformers_as_the_fake_quantized_model(dt
     extra = 0 if dtype == "bfloat16" else 2 * scales
     assert info["tensor_bytes"] == info["charged_bytes"] + extra and info["file_bytes"] > 0
     assert ("note" in info) == (dtype == "float32")
-    reloaded = AutoModelForCausalLM.from_pretrained(out)
-    x = torch.randint(0, 1000, (2, 12))
-    with torch.no_grad(), quantized(model, plan) as fake:
-        expected = fake(x).logits
-    with torch.no_grad():
-        assert torch.equal(reloaded(x).logits, expected)
+    _assert_reloads_as_planned(AutoModelForCausalLM.from_pretrained(out), model, plan)
 
 
 def test_hqq_folder_reloads_with_hqq_holding_the_fake_quantized_weights(llama_dir, tmp_path):
@@ -170,18 +163,6 @@ def _last_json(out: str) -> dict:
     return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
-def test_cli_quantize_writes_the_gguf_and_prints_what_was_charged(tiny, tiny_gguf, tmp_path, capsys):
-    plan = _plan(tiny.model, "llama.cpp", _gguf_types)
-    plan.provenance["model"] = str(tiny_gguf)
-    plan.save(tmp_path / "plan.json")
-    out = tmp_path / "out.gguf"
-    assert main(["quantize", str(tmp_path / "plan.json"), "--model", str(tiny_gguf), "--out", str(out)]) == 0
-    cap = capsys.readouterr()
-    line = _last_json(cap.out)
-    assert line["path"] == str(out) and out.is_file() and line["tensor_bytes"] == line["charged_bytes"]
-    assert f"{line['bits_per_weight']:.4f} bits per weight" in cap.err
-
-
 QUANTIZE_BAD = {
     "folder for llama.cpp": ("llama.cpp", "folder", "out.gguf", "convert_hf_to_gguf.py"),
     "gguf for torchao": ("torchao", "gguf", "saved", "written from a transformers folder"),
@@ -207,3 +188,70 @@ def test_cli_quantize_bad_input_is_one_line(case, tiny, tiny_gguf, llama_dir, tm
     code = main(["quantize", str(tmp_path / "plan.json"), "--model", model, "--out", str(tmp_path / out)])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mpsearch: error:")]
     assert code == 2 and len(errors) == 1 and message in errors[0], errors
+
+
+TEXT = ["--seq-len", "64", "--n-calib", "4", "--n-eval", "2", "--batch-size", "2"]
+
+
+@pytest.mark.parametrize("source", ["gguf", "folder"])
+def test_search_quantize_evaluate_on_your_own_model(source, tiny, tiny_gguf, llama_dir, text, tmp_path, capsys):
+    """The README's flow: search for a runtime, write its file, evaluate the plan; the file reloads as the
+    searched model (a GGUF written by a test for llama.cpp, a random-init Llama folder for torchao)."""
+    from mpsearch.models.local import load_local
+
+    model = str(tiny_gguf if source == "gguf" else llama_dir)
+    data = ["--model", model, "--calib", str(text), *TEXT]
+    target = (
+        ["--target", "llama.cpp", "--options", "q4_0,q5_1,q8_0,q4_k", "--avg-bits", "5.5", "--exclude", "lm_head"]
+        if source == "gguf"
+        else ["--target", "torchao", "--avg-bits", "8.5", "--exclude", "lm_head"]
+    )
+    plan_path = tmp_path / "plan.json"
+    search = ["search", *data, *target, "--estimator", "sqnr", "--refine", "2", "--out", str(plan_path)]
+    assert main(search) == 0
+    searched = _last_json(capsys.readouterr().out)
+    out = tmp_path / ("mixed.gguf" if source == "gguf" else "saved")
+    assert main(["quantize", str(plan_path), "--model", model, "--out", str(out)]) == 0
+    written = _last_json(capsys.readouterr().out)
+    assert written["charged_bits_per_weight"] == pytest.approx(searched["avg_bits"], rel=1e-12)
+    if source == "gguf":  # bytes as charged (a float32 torchao model keeps fp32 scales: see the torchao test)
+        assert written["tensor_bytes"] == written["charged_bytes"]
+    assert main(["evaluate", *data, "--plan", str(plan_path)]) == 0
+    measured = _last_json(capsys.readouterr().out)
+    assert measured["avg_bits"] == pytest.approx(searched["avg_bits"]) and measured["uniform_option"] is not None
+    plan = BitPlan.load(plan_path)
+    if source == "gguf":  # the tiny GGUF is loaded once per module (tokenizer conversion is slow)
+        _assert_reloads_as_planned(load_local(str(out), None).model, tiny.model, plan)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        original = load_local(model, None).model
+        _assert_reloads_as_planned(AutoModelForCausalLM.from_pretrained(out), original, plan)
+
+
+def test_cli_quantize_a_transformers_folder_with_its_gguf(tiny, tiny_gguf, tmp_path, capsys):
+    """A folder's llama.cpp file is written from its F16 GGUF (--gguf): the same bytes as from the GGUF model."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "folder"
+    config = type(tiny.model.config).from_dict(
+        {k: v for k, v in tiny.model.config.to_dict().items() if k != "quantization_config"}
+    )  # a GGUF-loaded model refuses save_pretrained: the same weights in a plain one
+    plain = type(tiny.model)(config)
+    plain.load_state_dict(tiny.model.state_dict())
+    plain.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name).save_pretrained(folder)
+    plan = _plan(tiny.model, "llama.cpp", _gguf_types)
+    plan = BitPlan(
+        {k: v for k, v in plan.items() if k != "lm_head"}, provenance={**plan.provenance, "model": str(folder)}
+    )
+    plan.save(tmp_path / "plan.json")
+    argv = ["quantize", str(tmp_path / "plan.json"), "--model", str(folder), "--out", str(tmp_path / "a.gguf")]
+    assert main([*argv, "--gguf", str(tiny_gguf)]) == 0
+    cap = capsys.readouterr()
+    line = _last_json(cap.out)
+    assert line["path"] == str(tmp_path / "a.gguf") and line["tensor_bytes"] == line["charged_bytes"]
+    assert f"{line['bits_per_weight']:.4f} bits per weight (the search charged" in cap.err
+    mpsearch.quantize(tiny.model, plan, tmp_path / "b.gguf", source=tiny_gguf, progress=False)
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    assert main(argv) == 2 and "convert_hf_to_gguf.py" in capsys.readouterr().err  # without --gguf: how to make it

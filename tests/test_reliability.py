@@ -145,7 +145,18 @@ def test_torchao_missing_is_a_one_line_error_naming_the_install(monkeypatch, tmp
     plan = mpsearch.BitPlan({"fc": "torchao:int4_g32"})
     plan.save(tmp_path / "p.json")
     code, _, err = _cli(capsys, "export", str(tmp_path / "p.json"), "--target", "torchao")
-    assert code == 2 and "need the torchao package; pip install -c constraints.txt torchao" in err
+    assert code == 2 and "need the torchao package; install mpsearch with its torchao extra: pip install" in err
+
+
+def test_hqq_missing_is_a_one_line_error_naming_the_extra(monkeypatch, capsys):
+    import importlib.util
+
+    import torch
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "hqq" else real(name, *a))
+    with pytest.raises(mpsearch.MpsearchError, match=r"needs the hqq package; install mpsearch with its hqq extra"):
+        mpsearch.quantize_weight(torch.randn(8, 64), "hqq:int4_g64")
 
 
 class _TrainModeNet(torch.nn.Module):
@@ -300,3 +311,49 @@ def test_a_cache_torch_save_cannot_write_is_said_once_and_the_work_goes_on(caplo
     assert first.factors.keys() == second.factors.keys() == {"0", "2"}  # built twice: nothing was cached
     assert caplog.text.count("going on without caching") == 1 and "Read-only file system" in caplog.text
     assert not list((tmp_path / "cache").rglob("*.pt")) and not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_ctrl_c_while_an_estimator_runs_leaves_the_model_and_the_cache_whole(digits, monkeypatch, tmp_path, capsys):
+    """SIGINT arrives while the measured estimator has quantized weights swapped in (the hold hook waits
+    there): exit 130 with one line, the model byte-identical, no cache file half-written."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import torch
+
+    model = digits.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {n: (p, p.requires_grad) for n, p in model.named_parameters()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    held, cache = tmp_path / "held", tmp_path / "cache"
+    monkeypatch.setenv("MPSEARCH_TEST_HOLD", str(held))
+    monkeypatch.setenv("MPSEARCH_CACHE", str(cache))
+    monkeypatch.setattr("mpsearch.models.load", lambda name, device=None: digits)
+
+    def interrupt():
+        deadline = time.monotonic() + 120
+        while not held.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if held.exists():  # never a stray signal into the test run
+            os.kill(os.getpid(), signal.SIGINT)
+
+    # Python's own Ctrl-C handler (KeyboardInterrupt), whatever an earlier test or library installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    thread = threading.Thread(target=interrupt, daemon=True)
+    try:
+        thread.start()
+        code = main(["search", "--model", "digits-cnn", "--estimator", "measured", "--no-safe"])
+        thread.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    err = capsys.readouterr().err
+    assert held.exists() and code == 130
+    assert err.count("mpsearch: interrupted") == 1 and "Traceback" not in err and "mpsearch: error" not in err
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert all(p is dict(model.named_parameters())[n] and p.requires_grad == g for n, (p, g) in params.items())
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not [f for f in cache.rglob("*") if f.is_file()] if cache.exists() else True  # nothing half-written

@@ -36,6 +36,20 @@ def field(reader, key: str):
     return None if f is None else f.contents()
 
 
+def copy_metadata(reader, writer, rename=None, values: dict | None = None) -> None:
+    """Every key/value of ``reader`` into ``writer``, as gguf's own ``gguf_new_metadata.py`` copies them (the
+    architecture and the reader's virtual ``GGUF.*`` fields are the writer's own); ``rename(key)`` and
+    ``values[key]`` change keys and values on the way."""
+    import gguf
+
+    for f in reader.fields.values():
+        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        key = rename(f.name) if rename else f.name
+        writer.add_key_value(key, (values or {}).get(f.name, f.contents()), f.types[0], sub_type=sub)
+
+
 def row_order(model, tensor: str, arch: str, rows: int) -> np.ndarray:
     """``perm`` with model_rows = gguf_rows[perm]: transformers' own GGUF processor for ``arch`` applied to
     the row indices (identity for tensors it does not permute)."""
@@ -108,11 +122,7 @@ def write_gguf(model, plan, quantizer, out: Path, source: str | Path, progress: 
     alignment = field(reader, gguf.Keys.General.ALIGNMENT)
     if alignment is not None:
         writer.data_alignment = int(alignment)
-    for f in reader.fields.values():  # as gguf's own gguf_new_metadata.py copies them
-        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
-            continue
-        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+    copy_metadata(reader, writer)
     sizes = {}
     for t in reader.tensors:
         if t.name in planned:

@@ -55,6 +55,9 @@ def stored_bytes(tensors) -> int:
 
 
 def write_torchao(model, plan, quantizer, out: Path, source=None, progress: bool = True) -> dict:
+    from mpsearch.quant.torchao_affine import require_torchao
+
+    require_torchao()
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
     from mpsearch.models import quiet_transformers
@@ -83,6 +86,9 @@ def write_torchao(model, plan, quantizer, out: Path, source=None, progress: bool
 
 
 def write_hqq(model, plan, quantizer, out: Path, source=None, progress: bool = True) -> dict:
+    from mpsearch.quant.hqq_quant import require_hqq
+
+    require_hqq("writing an HQQ model")
     from hqq.core.quantize import BaseQuantizeConfig
     from hqq.models.hf.base import AutoHQQHFModel
     from transformers import AutoModelForCausalLM

@@ -63,7 +63,8 @@ def load_local(spec: str, text: TextSpec | None, dtype: str = "auto", device: st
 
     kind, source, kwargs = source_of(spec)
     path = str(Path(source) / kwargs["gguf_file"]) if kind == "gguf" else source if kind == "folder" else None
-    return ZooModel(spec, model, calibration, evaluation, "kl", DEFAULT_OPTIONS, path)
+    loss = "kl" if model_class_name(model) != "AutoModel" else "cosine"  # logits: KL; embeddings: cosine
+    return ZooModel(spec, model, calibration, evaluation, loss, DEFAULT_OPTIONS, path)
 
 
 def source_of(spec: str) -> tuple[str, str, dict]:
@@ -100,11 +101,12 @@ def _model_and_tokenizer(spec: str, dtype: str):
     kind, source, kwargs = source_of(spec)
     if kind == "function":
         return _from_function(spec), None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch_dtype, **kwargs)
+            auto = model_class(AutoConfig.from_pretrained(source, **kwargs))
+            model = auto.from_pretrained(source, torch_dtype=torch_dtype, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except OSError as err:
         if kwargs.get("local_files_only"):
@@ -123,11 +125,35 @@ def _model_and_tokenizer(spec: str, dtype: str):
     return model, tokenizer
 
 
+def model_class_name(model) -> str:
+    """What ``model_class`` loaded ``model`` as (a module:function model counts as logits: KL)."""
+    config = getattr(model, "config", None)
+    return model_class(config).__name__ if config is not None and hasattr(config, "model_type") else "function"
+
+
+def model_class(config):
+    """The transformers Auto class a checkpoint is loaded with, from its ``architectures``: a causal LM (logits,
+    perplexity), a sequence classifier (logits) or, for encoders (``BertModel``, a sentence-transformers
+    folder, ``...ForMaskedLM``), the bare model (``last_hidden_state``, mean-pooled: cosine)."""
+    import transformers
+
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+        return transformers.AutoModelForCausalLM
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return transformers.AutoModelForSequenceClassification
+    if archs:
+        return transformers.AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return transformers.AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else transformers.AutoModel
+
+
 def _gguf_architectures() -> list[str]:
     try:
         from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
-        return sorted(GGUF_CONFIG_MAPPING)
+        return sorted(set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"})  # those two are not architectures
     except ImportError:  # an older transformers: the list is not exposed
         return ["llama", "mistral", "qwen2", "..."]
 
@@ -168,6 +194,17 @@ def read_text(path: str) -> str:
     return raw
 
 
+PASSAGE = 32  # tokens: a passage found in both texts means they share text
+OVERLAP_LIMIT = 0.01  # share of the evaluation's passages allowed in the calibration text (boilerplate repeats)
+
+
+def overlap(calib: list[int], evaluation: list[int]) -> float:
+    """Share of the evaluation tokens' ``PASSAGE``-token windows that occur anywhere in the calibration tokens."""
+    seen = {tuple(calib[i : i + PASSAGE]) for i in range(len(calib) - PASSAGE + 1)}
+    windows = [tuple(evaluation[i : i + PASSAGE]) for i in range(len(evaluation) - PASSAGE + 1)]
+    return sum(w in seen for w in windows) / len(windows) if windows else 0.0
+
+
 def text_batches(text: TextSpec, tokenizer) -> tuple[list[dict], list[dict]]:
     """(calibration, evaluation) batches of full ``seq_len``-token sequences, never sharing a token."""
     import torch
@@ -189,6 +226,15 @@ def text_batches(text: TextSpec, tokenizer) -> tuple[list[dict], list[dict]]:
     else:
         cut = int(len(calib_ids) * (1 - text.eval_split))
         calib_ids, eval_ids = calib_ids[:cut], calib_ids[cut:]
+    used = {label: ids[: min(n, len(ids) // text.seq_len) * text.seq_len] for label, ids, n in (
+        ("calibration", calib_ids, text.n_calib), ("evaluation", eval_ids, text.n_eval))}  # fmt: skip
+    shared = overlap(used["calibration"], used["evaluation"])
+    if shared > OVERLAP_LIMIT:
+        raise MpsearchError(
+            f"--eval shares text with --calib: {shared:.0%} of its {PASSAGE}-token passages are in the calibration "
+            "text, so the evaluation would not be held out",
+            "pass an --eval file with other text, or leave --eval out (--eval-split holds out the end of --calib)",
+        )
     out = []
     for label, tokens, n in (("calibration", calib_ids, text.n_calib), ("evaluation", eval_ids, text.n_eval)):
         count = min(n, len(tokens) // text.seq_len)

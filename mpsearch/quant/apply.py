@@ -8,6 +8,7 @@ so the model is byte-identical afterwards and only the planned weights' quantize
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
@@ -52,6 +53,10 @@ def swapped(model: nn.Module, weights: Mapping[Unit, torch.Tensor]) -> Iterator[
                 module = model.get_submodule(name)
                 saved.append((module, module._parameters["weight"]))
                 module._parameters["weight"] = replacement
+        if os.environ.get("MPSEARCH_TEST_HOLD"):  # test hook: a signal test interrupts here (testing.hold)
+            from mpsearch.testing import hold
+
+            hold()
         yield model
     finally:
         for module, original in reversed(saved):

@@ -17,7 +17,7 @@ def require_torchao() -> None:
     if importlib.util.find_spec("torchao") is None:
         raise MpsearchError(
             "torchao options and exports need the torchao package",
-            "pip install -c constraints.txt torchao (or install mpsearch with its extra: pip install -e '.[test]')",
+            "install mpsearch with its torchao extra: pip install -c constraints.txt -e '.[torchao]'",
         )
 
 
