@@ -106,6 +106,8 @@ def test_gguf_refuses_another_model_and_leaves_nothing(tiny, tiny_gguf, tmp_path
     bigger = BitPlan({**plan.assignments, "model.layers.7.mlp.up_proj": "q8_0"}, provenance=plan.provenance)
     with pytest.raises(MpsearchError, match="model.layers.7.mlp.up_proj"):
         mpsearch.quantize(tiny.model, bigger, tmp_path / "x.gguf", source=tiny_gguf, progress=False)
+    with pytest.raises(MpsearchError, match="and none is given; pass source="):
+        mpsearch.quantize(tiny.model, plan, tmp_path / "x.gguf", progress=False)
     with pytest.raises(MpsearchError, match="must end in .gguf"):
         mpsearch.quantize(tiny.model, plan, tmp_path / "x.bin", source=tiny_gguf, progress=False)
     with pytest.raises(MpsearchError, match="is not a writable folder"):

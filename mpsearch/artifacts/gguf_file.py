@@ -115,6 +115,11 @@ def write_gguf(model, plan, quantizer, out: Path, source: str | Path, progress: 
             f"llama.cpp files are written with round to nearest; this plan was searched with {quantizer.label()}",
             "search the plan with --quantizer rtn for --target llama.cpp",
         )
+    if source is None:
+        raise MpsearchError(
+            "llama.cpp files are written from the GGUF the model was loaded from, and none is given",
+            "pass source= that .gguf (for a transformers model: its F16 GGUF from convert_hf_to_gguf.py)",
+        )
     reader = reader_of(source)
     arch = str(field(reader, gguf.Keys.General.ARCHITECTURE))
     planned = planned_rows(model, plan, reader, arch)
