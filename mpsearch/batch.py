@@ -255,6 +255,7 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
     delay = float(os.environ.get("MPSEARCH_BATCH_CELL_DELAY", "0"))  # test hook: widen the kill window
     zoo_cache: dict = {}
     contexts: dict = {}  # (model, estimator, solver) -> its resolved, validated search
+    table_paths: dict = {}  # (model, estimator) -> its run-dir table
     bar = tqdm(
         total=len(grid), initial=len(grid) - len(todo), desc="batch cells", disable=not progress, file=sys.stderr
     )
@@ -270,7 +271,9 @@ def run_batch(config: BatchConfig, progress: bool = True) -> pd.DataFrame:
                 solver_params=_solver_params(solver, config.run_dir), safe=False,
             )  # fmt: skip
         ctx = contexts[model, estimator, solver]
-        table_path = tables_dir / table_name(model, estimator, ctx.options, ctx.data)
+        if (model, estimator) not in table_paths:  # hashing the calibration data once, not once per cell
+            table_paths[model, estimator] = tables_dir / table_name(model, estimator, ctx.options, ctx.data)
+        table_path = table_paths[model, estimator]
         if table_path.exists():
             table = CostTable.from_parquet(table_path)
         else:

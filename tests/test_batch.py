@@ -243,3 +243,14 @@ models = [
     ):
         assert line in err, line
     assert code == 2 and not (tmp_path / "r").exists()
+
+
+def test_two_model_entries_with_one_name_are_refused(tmp_path, llama_dir, text):
+    from mpsearch.core import MpsearchError
+
+    entry = f'{{path = "{llama_dir}", calib = "{text}"}}'
+    (tmp_path / "twice.toml").write_text(
+        f'estimators = ["sqnr"]\nsolvers = ["dp"]\nbudgets = [{{avg_bits = 6.0}}]\nmodels = [{entry}, {entry}]\n'
+    )
+    with pytest.raises(MpsearchError, match=f"model name '{llama_dir.name}' appears twice"):
+        BatchConfig.load(tmp_path / "twice.toml")

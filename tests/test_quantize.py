@@ -257,3 +257,19 @@ def test_cli_quantize_a_transformers_folder_with_its_gguf(tiny, tiny_gguf, tmp_p
     mpsearch.quantize(tiny.model, plan, tmp_path / "b.gguf", source=tiny_gguf, progress=False)
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
     assert main(argv) == 2 and "convert_hf_to_gguf.py" in capsys.readouterr().err  # without --gguf: how to make it
+
+
+def test_runtime_files_refuse_a_plan_searched_with_other_math():
+    from mpsearch.artifacts import require_rtn
+    from mpsearch.quant.quantizer import RTN, Quantizer
+
+    class Other(Quantizer):  # any Quantizer that is not round to nearest (GPTQ, say)
+        def quantize(self, unit, option):
+            raise AssertionError("never called")
+
+        def label(self):
+            return "gptq (damp 0.01)"
+
+    require_rtn(RTN(), "llama.cpp")  # the searched math: accepted
+    with pytest.raises(MpsearchError, match=r"searched with gptq \(damp 0.01\); search the plan with --quantizer rtn"):
+        require_rtn(Other(), "llama.cpp")

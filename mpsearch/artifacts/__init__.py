@@ -56,7 +56,7 @@ def quantize(
         kind, _, _ = source_of(str(model))
         source = source or (model if kind in ("gguf", "folder") else None)
         model = load_local(str(model), None, dtype, device).model
-    resolve_plan(model, plan)
+    units = resolve_plan(model, plan)
     q = for_plan(model, plan, quantizer, calibration, "quantize")
     charged = plan_size(model, plan)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -72,7 +72,7 @@ def quantize(
         ) from None
     finally:
         _remove(tmp)
-    n_params = sum(u.weight.numel() for u in resolve_plan(model, plan))
+    n_params = sum(u.weight.numel() for u in units)
     stored = sum(info["tensor_bytes"].values())
     return {
         "path": str(out),
@@ -101,6 +101,19 @@ def check_output(out: Path, runtime) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise MpsearchError(f"cannot write {out}: {parent} is not a writable folder", "pass a path in one")
+
+
+def require_rtn(quantizer, runtime: str) -> None:
+    """Runtime files hold round-to-nearest weights (or the runtime's own quantizer's): refuse a plan searched
+    with other math (GPTQ) rather than write a file that is not what was searched."""
+    from mpsearch.quant.quantizer import RTN
+
+    if not isinstance(quantizer, RTN):
+        raise MpsearchError(
+            f"{runtime} files are written with round to nearest (or the runtime's own quantizer); this plan was "
+            f"searched with {quantizer.label()}",
+            f"search the plan with --quantizer rtn for --target {runtime.lower()}",
+        )
 
 
 def _remove(path: Path) -> None:

@@ -107,14 +107,10 @@ def write_gguf(model, plan, quantizer, out: Path, source: str | Path, progress: 
     import gguf
     from tqdm.auto import tqdm
 
+    from mpsearch.artifacts import require_rtn
     from mpsearch.quant.llama_cpp import quantize_rows
-    from mpsearch.quant.quantizer import RTN
 
-    if not isinstance(quantizer, RTN):
-        raise MpsearchError(
-            f"llama.cpp files are written with round to nearest; this plan was searched with {quantizer.label()}",
-            "search the plan with --quantizer rtn for --target llama.cpp",
-        )
+    require_rtn(quantizer, "llama.cpp")
     if source is None:
         raise MpsearchError(
             "llama.cpp files are written from the GGUF the model was loaded from, and none is given",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from mpsearch.artifacts import require_rtn
 from mpsearch.core import MpsearchError
 
 
@@ -117,14 +118,3 @@ def write_hqq(model, plan, quantizer, out: Path, source=None, progress: bool = T
         sizes[layer] = stored_bytes((m.W_q, m.meta["scale"], m.meta["zero"]))
     AutoHQQHFModel.save_quantized(fresh, str(out))
     return {"tensor_bytes": sizes}
-
-
-def require_rtn(quantizer, runtime: str) -> None:
-    from mpsearch.quant.quantizer import RTN
-
-    if not isinstance(quantizer, RTN):
-        raise MpsearchError(
-            f"{runtime} quantizes the weights itself (round to nearest or its own optimizer); this plan was "
-            f"searched with {quantizer.label()}",
-            f"search the plan with --quantizer rtn for --target {runtime.lower()}",
-        )

@@ -56,14 +56,13 @@ def load_local(spec: str, text: TextSpec | None, dtype: str = "auto", device: st
     if text is not None:
         text.check()
     dev = resolve_device(device)
-    model, tokenizer = _model_and_tokenizer(spec, dtype)
+    model, tokenizer, loss = _model_and_tokenizer(spec, dtype)
     model.to(dev).eval()
     calibration, evaluation = ([], []) if text is None else text_batches(text, tokenizer)
     from mpsearch.core import DEFAULT_OPTIONS
 
     kind, source, kwargs = source_of(spec)
     path = str(Path(source) / kwargs["gguf_file"]) if kind == "gguf" else source if kind == "folder" else None
-    loss = "kl" if model_class_name(model) != "AutoModel" else "cosine"  # logits: KL; embeddings: cosine
     return ZooModel(spec, model, calibration, evaluation, loss, DEFAULT_OPTIONS, path)
 
 
@@ -100,12 +99,13 @@ def _model_and_tokenizer(spec: str, dtype: str):
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     kind, source, kwargs = source_of(spec)
     if kind == "function":
-        return _from_function(spec), None
+        return _from_function(spec), None, "kl"
     from transformers import AutoConfig, AutoTokenizer
 
     try:
         with quiet_transformers():
             auto = model_class(AutoConfig.from_pretrained(source, **kwargs))
+            loss = "cosine" if auto.__name__ == "AutoModel" else "kl"  # embeddings: cosine; logits: KL
             model = auto.from_pretrained(source, torch_dtype=torch_dtype, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except OSError as err:
@@ -122,13 +122,7 @@ def _model_and_tokenizer(spec: str, dtype: str):
             "convert it to a transformers folder, or use a GGUF of an architecture transformers reads "
             f"({', '.join(_gguf_architectures())})",
         ) from None
-    return model, tokenizer
-
-
-def model_class_name(model) -> str:
-    """What ``model_class`` loaded ``model`` as (a module:function model counts as logits: KL)."""
-    config = getattr(model, "config", None)
-    return model_class(config).__name__ if config is not None and hasattr(config, "model_type") else "function"
+    return model, tokenizer, loss
 
 
 def model_class(config):

@@ -7,6 +7,7 @@ with the GGUF tensor names and sizes by llama.cpp's own rules."""
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -31,6 +32,17 @@ GGUF_TYPES = {
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2", "bert": "bert"}
 
 
+NAME_MAP_BLOCKS = 128  # blocks one cached name map covers: a map of more blocks only adds names
+
+
+@functools.lru_cache(maxsize=8)
+def _name_map(model_arch, n_blocks: int):
+    """gguf's name map for ``n_blocks`` blocks, built once (it costs ~50 ms; plans name hundreds of layers)."""
+    import gguf
+
+    return gguf.get_tensor_name_map(model_arch, n_blocks)
+
+
 def gguf_name(layer: str, arch: str = "llama") -> str:
     """GGUF tensor name of a Hugging Face module, from the ``gguf`` package's own name map (the one
     llama.cpp's converter uses). BertModel's names lack the ``bert.`` prefix the map expects: tried both."""
@@ -44,7 +56,7 @@ def gguf_name(layer: str, arch: str = "llama") -> str:
             f"unknown GGUF architecture {arch!r}", f"use one of {sorted(ARCHITECTURES)} or a gguf.MODEL_ARCH name"
         ) from None
     blocks = [int(n) for n in re.findall(r"\.(\d+)\.", "." + layer + ".")] or [0]
-    names = gguf.get_tensor_name_map(model_arch, max(blocks) + 1)
+    names = _name_map(model_arch, -(-(max(blocks) + 1) // NAME_MAP_BLOCKS) * NAME_MAP_BLOCKS)
     for candidate in (layer, f"{key}.{layer}"):
         name = names.get_name(candidate + ".weight", try_suffixes=(".weight",))
         if name is not None:
