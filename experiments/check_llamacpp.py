@@ -1,12 +1,16 @@
 """The GGUF ``mpsearch quantize`` writes, checked against the real llama.cpp (CI job ``llama.cpp``).
 
-For a plan that gives the model's tensors every llama.cpp type their rows allow (legacy and k-quants):
+For a plan that gives the model's tensors every llama.cpp type their rows allow (legacy, k-quants, IQ4_NL,
+IQ4_XS), written three ways: without an importance matrix, with the imatrix mpsearch collects from the
+calibration text, and with the one ``llama-imatrix`` computes from the same text (read back by mpsearch):
 1. the written GGUF holds each planned tensor in its planned type, in ggml's row size, and every other
    tensor as the source held it;
-2. ``llama-quantize --tensor-type-file`` (the file written beside it) from the same source makes the very
-   same bytes, tensor for tensor;
-3. ``llama-perplexity`` loads it; its perplexity and that of the f32 model are reported.
-One JSON object per line; exit 1 on any mismatch.
+2. ``llama-quantize --tensor-type-file`` (the file written beside it; ``--imatrix`` the imatrix file written
+   beside it, or llama-imatrix's) from the same source makes the very same bytes, tensor for tensor;
+3. ``llama-perplexity`` of the GGUF, as a ratio to the f32 model's, is within 0.5% of mpsearch's own ratio
+   (the same quantized values, scored on llama-perplexity's own chunks of the same text).
+Also: mpsearch's imatrix against llama-imatrix's on the same tokens. One JSON object per line; exit 1 on any
+mismatch.
 
     python experiments/check_llamacpp.py --bin "$(experiments/build_llamacpp.sh)"
 The default model is the zoo's SmolLM2-135M GGUF (stored Q4_1, token_embd Q8_0: requantizing to those types
@@ -16,72 +20,24 @@ is nearly lossless, which is why the plan here cycles through all of them, not o
 from __future__ import annotations
 
 import argparse
-import json
-import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from llamacpp_tools import emit, f32_copy, imatrix, llama_chunks, perplexity, run, second_half_perplexity, tensors  # noqa: E402
+
+RATIO_TOLERANCE = 0.005  # llama-perplexity's ratio to f32 vs mpsearch's, relative
 
 
-def emit(**row) -> None:
-    print(json.dumps(row), flush=True)
+def check_file(out: Path, source: Path, plan, infos) -> int:
+    """1.: planned tensors in their types and sizes, the rest as the source holds them; failures."""
+    from mpsearch.runtimes.llama_cpp import tensor_bytes, tensors_of
 
-
-def run(cmd: list[str]) -> str:
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"check_llamacpp: {' '.join(cmd[:2])} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    return done.stdout + done.stderr
-
-
-def perplexity(binary: Path, gguf: Path, text: Path, ctx: int, chunks: int) -> float:
-    out = run([str(binary / "llama-perplexity"), "-m", str(gguf), "-f", str(text), "-c", str(ctx),
-               "--chunks", str(chunks), "-t", "2"])  # fmt: skip
-    return float(re.search(r"Final estimate: PPL = ([0-9.]+)", out).group(1))
-
-
-def tensors(path: Path) -> dict:
-    import gguf
-
-    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bin", required=True, help="folder of llama-quantize and llama-perplexity")
-    parser.add_argument("--model", help="a GGUF (default: the zoo's SmolLM2-135M)")
-    parser.add_argument("--ctx", type=int, default=256)
-    parser.add_argument("--chunks", type=int, default=16)
-    args = parser.parse_args()
-
-    import mpsearch
-    from mpsearch.core import BitPlan
-    from mpsearch.models.local import load_local
-    from mpsearch.models.smollm2 import gguf_path
-    from mpsearch.models.sources import corpus_sentences
-    from mpsearch.runtimes.llama_cpp import GGUF_TYPES, tensor_bytes, tensors_of
-
-    binary, source = Path(args.bin), Path(args.model or gguf_path())
-    work = Path(tempfile.mkdtemp(prefix="check-llamacpp-"))
-    text = work / "eval.txt"
-    text.write_text("\n".join(corpus_sentences()[-1500:]))  # the corpus's tail: the zoo's held-out side
-    zoo = load_local(str(source), None)
-    infos, _ = mpsearch.discover(zoo.model)
-    types = list(GGUF_TYPES)
-    fits = [[t for t in types if info.shape[1] % GGUF_TYPES[t][1] == 0] for info in infos]
-    plan = BitPlan(
-        {info.name: fit[i % len(fit)] for i, (info, fit) in enumerate(zip(infos, fits))},
-        provenance={"runtime": "llama.cpp", "aliases": {i.name: list(i.aliases) for i in infos if i.aliases}},
-    )
-    out = work / "mixed.gguf"
-    start = time.perf_counter()
-    info = mpsearch.quantize(zoo.model, plan, out, source=source)
-    emit(check="quantize", seconds=round(time.perf_counter() - start, 1), **{k: info[k] for k in (
-        "file_bytes", "tensor_bytes", "charged_bytes", "bits_per_weight")})  # fmt: skip
     failures = 0
     mine, src = tensors(out), tensors(source)
     planned = {tensor: (layer, plan[layer]) for layer, tensor in tensors_of(plan).items()}
@@ -95,35 +51,117 @@ def main() -> int:
         failures += not ok
         if not ok:
             emit(check="planned type and bytes", tensor=name, ok=False)
-    emit(
-        check="planned types and bytes",
-        tensors=len(mine),
-        types=sorted(set(plan.assignments.values())),
-        ok=not failures,
-    )
+    return failures
 
-    theirs_path = work / "llama-quantize.gguf"
-    run([str(binary / "llama-quantize"), "--allow-requantize", "--tensor-type-file", info["side_files"][0],
-         str(source), str(theirs_path), "q8_0", "2"])  # fmt: skip
-    theirs = tensors(theirs_path)
-    differ = {}
+
+def same_bytes(mine_path: Path, theirs_path: Path) -> tuple[dict, dict]:
+    """(tensors per type, tensors whose bytes differ per type)."""
+    mine, theirs = tensors(mine_path), tensors(theirs_path)
+    differ: dict[str, int] = {}
+    per_type: dict[str, int] = {}
     for name, t in mine.items():
         o = theirs[name]
+        per_type[t.tensor_type.name] = per_type.get(t.tensor_type.name, 0) + 1
         if t.tensor_type != o.tensor_type or not np.array_equal(np.asarray(t.data), np.asarray(o.data)):
             differ[t.tensor_type.name] = differ.get(t.tensor_type.name, 0) + 1
-    per_type: dict[str, int] = {}
-    for t in mine.values():
-        per_type[t.tensor_type.name] = per_type.get(t.tensor_type.name, 0) + 1
-    emit(check="bytes equal llama-quantize's", tensors=len(mine), per_type=per_type, differ=differ, ok=not differ)
-    failures += bool(differ)
+    return per_type, differ
 
-    f32 = work / "f32.gguf"
-    run([str(binary / "llama-quantize"), "--allow-requantize", str(source), str(f32), "f32", "2"])
-    ppl_fp = perplexity(binary, f32, text, args.ctx, args.chunks)
-    ppl = perplexity(binary, out, text, args.ctx, args.chunks)
-    emit(check="llama-perplexity loads it", perplexity=ppl, perplexity_f32=ppl_fp, ratio=ppl / ppl_fp,
-         ok=bool(np.isfinite(ppl)))  # fmt: skip
-    failures += not np.isfinite(ppl)
+
+def compare_imatrices(mine, theirs) -> dict:
+    """How far mpsearch's imatrix entries are from llama-imatrix's (relative, over all columns)."""
+    rel = []
+    for name, s in mine.sums.items():
+        if name in theirs.sums:
+            a = s / mine.counts[name]
+            b = theirs.sums[name] / theirs.counts[name]
+            rel.append(((a - b).abs() / b.abs().clamp_min(1e-12)).flatten())
+    rel = torch.cat(rel)
+    return {
+        "entries": len(mine.sums),
+        "shared": sum(n in theirs.sums for n in mine.sums),
+        "tokens": [max(mine.counts.values()), max(theirs.counts.values())],
+        "median_rel_diff": float(rel.median()),
+        "p99_rel_diff": float(rel.quantile(0.99)),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bin", required=True, help="folder of llama-quantize, llama-perplexity, llama-imatrix")
+    parser.add_argument("--model", help="a GGUF (default: the zoo's SmolLM2-135M)")
+    parser.add_argument("--ctx", type=int, default=256)
+    parser.add_argument("--chunks", type=int, default=16, help="chunks of --ctx tokens, for the imatrix and the score")
+    args = parser.parse_args()
+
+    import mpsearch
+    from mpsearch.core import BitPlan
+    from mpsearch.models.local import load_local
+    from mpsearch.models.smollm2 import gguf_path
+    from mpsearch.models.sources import corpus_sentences
+    from mpsearch.quant.apply import quantized_weights, swapped
+    from mpsearch.quant.imatrix import Imatrix
+    from mpsearch.quant.quantizer import RTN
+    from mpsearch.runtimes.llama_cpp import GGUF_TYPES
+
+    binary, source = Path(args.bin), Path(args.model or gguf_path())
+    work = Path(tempfile.mkdtemp(prefix="check-llamacpp-"))
+    sentences = corpus_sentences()
+    calib_text, eval_text = work / "calib.txt", work / "eval.txt"
+    calib_text.write_text("\n".join(sentences[:1500]))
+    eval_text.write_text("\n".join(sentences[-1500:]))  # the corpus's tail: the zoo's held-out side
+    zoo = load_local(str(source), None)
+    model = zoo.model
+    infos, _ = mpsearch.discover(model)
+    types = list(GGUF_TYPES)
+    fits = [[t for t in types if info.shape[1] % GGUF_TYPES[t][1] == 0] for info in infos]
+    plan = BitPlan(
+        {info.name: fit[i % len(fit)] for i, (info, fit) in enumerate(zip(infos, fits))},
+        provenance={"runtime": "llama.cpp", "aliases": {i.name: list(i.aliases) for i in infos if i.aliases}},
+    )
+    f32 = f32_copy(binary, source, work / "f32.gguf")
+    calib = llama_chunks(source, calib_text.read_text(), args.ctx, args.chunks)
+    scored = llama_chunks(source, eval_text.read_text(), args.ctx, args.chunks)
+
+    start = time.perf_counter()
+    mine_im = Imatrix(model, [{"input_ids": row[None]} for row in calib])
+    theirs_file = imatrix(binary, f32, calib_text, args.ctx, args.chunks, work / "llama-imatrix.gguf")
+    theirs_im = Imatrix.from_gguf(theirs_file, model)
+    emit(check="imatrix vs llama-imatrix", seconds=round(time.perf_counter() - start, 1),
+         **compare_imatrices(mine_im, theirs_im))  # fmt: skip
+
+    ppl_f32 = perplexity(binary, f32, eval_text, args.ctx, args.chunks)
+    mine_f32 = second_half_perplexity(model, scored)
+    emit(check="f32", llama_perplexity=ppl_f32, mpsearch_perplexity=mine_f32)
+    failures = 0
+    for label, quantizer in (("reference", RTN()), ("imatrix", mine_im), ("llama-imatrix", theirs_im)):
+        out = work / f"mixed-{label}.gguf"
+        start = time.perf_counter()
+        info = mpsearch.quantize(model, plan, out, source=source, quantizer=quantizer)
+        bad = check_file(out, source, plan, infos)
+        seconds = round(time.perf_counter() - start, 1)
+        types = sorted(set(plan.assignments.values()))
+        emit(check="planned types and bytes", quantizer=label, seconds=seconds, types=types,
+             bits_per_weight=info["bits_per_weight"], ok=not bad)  # fmt: skip
+        failures += bool(bad)
+
+        theirs_path = work / f"llama-quantize-{label}.gguf"
+        cmd = [str(binary / "llama-quantize"), "--allow-requantize", "--tensor-type-file", info["side_files"][0]]
+        if label != "reference":
+            cmd += ["--imatrix", info["side_files"][1] if label == "imatrix" else str(theirs_file)]
+        run([*cmd, str(source), str(theirs_path), "q8_0", "2"])
+        per_type, differ = same_bytes(out, theirs_path)
+        emit(check="bytes equal llama-quantize's", quantizer=label, per_type=per_type, differ=differ, ok=not differ)
+        failures += bool(differ)
+
+        ppl = perplexity(binary, out, eval_text, args.ctx, args.chunks)
+        with swapped(model, quantized_weights(model, plan, quantizer)):
+            mine = second_half_perplexity(model, scored)
+        theirs_ratio, mine_ratio = ppl / ppl_f32, mine / mine_f32
+        off = abs(theirs_ratio / mine_ratio - 1)
+        emit(check="llama-perplexity ratio vs mpsearch's", quantizer=label, llama_perplexity=ppl,
+             llama_ratio=theirs_ratio, mpsearch_perplexity=mine, mpsearch_ratio=mine_ratio, relative_gap=off,
+             ok=off <= RATIO_TOLERANCE)  # fmt: skip
+        failures += off > RATIO_TOLERANCE
     return 1 if failures else 0
 
 

@@ -129,9 +129,15 @@ def cmd_search(args) -> int:
     from mpsearch.models import ZOO
 
     source: dict = {"model": args.model, "device": args.device}
+    quantizer = args.quantizer
+    if args.imatrix and args.quantizer not in ("rtn", "imatrix"):
+        raise MpsearchError(f"--imatrix is llama.cpp's quantizer; --quantizer {args.quantizer} is another", "pass one")
     if args.model not in ZOO:  # your own model: loaded here with its text, then searched where it lives
         zoo = _load(args)
         source = {"model": zoo.model, "data": zoo.calibration, "loss_fn": zoo.loss}
+        quantizer = _imatrix_file(args, zoo.model) or quantizer
+    elif args.imatrix:
+        raise MpsearchError(f"--imatrix is for your own model; {args.model} is a zoo name", "use --quantizer imatrix")
     _status(f"searching {args.model} with {args.estimator} + {args.solver} ...")
     result = api.search(
         **source,
@@ -146,7 +152,7 @@ def cmd_search(args) -> int:
         target=args.target,
         safe=not args.no_safe,
         refine=args.refine,
-        quantizer=args.quantizer,
+        quantizer=quantizer,
     )
     table = result.extra["table"]
     table.meta["model"] = result.plan.provenance["model"] = args.model  # the name evaluate checks the plan by
@@ -165,6 +171,15 @@ def cmd_search(args) -> int:
         _write(args.table, table.to_parquet)
         _status(f"cost table written to {args.table}")
     return 0
+
+
+def _imatrix_file(args, model):
+    """--imatrix FILE as the quantizer (None without it)."""
+    if not getattr(args, "imatrix", None):
+        return None
+    from mpsearch.quant.imatrix import Imatrix
+
+    return Imatrix.from_gguf(args.imatrix, model)
 
 
 def _safety_line(safety: dict) -> str:
@@ -190,7 +205,7 @@ def cmd_evaluate(args) -> int:
     shapes = {info.name: info.shape for info in discover(zoo.model)[0]}
     plan.check_layers(list(shapes), f"model {args.model!r}", require_all=False)  # --exclude: layers left out
     # the quantizer the plan was searched with, rebuilt exactly from its spec (the search's calibration split)
-    q = for_plan(zoo.model, plan, None, zoo.calibration, "evaluate")
+    q = for_plan(zoo.model, plan, _imatrix_file(args, zoo.model), zoo.calibration, "evaluate")
     quantizer = q.label()
     _status(f"measuring the planned model ({quantizer}) ...")
     measured = api.evaluate(zoo.model, plan, zoo.evaluation, zoo.loss, quantizer=q, uniform=False)
@@ -270,7 +285,7 @@ def cmd_quantize(args) -> int:
         _check_writer_source(runtime, zoo.path, args)
     source = args.gguf or zoo.path
     _status(f"writing {args.out} for {runtime.name} ...")
-    info = quantize(zoo.model, plan, args.out, source=source, progress=True)
+    info = quantize(zoo.model, plan, args.out, source=source, quantizer=_imatrix_file(args, zoo.model), progress=True)
     _status(
         f"wrote {info['path']}: {info['file_bytes'] / 2**20:.1f} MiB on disk; planned weights "
         f"{info['tensor_bytes']} bytes, {info['bits_per_weight']:.4f} bits per weight (the search charged "
@@ -424,8 +439,10 @@ def cmd_export(args) -> int:
 
 QUANTIZER_HELP = (
     "rtn: round to nearest (default); gptq: GPTQ error feedback with the calibration inputs' Hessians, for "
-    "int options (the table, the check and `evaluate` of the plan all use it)"
+    "int options; imatrix: llama.cpp types quantized with the importance matrix of the calibration text, as "
+    "llama-quantize --imatrix does (the table, the check, `evaluate` and `quantize` of the plan all use it)"
 )
+IMATRIX_HELP = "llama.cpp: an importance matrix GGUF from llama-imatrix to quantize with (implies --quantizer imatrix)"
 TARGET_HELP = (
     f"the runtime the plan is for: {', '.join(n for n in TARGET_NAMES if n != 'json')}; searches its options "
     "with its own sizes and quantization math (default: mpsearch's formats)"
@@ -469,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--refine", type=int, default=16, help="measured refinement moves to try (0: none)")
     s.add_argument("--quantizer", default="rtn", choices=list(QUANTIZERS), help=QUANTIZER_HELP)
+    s.add_argument("--imatrix", help=IMATRIX_HELP)
     s.add_argument("--out", help="write the plan JSON here")
     s.add_argument("--table", help="write the cost table (Parquet) here")
     s.set_defaults(func=cmd_search)
@@ -513,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="measure a plan against full precision and the uniform baseline")
     _add_source(e)
     e.add_argument("--plan", required=True, help="plan JSON from `mpsearch search --out`")
+    e.add_argument("--imatrix", help="llama.cpp: the imatrix file the plan was searched with (if not cached)")
     e.set_defaults(func=cmd_evaluate)
 
     q = sub.add_parser("quantize", help="write the file the plan's runtime loads (a GGUF, a saved model)")
@@ -522,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gguf", help="llama.cpp, for a transformers folder: its F16 GGUF (convert_hf_to_gguf.py)")
     q.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
     q.add_argument("--device", help=DEVICE_HELP)
+    q.add_argument("--imatrix", help="llama.cpp: the imatrix file the plan was searched with (if not cached)")
     q.set_defaults(func=cmd_quantize)
     return parser
 

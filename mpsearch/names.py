@@ -8,4 +8,4 @@ SOLVER_NAMES = ("bruteforce", "core", "dp", "evolutionary", "greedy", "ilp")  # 
 # smollm2-135m, 0.99 minilm-l6, 0.96 efficientnet-lite0); SQNR's plans on smollm2 were worse than uniform.
 DEFAULT_ESTIMATOR = "fisher"
 TARGET_NAMES = ("mpsearch", "llama.cpp", "torchao", "gptqmodel", "hqq", "json")  # mpsearch.runtimes.RUNTIMES
-QUANTIZERS = ("rtn", "gptq")  # mpsearch.quant.quantizer.quantizer_class
+QUANTIZERS = ("rtn", "gptq", "imatrix")  # mpsearch.quant.quantizer.quantizer_class

@@ -62,7 +62,7 @@ def quantize(
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         info = runtime.write(model, plan, q, tmp, source=source, progress=progress)
-        extra = runtime.side_files(plan, out)
+        extra = runtime.side_files(plan, out, q, model)
         if tmp.is_dir() and out.exists():
             out.rmdir()  # an empty folder: checked before the work
         tmp.replace(out)

@@ -108,9 +108,11 @@ def write_gguf(model, plan, quantizer, out: Path, source: str | Path, progress: 
     from tqdm.auto import tqdm
 
     from mpsearch.artifacts import require_rtn
+    from mpsearch.quant.imatrix import Imatrix
     from mpsearch.quant.llama_cpp import quantize_rows
 
-    require_rtn(quantizer, "llama.cpp")
+    if not isinstance(quantizer, Imatrix):  # llama-quantize's math: with an imatrix, or the reference
+        require_rtn(quantizer, "llama.cpp")
     if source is None:
         raise MpsearchError(
             "llama.cpp files are written from the GGUF the model was loaded from, and none is given",
@@ -145,7 +147,8 @@ def write_gguf(model, plan, quantizer, out: Path, source: str | Path, progress: 
         w = unit.weight.detach()
         perm = row_order(model, t.name, arch, w.shape[0])
         check_weight(w, t, perm, unit.name)
-        packed, _ = quantize_rows(w.float().cpu().reshape(w.shape[0], -1).numpy(), parse_option(qtype))
-        writer.write_tensor_data(np.ascontiguousarray(packed[np.argsort(perm)]))
+        importance = quantizer.importance(unit) if isinstance(quantizer, Imatrix) else None
+        packed, _ = quantize_rows(w.float().reshape(w.shape[0], -1), parse_option(qtype), importance)
+        writer.write_tensor_data(np.ascontiguousarray(packed.cpu().numpy()[np.argsort(perm)]))
     writer.close()
     return {"arch": arch, "tensor_bytes": sizes}

@@ -1,8 +1,9 @@
-"""GPTQ's state cached under its spec: building it (Hessians, shrinkage cross-validation, factors) costs a
-calibration pass and minutes on large models, and every search, ``evaluate`` and ``apply_plan`` of a GPTQ plan
-needs exactly the same one. Stored under ``$MPSEARCH_CACHE/quantizers``, keyed by the spec (name, parameters,
-calibration fingerprint), the model's fingerprint and the quantizer code; written atomically, read with
-``weights_only``. A state larger than ``MAX_CACHED_BYTES`` is not written (said once)."""
+"""Calibrated quantizers' state (GPTQ, imatrix) cached under its spec: building GPTQ (Hessians, shrinkage
+cross-validation, factors) costs a calibration pass and minutes on large models, and every search, ``evaluate``,
+``apply_plan`` and ``quantize`` of such a plan needs exactly the same one (an imatrix read from a file, too:
+later commands find it by the file's fingerprint). Stored under ``$MPSEARCH_CACHE/quantizers``, keyed by the
+spec (name, parameters, calibration fingerprint), the model's fingerprint and the quantizer code; written
+atomically, read with ``weights_only``. A state larger than ``MAX_CACHED_BYTES`` is not written (said once)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ MAX_CACHED_BYTES = 4 << 30  # an 8B model's factors (~30 GB) are rebuilt rather 
 @functools.lru_cache(maxsize=1)
 def _code_hash() -> str:
     h = hashlib.sha256()
-    for path in sorted((Path(__file__).parent).glob("gptq*.py")):
+    here = Path(__file__).parent
+    for path in sorted([*here.glob("gptq*.py"), here / "imatrix.py"]):
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
@@ -36,10 +38,11 @@ def _path(model, spec: dict) -> Path:
 
 
 def load_cached(model, spec: dict, progress: bool = True, path: Path | None = None):
-    """The cached GPTQ of ``spec`` for ``model`` (factors on the model's device), or None. ``path``: its cache
-    file when the caller has it already (finding it hashes every weight of the model)."""
+    """The cached quantizer of ``spec`` for ``model`` (GPTQ's factors on the model's device), or None.
+    ``path``: its cache file when the caller has it already (finding it hashes every weight of the model)."""
     from mpsearch.outputs import model_device
     from mpsearch.quant.gptq import GPTQ
+    from mpsearch.quant.imatrix import Imatrix
 
     path = _path(model, spec) if path is None else path
     if not path.exists():
@@ -50,7 +53,35 @@ def load_cached(model, spec: dict, progress: bool = True, path: Path | None = No
         LOG.warning("mpsearch: cached quantizer %s is unreadable (%s); rebuilding it", path, err)
         path.unlink(missing_ok=True)
         return None
+    if spec["name"] == "imatrix":
+        return Imatrix.from_state(state, progress)
     return GPTQ.from_state(state, model_device(model), progress)
+
+
+def store_state(model, quantizer) -> None:
+    """Save ``quantizer``'s state under its spec (an imatrix read from a file: later commands given only the
+    plan find it)."""
+    from mpsearch.data import store_in_cache
+
+    state = quantizer.state()
+    store_in_cache(_path(model, quantizer.spec()), lambda tmp: torch.save(state, tmp))
+
+
+def cached_imatrix(model, batches: list, cache: bool = True, progress: bool = True):
+    """Imatrix(model, batches), loaded from the cache when an identical one was saved, else built and saved."""
+    from mpsearch.data import data_fingerprint
+    from mpsearch.quant.imatrix import Imatrix
+
+    if not cache:
+        return Imatrix(model, batches, progress=progress)
+    spec = {"name": "imatrix", "params": {}, "calibration": data_fingerprint(batches), "other_layers": "ref"}
+    path = _path(model, spec)
+    found = load_cached(model, spec, progress, path)
+    if found is not None:
+        return found
+    quantizer = Imatrix(model, batches, progress=progress)
+    store_state(model, quantizer)
+    return quantizer
 
 
 def cached_gptq(model, batches: list, params: dict, cache: bool = True, progress: bool = True):

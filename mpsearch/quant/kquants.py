@@ -1,275 +1,201 @@
-"""llama.cpp's reference k-quant quantizers (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), vectorized over blocks.
+"""llama.cpp's k-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) as torch, all super-blocks of a tensor at once.
 
-Ported from ``quantize_row_q{2..6}_K_ref`` in ggml/src/ggml-quants.c (what ``llama-quantize`` runs without an
-importance matrix), because the ``gguf`` package has dequantizers for the k-quants but no quantizers. Every
-function takes float32 super-blocks ``(n, 256)`` and returns ``(packed, values)``: the blocks' bytes in the
-GGUF layout (``(n, type_size)`` uint8) and the dequantized float32 values computed with the C dequantizer's
-arithmetic. Tests check ``values`` bit for bit against ``gguf.quants.dequantize(packed)``.
-
-Faithfulness: every sum is accumulated in float32 in the C loop's order, rounding is ``nearest_int``
-(round half to even, as np.rint), fp16 conversion rounds to nearest even. A llama.cpp build that contracts
-multiply-adds into FMA instructions can round a few intermediate sums differently, so on rare blocks its
-choice of levels may differ from this port (the bytes here always decode to ``values`` exactly).
+Ported from ggml/src/ggml-quants.c: ``quantize_row_q*_K_ref`` (what ``llama-quantize`` runs without an
+importance matrix) and ``quantize_row_q*_K_impl`` (its ``quant_weights`` path, with ``--imatrix``), by the
+rules of :mod:`mpsearch.quant.ggml_math`. Every function takes float32 rows ``(n, k * 256)`` and the
+importance of each column ``qw`` ``(k * 256,)`` or None, and returns ``(packed, values)``: the rows' bytes
+in the GGUF layout (``(n, k * type_size)`` uint8) and the float32 values the C dequantizer decodes from them.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import torch
+
+from mpsearch.quant.ggml_math import (
+    F32,
+    div,
+    div0,
+    f16,
+    make_q3_quants,
+    make_qkx_quants,
+    make_qp_quants,
+    make_qx_quants,
+    seq_sum,
+    signed_absmax,
+    sqrt,
+)
 
 QK_K = 256
-F32 = np.float32
+U8 = torch.uint8
 
 
-def _f16(x) -> np.ndarray:
-    """Round to fp16 and back (GGML_FP32_TO_FP16 then GGML_FP16_TO_FP32)."""
-    return np.asarray(x, dtype=F32).astype(np.float16).astype(F32)
+def _split(rows: torch.Tensor, qw: torch.Tensor | None, sub: int):
+    """rows (n, k*256) -> x (n, k, 256/sub, sub); qw alike (1, k, 256/sub, sub)."""
+    n = rows.shape[0]
+    x = rows.reshape(n, -1, QK_K // sub, sub)
+    return x, None if qw is None else qw.reshape(1, -1, QK_K // sub, sub).to(rows.device, F32)
 
 
-def _seq_sum(terms: np.ndarray) -> np.ndarray:
-    """Sum over the last axis in float32, left to right (the C loop's order), vectorized over the rest."""
-    acc = np.zeros(terms.shape[:-1], dtype=F32)
-    for i in range(terms.shape[-1]):
-        acc += terms[..., i]
-    return acc
+def _sigma2(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """``factor * sum(x^2) / QK_K`` over each super-block (the impl paths' weight scale), broadcastable to x."""
+    flat = x.reshape(*x.shape[:2], QK_K)
+    return div(factor * seq_sum(flat * flat), QK_K)[..., None, None]
 
 
-def _signed_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(max |x|, the x value where it is reached first), per row."""
-    idx = np.abs(x).argmax(-1)[..., None]
-    value = np.take_along_axis(x, idx, -1)[..., 0]
-    return np.abs(value), value
+def _bytes_of(d: torch.Tensor) -> torch.Tensor:
+    """float32 values already fp16-exact -> their two little-endian fp16 bytes (..., 2)."""
+    return d.to(torch.float16).contiguous().view(U8).reshape(*d.shape, 2)
 
 
-def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a / b in float32, 0 where b == 0 (those results are never used)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(b != 0, a / np.where(b != 0, b, F32(1)), F32(0)).astype(F32)
+def _pack2(lv: torch.Tensor) -> torch.Tensor:
+    """2-bit levels (..., 256) -> qs (..., 64): byte j/4 + l of each 128-half holds levels l, l+32, l+64, l+96."""
+    h = lv.reshape(*lv.shape[:-1], 2, 4, 32)
+    packed = h[..., 0, :] | (h[..., 1, :] << 2) | (h[..., 2, :] << 4) | (h[..., 3, :] << 6)
+    return packed.reshape(*lv.shape[:-1], 64)
 
 
-def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL): (scale, L in [0, 2 nmax)) per row."""
-    amax, vmax = _signed_absmax(x)
-    zero = amax < F32(1e-15)
-    vmax = np.where(zero, F32(1), vmax)
-    w = x * x
-
-    def levels(iscale):
-        return np.clip(np.rint(iscale[..., None] * x), -nmax, nmax - 1).astype(F32)
-
-    def sums(lv):
-        return _seq_sum(w * x * lv), _seq_sum(w * lv * lv)
-
-    lv = levels(F32(-nmax) / vmax)
-    sumlx, suml2 = sums(lv)
-    scale = _div(sumlx, suml2)
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        cand = levels(-(F32(nmax) + F32(0.1) * F32(step)) / vmax)
-        slx, sl2 = sums(cand)
-        better = (sl2 > 0) & (slx * slx > best * sl2)
-        lv = np.where(better[..., None], cand, lv)
-        scale = np.where(better, _div(slx, sl2), scale)
-        best = np.where(better, scale * slx, best)
-    lv = np.where(zero[..., None], F32(-nmax), lv)
-    return np.where(zero, F32(0), scale), (lv + nmax).astype(np.int8)
+def _requant(x, dl, ml, lo, hi, levels):
+    """C's second pass: levels of ``(x + ml) / dl`` in [lo, hi] where dl != 0, else the first pass's."""
+    q = torch.clamp(torch.round(div0(x + ml[..., None], dl[..., None].expand_as(x))), lo, hi) - lo
+    return torch.where(dl[..., None] != 0, q.to(U8), levels)
 
 
-def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """make_q3_quants(n, nmax, x, L, do_rmse=true): (scale, L in [0, 2 nmax)) per row."""
-    amax, vmax = _signed_absmax(x)
-    zero = amax < F32(1e-15)
-    vmax = np.where(zero, F32(1), vmax)
-    lv = np.clip(np.rint((F32(-nmax) / vmax)[..., None] * x), -nmax, nmax - 1).astype(F32)
-    w = x * x
-    sumlx, suml2 = _seq_sum(w * x * lv), _seq_sum(w * lv * lv)
-    for _ in range(5):  # a pass that changes nothing leaves the state as it is: no early exit needed
-        for i in range(x.shape[-1]):
-            wi, xi, li = w[..., i], x[..., i], lv[..., i]
-            slx = sumlx - wi * xi * li
-            sl2 = suml2 - wi * li * li
-            new = np.clip(np.rint(_div(xi * sl2, slx)), -nmax, nmax - 1).astype(F32)
-            slx2 = slx + wi * xi * new
-            sl22 = sl2 + wi * new * new
-            take = (slx > 0) & (new != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            lv[..., i] = np.where(take, new, li)
-            sumlx = np.where(take, slx2, sumlx)
-            suml2 = np.where(take, sl22, suml2)
-    scale = np.where(zero | (suml2 <= 0), F32(0), _div(sumlx, suml2))
-    lv = np.where(zero[..., None], F32(-nmax), lv)
-    return scale, (lv + nmax).astype(np.int8)
+def _finish_min(x, d, dmin, ls, lm, levels, nmax):
+    """Types with a min (Q2_K, Q4_K, Q5_K): (levels, values) from fp16 d/dmin and integer scales/mins."""
+    dl = d[..., None] * ls.to(F32)
+    ml = dmin[..., None] * lm.to(F32)
+    levels = _requant(x, dl, ml, 0, nmax, levels)
+    values = dl[..., None] * levels.to(F32) - ml[..., None]
+    return levels, values
 
 
-def make_qkx2_quants(
-    x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """make_qkx2_quants: (scale, the_min >= 0, L in [0, nmax]) per row; x ~ scale * L - the_min."""
-    lo = np.minimum(x.min(-1), F32(0))
-    hi = x.max(-1)
-    flat = hi == lo
-    span = np.where(flat, F32(1), hi - lo)
-    sum_w = _seq_sum(weights)
-    sum_x = _seq_sum(weights * x)
-
-    def levels(iscale, low):
-        return np.clip(np.rint(iscale[..., None] * (x - low[..., None])), 0, nmax).astype(F32)
-
-    def error(scale, low, lv):
-        diff = scale[..., None] * lv + low[..., None] - x
-        return _seq_sum(weights * (np.abs(diff) if use_mad else diff * diff))
-
-    iscale = F32(nmax) / span
-    scale = F32(1) / iscale
-    lv = levels(iscale, lo)
-    best = error(scale, lo, lv)
-    low = lo
-    for step in range(nstep + 1):
-        # as in C, both the step and the offset use the best min found so far
-        width = np.where(flat, F32(1), hi - low)
-        aux = levels((F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / width, low)
-        sum_l, sum_l2, sum_xl = _seq_sum(weights * aux), _seq_sum(weights * aux * aux), _seq_sum(weights * aux * x)
-        det = sum_w * sum_l2 - sum_l * sum_l
-        ok = det > 0
-        this_scale = _div(sum_w * sum_xl - sum_x * sum_l, det)
-        this_min = _div(sum_l2 * sum_x - sum_l * sum_xl, det)
-        positive = this_min > 0
-        this_scale = np.where(positive, _div(sum_xl, sum_l2), this_scale)
-        this_min = np.where(positive, F32(0), this_min)
-        better = ok & (error(this_scale, this_min, aux) < best)
-        best = np.where(better, error(this_scale, this_min, aux), best)
-        lv = np.where(better[..., None], aux, lv)
-        scale = np.where(better, this_scale, scale)
-        low = np.where(better, this_min, low)
-    scale = np.where(flat, F32(0), scale)
-    lv = np.where(flat[..., None], F32(0), lv)
-    return scale, -np.where(flat, lo, low), lv.astype(np.uint8)
+def _max_scaled(scales, mins, top):
+    """The reference's scale quantization: (d, dmin, ls, lm) with ls = round(top / max_scale * scale)."""
+    max_scale, max_min = (torch.where(m > 0, m, 0.0) for m in (scales.amax(-1), mins.amax(-1)))  # C: from +0
+    inv_scale = torch.where(max_scale > 0, div0(torch.full_like(max_scale, top), max_scale), 0.0)
+    inv_min = torch.where(max_min > 0, div0(torch.full_like(max_min, top), max_min), 0.0)
+    ls = torch.clamp(torch.round(inv_scale[..., None] * scales), max=top).to(U8)
+    lm = torch.clamp(torch.round(inv_min[..., None] * mins), max=top).to(U8)
+    return f16(div(max_scale, top)), f16(div(max_min, top)), ls, lm
 
 
-def _pack2(lv: np.ndarray) -> np.ndarray:
-    """2-bit levels (n, 256) -> qs (n, 64): byte j/4 + l of each 128-half holds levels l, l+32, l+64, l+96."""
-    halves = lv.reshape(-1, 2, 4, 32).astype(np.uint8)
-    packed = halves[:, :, 0] | (halves[:, :, 1] << 2) | (halves[:, :, 2] << 4) | (halves[:, :, 3] << 6)
-    return packed.reshape(-1, 64)
+def _imatrix_scales(x, qw, nmax):
+    """Q4_K/Q5_K impl: sub-block (scale, min, levels) searched with weights qw * sqrt(sigma2 + x^2), then
+    the 6-bit scales and mins by ``make_qp_quants`` weighted by each sub-block's weight sum."""
+    weights = qw * sqrt(_sigma2(x, 2) + x * x)
+    sw = seq_sum(weights)
+    scales, mins, levels = make_qkx_quants(x, weights, nmax, -0.9, 0.05, 36)
+    d, ls = make_qp_quants(scales, 63, sw)
+    dmin, lm = make_qp_quants(mins, 63, sw)
+    return f16(d), f16(dmin), torch.clamp(ls, max=63), torch.clamp(lm, max=63), levels
 
 
-def _k4_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
-    """8 six-bit scales and mins per block -> the 12-byte Q4_K/Q5_K scales field."""
-    ls, lm = ls.astype(np.uint8), lm.astype(np.uint8)
-    out = np.zeros((ls.shape[0], 12), dtype=np.uint8)
-    out[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
-    out[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
-    out[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
-    return out
+def _k4_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """8 six-bit scales and mins per super-block -> the 12-byte Q4_K/Q5_K scales field."""
+    return torch.cat(
+        [ls[..., 0:4] | ((ls[..., 4:8] >> 4) << 6), lm[..., 0:4] | ((lm[..., 4:8] >> 4) << 6),
+         (ls[..., 4:8] & 0xF) | ((lm[..., 4:8] & 0xF) << 4)], -1)  # fmt: skip
 
 
-def _q45_k(blocks: np.ndarray, nmax: int, rmin: float, nstep: int):
-    n = blocks.shape[0]
-    x = blocks.reshape(n, 8, 32)
-    av_x = np.sqrt(_seq_sum(x * x) / F32(32))
-    scales, mins, lv = make_qkx2_quants(x, av_x[..., None] + np.abs(x), nmax, rmin, 0.1, nstep, False)
-    max_scale = np.maximum(scales.max(-1), F32(0))
-    max_min = np.maximum(mins.max(-1), F32(0))
-    inv_scale = np.where(max_scale > 0, _div(np.full_like(max_scale, 63), max_scale), F32(0))
-    inv_min = np.where(max_min > 0, _div(np.full_like(max_min, 63), max_min), F32(0))
-    ls = np.minimum(np.rint(inv_scale[:, None] * scales), 63).astype(np.uint8)
-    lm = np.minimum(np.rint(inv_min[:, None] * mins), 63).astype(np.uint8)
-    d, dmin = _f16(max_scale / F32(63)), _f16(max_min / F32(63))
-    dl = d[:, None] * ls.astype(F32)
-    ml = dmin[:, None] * lm.astype(F32)
-    requant = np.clip(np.rint(_div(x + ml[..., None], np.broadcast_to(dl[..., None], x.shape))), 0, nmax)
-    lv = np.where(dl[..., None] != 0, requant, lv).astype(np.uint8)
-    values = (dl[..., None] * lv.astype(F32) - ml[..., None]).reshape(n, QK_K)
-    head = np.concatenate(
-        [d.astype(np.float16).view(np.uint8).reshape(n, 2), dmin.astype(np.float16).view(np.uint8).reshape(n, 2)], 1
-    )
-    return head, _k4_scales(ls, lm), lv.reshape(n, QK_K), values
+def _q45_k(rows, qw, nmax, rmin, nstep):
+    x, qw = _split(rows, qw, 32)
+    if qw is None:
+        av_x = sqrt(div(seq_sum(x * x), 32))
+        scales, mins, levels = make_qkx_quants(x, av_x[..., None] + x.abs(), nmax, rmin, 0.1, nstep)
+        d, dmin, ls, lm = _max_scaled(scales, mins, 63)
+    else:
+        d, dmin, ls, lm, levels = _imatrix_scales(x, qw, nmax)
+    levels, values = _finish_min(x, d, dmin, ls, lm, levels, nmax)
+    head = torch.cat([_bytes_of(d), _bytes_of(dmin), _k4_scales(ls, lm)], -1)
+    return head, levels.reshape(*x.shape[:2], QK_K), values.reshape(rows.shape)
 
 
-def q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    head, scales, lv, values = _q45_k(blocks, 15, -1.0, 20)
-    quads = lv.reshape(-1, 4, 2, 32)
-    qs = (quads[:, :, 0] | (quads[:, :, 1] << 4)).reshape(-1, 128)
-    return np.concatenate([head, scales, qs], 1), values
+def q4_k(rows, qw=None):
+    head, lv, values = _q45_k(rows, qw, 15, -1.0, 20)
+    quads = lv.reshape(*lv.shape[:2], 4, 2, 32)
+    qs = (quads[..., 0, :] | (quads[..., 1, :] << 4)).reshape(*lv.shape[:2], 128)
+    return torch.cat([head, qs], -1).reshape(rows.shape[0], -1), values
 
 
-def q5_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    head, scales, lv, values = _q45_k(blocks, 31, -0.5, 15)
-    quads = lv.reshape(-1, 4, 2, 32)  # 64-element chunks k: levels j and j + 32
+def q5_k(rows, qw=None):
+    head, lv, values = _q45_k(rows, qw, 31, -0.5, 15)
+    quads = lv.reshape(*lv.shape[:2], 4, 2, 32)  # 64-element chunks c: levels j and j + 32
     low = quads & 0xF
-    qs = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128)
-    high = (quads >> 4) & 1  # bit 2k of qh[j] for level j, bit 2k + 1 for level j + 32
-    shifts = (2 * np.arange(4, dtype=np.uint8))[None, :, None]
-    qh = ((high[:, :, 0] << shifts) | (high[:, :, 1] << (shifts + 1))).sum(1, dtype=np.uint8)
-    return np.concatenate([head, scales, qh, qs], 1), values
+    qs = (low[..., 0, :] | (low[..., 1, :] << 4)).reshape(*lv.shape[:2], 128)
+    high = (quads >> 4) & 1  # bit 2c of qh[j] for level j, bit 2c + 1 for level j + 32
+    shifts = (2 * torch.arange(4, device=rows.device, dtype=U8))[:, None]
+    qh = ((high[..., 0, :] << shifts) | (high[..., 1, :] << (shifts + 1))).sum(-2).to(U8)
+    return torch.cat([head, qh, qs], -1).reshape(rows.shape[0], -1), values
 
 
-def q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    n = blocks.shape[0]
-    x = blocks.reshape(n, 16, 16)
-    scales, lv = make_qx_quants(x, 32)
-    abs_scale, max_scale = _signed_absmax(scales)
-    empty = abs_scale < F32(1e-15)
-    iscale = F32(-128) / np.where(empty, F32(1), max_scale)
-    d = np.where(empty, F32(0), _f16(F32(1) / iscale))
-    sc = np.minimum(np.rint(iscale[:, None] * scales), 127).astype(np.int8)
-    sc = np.where(empty[:, None], np.int8(0), sc)
-    dl = d[:, None] * sc.astype(F32)
-    requant = np.clip(np.rint(_div(x, np.broadcast_to(dl[..., None], x.shape))), -32, 31) + 32
-    lv = np.where(dl[..., None] != 0, requant, lv.astype(F32)).astype(np.uint8)
-    lv = np.where(empty[:, None, None], np.uint8(0), lv)
-    values = np.where(empty[:, None], F32(0), (dl[..., None] * (lv.astype(F32) - 32)).reshape(n, QK_K))
-    halves = lv.reshape(n, 2, 4, 32)  # per 128-half: levels l, l+32, l+64, l+96
-    low, high = halves & 0xF, halves >> 4
-    ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], 2).reshape(n, 128)
-    qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(n, 64)
-    return np.concatenate([ql, qh, sc.view(np.uint8), d.astype(np.float16).view(np.uint8).reshape(n, 2)], 1), values
+def q6_k(rows, qw=None):
+    x, qw = _split(rows, qw, 16)
+    scales, lv = make_qx_quants(x, 32, qw)
+    abs_scale, max_scale = signed_absmax(scales)
+    empty = abs_scale < 1e-15
+    iscale = div(-128, torch.where(empty, torch.ones_like(max_scale), max_scale))
+    d = torch.where(empty, 0.0, f16(div(1, iscale)))
+    sc = torch.clamp(torch.round(iscale[..., None] * scales), max=127)
+    sc = torch.where(empty[..., None], 0.0, sc)
+    dl = d[..., None] * sc
+    lv = _requant(x, dl, torch.zeros_like(dl), -32, 31, lv)
+    lv = torch.where(empty[..., None, None], 0, lv)
+    values = torch.where(empty[..., None, None], 0.0, dl[..., None] * (lv.to(F32) - 32)).reshape(rows.shape)
+    lv = lv.reshape(*x.shape[:2], 2, 4, 32)  # per 128-half: levels l, l+32, l+64, l+96
+    low, high = lv & 0xF, lv >> 4
+    ql = torch.cat([low[..., 0, :] | (low[..., 2, :] << 4), low[..., 1, :] | (low[..., 3, :] << 4)], -1)
+    qh = high[..., 0, :] | (high[..., 1, :] << 2) | (high[..., 2, :] << 4) | (high[..., 3, :] << 6)
+    n, k = x.shape[:2]
+    sc8 = sc.to(torch.int8).view(U8)
+    packed = torch.cat([ql.reshape(n, k, 128), qh.reshape(n, k, 64), sc8, _bytes_of(d)], -1)
+    return packed.reshape(n, -1), values
 
 
-def q3_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    n = blocks.shape[0]
-    x = blocks.reshape(n, 16, 16)
-    scales, lv = make_q3_quants(x, 4)
-    _, max_scale = _signed_absmax(scales)
-    has = max_scale != 0
-    iscale = F32(-32) / np.where(has, max_scale, F32(1))
-    ls = (np.clip(np.rint(iscale[:, None] * scales), -32, 31) + 32).astype(np.uint8)
-    ls = np.where(has[:, None], ls, np.uint8(0))  # C leaves the scale field zeroed: decoded scale -32, d = 0
-    d = np.where(has, _f16(F32(1) / iscale), F32(0))
-    packed_scales = np.zeros((n, 12), dtype=np.uint8)
-    packed_scales[:, 0:8] = (ls[:, 0:8] & 0xF) | ((ls[:, 8:16] & 0xF) << 4)
-    hi = ls >> 4
-    packed_scales[:, 8:12] = hi[:, 0:4] | (hi[:, 4:8] << 2) | (hi[:, 8:12] << 4) | (hi[:, 12:16] << 6)
-    dl = d[:, None] * (ls.astype(F32) - 32)
-    requant = np.clip(np.rint(_div(x, np.broadcast_to(dl[..., None], x.shape))), -4, 3) + 4
-    lv = np.where(dl[..., None] != 0, requant, lv.astype(F32)).astype(np.uint8).reshape(n, QK_K)
-    values = (dl[..., None] * (lv.reshape(n, 16, 16).astype(F32) - 4)).reshape(n, QK_K)
-    top = (lv > 3).astype(np.uint8).reshape(n, 8, 32)  # element j's high bit: bit j // 32 of hmask[j % 32]
-    hmask = (top << np.arange(8, dtype=np.uint8)[None, :, None]).sum(1, dtype=np.uint8)
-    qs = _pack2(np.where(lv > 3, lv - 4, lv))
-    return np.concatenate([hmask, qs, packed_scales, d.astype(np.float16).view(np.uint8).reshape(n, 2)], 1), values
+def q3_k(rows, qw=None):
+    x, qw = _split(rows, qw, 16)
+    n, k = x.shape[:2]
+    if qw is None:
+        scales, lv = make_q3_quants(x, 4)
+        _, max_scale = signed_absmax(scales)
+        has = max_scale != 0
+        iscale = div(-32, torch.where(has, max_scale, torch.ones_like(max_scale)))
+        ls = torch.clamp(torch.round(iscale[..., None] * scales), -32, 31) + 32
+        ls = torch.where(has[..., None], ls, 0.0).to(U8)  # C leaves the field zeroed: scale -32, d = 0
+        d = torch.where(has, f16(div(1, iscale)), 0.0)
+    else:
+        weights = qw * sqrt(_sigma2(x, 2) + x * x)
+        scales, lv = make_qx_quants(x, 4, weights)
+        d, ls = make_qx_quants(scales, 32, seq_sum(weights))
+        d = f16(d)
+    packed_scales = torch.cat(
+        [(ls[..., 0:8] & 0xF) | ((ls[..., 8:16] & 0xF) << 4),
+         (ls[..., 0:4] >> 4) | ((ls[..., 4:8] >> 4) << 2) | ((ls[..., 8:12] >> 4) << 4) | ((ls[..., 12:16] >> 4) << 6)],
+        -1)  # fmt: skip
+    dl = d[..., None] * (ls.to(F32) - 32)
+    lv = _requant(x, dl, torch.zeros_like(dl), -4, 3, lv).reshape(n, k, QK_K)
+    values = (dl[..., None] * (lv.reshape(x.shape).to(F32) - 4)).reshape(rows.shape)
+    top = (lv > 3).to(U8).reshape(n, k, 8, 32)  # element j's high bit: bit j // 32 of hmask[j % 32]
+    hmask = (top << torch.arange(8, device=rows.device, dtype=U8)[:, None]).sum(-2).to(U8)
+    qs = _pack2(torch.where(lv > 3, lv - 4, lv))
+    return torch.cat([hmask, qs, packed_scales, _bytes_of(d)], -1).reshape(n, -1), values
 
 
-def q2_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    n = blocks.shape[0]
-    x = blocks.reshape(n, 16, 16)
-    scales, mins, lv = make_qkx2_quants(x, np.abs(x), 3, -0.5, 0.1, 15, True)
-    max_scale = np.maximum(scales.max(-1), F32(0))
-    max_min = np.maximum(mins.max(-1), F32(0))
-    ls = np.where(max_scale[:, None] > 0, np.rint(_div(np.full_like(max_scale, 15), max_scale)[:, None] * scales), 0)
-    lm = np.where(max_min[:, None] > 0, np.rint(_div(np.full_like(max_min, 15), max_min)[:, None] * mins), 0)
-    ls, lm = ls.astype(np.uint8), lm.astype(np.uint8)
-    d = np.where(max_scale > 0, _f16(max_scale / F32(15)), F32(0))
-    dmin = np.where(max_min > 0, _f16(max_min / F32(15)), F32(0))
-    dl = d[:, None] * ls.astype(F32)
-    ml = dmin[:, None] * lm.astype(F32)
-    requant = np.clip(np.rint(_div(x + ml[..., None], np.broadcast_to(dl[..., None], x.shape))), 0, 3)
-    lv = np.where(dl[..., None] != 0, requant, lv).astype(np.uint8)
-    values = (dl[..., None] * lv.astype(F32) - ml[..., None]).reshape(n, QK_K)
-    head = np.concatenate(
-        [d.astype(np.float16).view(np.uint8).reshape(n, 2), dmin.astype(np.float16).view(np.uint8).reshape(n, 2)], 1
-    )
-    return np.concatenate([ls | (lm << 4), _pack2(lv.reshape(n, QK_K)), head], 1), values
+def q2_k(rows, qw=None):
+    x, qw = _split(rows, qw, 16)
+    n, k = x.shape[:2]
+    if qw is None:
+        scales, mins, lv = make_qkx_quants(x, x.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+        d, dmin, ls, lm = _max_scaled(scales, mins, 15)
+    else:
+        weights = qw * sqrt(_sigma2(x, 1) + x * x)
+        sw = seq_sum(weights)
+        scales, mins, lv = make_qkx_quants(x, weights, 3, -0.9, 0.05, 36)
+        d, ls = make_qp_quants(scales, 15, sw)
+        dmin, lm = make_qp_quants(mins, 15, sw)
+        d, dmin = f16(d), f16(dmin)
+    lv, values = _finish_min(x, d, dmin, ls, lm, lv, 3)
+    packed = torch.cat([ls | (lm << 4), _pack2(lv.reshape(n, k, QK_K)), _bytes_of(d), _bytes_of(dmin)], -1)
+    return packed.reshape(n, -1), values.reshape(rows.shape)
 
 
 QUANTIZERS = {"q2_k": q2_k, "q3_k": q3_k, "q4_k": q4_k, "q5_k": q5_k, "q6_k": q6_k}

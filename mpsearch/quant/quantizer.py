@@ -95,11 +95,17 @@ def make_quantizer(quantizer, model, batches: list, cache: bool = True, progress
     or loaded from the cache when an identical one was built before) or an instance (passed through)."""
     if isinstance(quantizer, Quantizer):
         quantizer.validate_params()
+        if cache and quantizer.name == "imatrix":  # e.g. read from a file: later commands find it by its spec
+            from mpsearch.quant.gptq_cache import store_state
+
+            store_state(model, quantizer)
         return quantizer
     if quantizer_name(quantizer) == "rtn":
         return RTN()
-    from mpsearch.quant.gptq_cache import cached_gptq
+    from mpsearch.quant.gptq_cache import cached_gptq, cached_imatrix
 
+    if quantizer_name(quantizer) == "imatrix":
+        return cached_imatrix(model, batches, cache=cache, progress=progress)
     return cached_gptq(model, batches, {}, cache=cache, progress=progress)
 
 
@@ -109,6 +115,10 @@ def quantizer_class(quantizer) -> type[Quantizer]:
         return type(quantizer)
     if quantizer_name(quantizer) == "rtn":
         return RTN
+    if quantizer_name(quantizer) == "imatrix":
+        from mpsearch.quant.imatrix import Imatrix
+
+        return Imatrix
     from mpsearch.quant.gptq import GPTQ
 
     return GPTQ
@@ -172,28 +182,35 @@ def for_plan(model, plan, quantizer=None, calibration: Iterable | None = None, w
         )
     if name == "rtn":
         return RTN()
-    from mpsearch.quant.gptq_cache import cached_gptq, load_cached
+    from mpsearch.quant.gptq_cache import cached_gptq, cached_imatrix, load_cached
 
-    if spec is None or "params" not in spec:  # no spec recorded: a GPTQ built here on the data given
+    build = cached_gptq if name == "gptq" else lambda m, b, params: cached_imatrix(m, b)
+    if spec is None or "params" not in spec:  # no spec recorded: a quantizer built here on the data given
         if calibration is None:
             raise MpsearchError(
-                f"quantizer 'gptq' needs calibration data to {what} a plan that records no GPTQ spec",
-                "pass calibration= (the data to collect its Hessians from), or search the plan again",
+                f"quantizer {name!r} needs calibration data to {what} a plan that records no {name} spec",
+                "pass calibration= (the data to collect its statistics from), or search the plan again",
             )
         from mpsearch.data import as_batches
 
-        return cached_gptq(model, as_batches(calibration), {})
-    if calibration is None:
+        return build(model, as_batches(calibration), {})
+    if calibration is None or (spec.get("params") or {}).get("file"):
         state = load_cached(model, spec)
         if state is not None:
             return state
+        if (spec.get("params") or {}).get("file"):
+            raise MpsearchError(
+                f"this plan was searched with the imatrix file {spec['params']['file']}, which is not cached here, "
+                f"so it cannot {what} it with the searched math",
+                "pass quantizer=Imatrix.from_gguf(that file, model) (CLI: --imatrix FILE)",
+            )
         raise MpsearchError(
             f"this plan was searched with {spec_label(spec)} on calibration data {spec.get('calibration')}, which "
             f"is neither given nor cached, so it cannot {what} it with the searched math",
-            "pass calibration= the data given to search (or quantizer= the GPTQ instance it was searched with)",
+            "pass calibration= the data given to search (or quantizer= the instance it was searched with)",
         )
     batches = calibration_split(plan, calibration, spec)
-    return cached_gptq(model, batches, spec["params"])
+    return build(model, batches, spec["params"])
 
 
 def calibration_split(plan, calibration: Iterable, spec: dict) -> list:

@@ -141,7 +141,7 @@ class Runtime(ABC):
         module, _, function = (self.writer or "").partition(":")
         return getattr(importlib.import_module(module), function)(model, plan, quantizer, out, **kwargs)
 
-    def side_files(self, plan, out) -> list[str]:
+    def side_files(self, plan, out, quantizer=None, model=None) -> list[str]:
         """Files written beside ``out`` for the runtime's own tools (e.g. llama-quantize's inputs)."""
         return []
 

@@ -1,9 +1,10 @@
-"""llama.cpp: GGUF types by their llama.cpp names (``q8_0 q6_k q5_k q5_1 q5_0 q4_k q4_1 q4_0 q3_k q2_k``), blocks
-of 32 (``q*_0``/``q*_1``) or 256 (``q*_k``) weights along the row, each stored in a fixed number of bytes (every
-scale, min and super-block field included): a layer whose rows are not whole blocks cannot take the type.
-Math: llama.cpp's reference quantizers (``mpsearch.quant.llama_cpp``; values decoded from the very bytes a GGUF
-holds). Written: a ``--tensor-type-file`` for ``llama-quantize`` (one ``^name$=type`` line per GGUF tensor),
-with the GGUF tensor names and sizes by llama.cpp's own rules."""
+"""llama.cpp: GGUF types by their llama.cpp names (``q8_0 q6_k q5_k q5_1 q5_0 q4_k q4_1 q4_0 iq4_nl iq4_xs q3_k
+q2_k``), blocks of 32 (``q*_0``/``q*_1``/``iq4_nl``) or 256 (``q*_k``/``iq4_xs``) weights along the row, each
+stored in a fixed number of bytes (every scale, min and super-block field included): a layer whose rows are not
+whole blocks cannot take the type. Math: llama-quantize's own (``mpsearch.quant.llama_cpp``; values decoded from
+the very bytes a GGUF holds), without an importance matrix by default, with one under the ``imatrix``
+quantizer (``mpsearch.quant.imatrix``). Written: a ``--tensor-type-file`` for ``llama-quantize`` (one
+``^name$=type`` line per GGUF tensor), with the GGUF tensor names and sizes by llama.cpp's own rules."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ GGUF_TYPES = {
     "q4_k": (4, 256, 144),
     "q4_1": (4, 32, 20),
     "q4_0": (4, 32, 18),
+    "iq4_nl": (4, 32, 18),
+    "iq4_xs": (4, 256, 136),
     "q3_k": (3, 256, 110),
     "q2_k": (2, 256, 84),
 }
@@ -127,10 +130,22 @@ class LlamaCpp(Runtime):
     def storage_bits_for(self, option, out_channels, row_length):
         return out_channels * (-(-row_length // option.block_size)) * option.block_bytes * 8
 
-    def fake_quantize(self, w, option):
+    def fake_quantize(self, w, option, imatrix=None):
         from mpsearch.quant.llama_cpp import fake_quantize
 
-        return fake_quantize(w, option)
+        return fake_quantize(w, option, imatrix)
+
+    def quantize(self, w, option, imatrix=None):
+        """Q(w) as ``Runtime.quantize`` (rows that are not whole blocks zero-padded), with the columns'
+        importance ``imatrix`` (padded with zeros alike) or without one (llama.cpp's reference path)."""
+        import torch
+
+        rows = w.detach().reshape(w.shape[0], -1)
+        pad = (-rows.shape[1]) % option.block_size
+        if pad:
+            rows = torch.nn.functional.pad(rows, (0, pad))
+            imatrix = None if imatrix is None else torch.nn.functional.pad(imatrix, (0, pad))
+        return self.fake_quantize(rows, option, imatrix)[:, : w[0].numel()].reshape(w.shape)
 
     def reference(self, w, option):
         """ggml's row size (``gguf.GGML_QUANT_SIZES``) and gguf's own decoder of the bytes mpsearch writes
@@ -141,7 +156,7 @@ class LlamaCpp(Runtime):
         from mpsearch.quant.llama_cpp import ggml_type, quantize_rows
 
         rows = w.detach().reshape(w.shape[0], -1).float().numpy()
-        packed, _ = quantize_rows(rows, option)
+        packed = quantize_rows(rows, option)[0].numpy()
         if option.name in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0"):
             packed = gguf.quants.quantize(rows, ggml_type(option))
         block, nbytes = gguf.GGML_QUANT_SIZES[ggml_type(option)]
@@ -158,15 +173,26 @@ class LlamaCpp(Runtime):
         lines = [f"^{re.escape(t)}$={o}" for t, o in tensor_types(plan, arch).items()]
         return "\n".join(lines) + "\n"
 
-    def side_files(self, plan, out) -> list[str]:
-        """The ``--tensor-type-file`` beside the GGUF, so ``llama-quantize`` can make the same file."""
+    def side_files(self, plan, out, quantizer=None, model=None) -> list[str]:
+        """The ``--tensor-type-file`` beside the GGUF, so ``llama-quantize`` can make the same file, and, for a
+        plan quantized with an imatrix, that imatrix in llama.cpp's format (``--imatrix``)."""
+        import os
         from pathlib import Path
 
         from mpsearch.data import write_atomic
+        from mpsearch.quant.imatrix import Imatrix
 
         path = Path(out).with_suffix(".tensor-types.txt")
         write_atomic(path, self.render(plan))
-        return [str(path)]
+        written = [str(path)]
+        if isinstance(quantizer, Imatrix):
+            target = Path(out).with_suffix(".imatrix.gguf")
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            arch = getattr(getattr(model, "config", None), "model_type", None) or "llama"
+            quantizer.save_gguf(tmp, model, ARCHITECTURES.get(arch, arch))
+            tmp.replace(target)
+            written.append(str(target))
+        return written
 
 
 def bits_per_weight(plan, shapes: dict[str, tuple[int, ...]], arch: str = "llama") -> float:

@@ -1,0 +1,270 @@
+"""ggml's scale searches (``make_qx_quants``, ``make_q3_quants``, ``make_qkx2/3_quants``, ``make_qp_quants``,
+``best_index_int8``) as torch, vectorized over blocks, on whatever device the weights are on.
+
+Ported from ggml/src/ggml-quants.c (llama.cpp) because no library ships ggml's quantizers for torch (the
+``gguf`` package has numpy reference quantizers for Q4_0 ... Q8_0 only, without importance weights, and is
+per row). Bit-exactness with llama-quantize rests on three rules followed everywhere here:
+
+- every sum is accumulated in float32 in the C loop's order (``seq_sum``: one add per element, never
+  ``torch.sum``, whose order differs), each product in the C expression's order (``w*x*l`` is ``(w*x)*l``);
+- every operation is one torch op (no ``addcmul``, which may fuse a multiply-add): ggml's reference code
+  is compiled without FMA contraction (ggml-base has no ``-march`` flags); divisions go through ``div``
+  and roots through ``sqrt`` (torch's own shortcuts round differently);
+- ``nearest_int`` is round half to even (``torch.round``), ``(int8_t)`` casts truncate, fp16 conversions
+  round to nearest even (``torch.Tensor.half``, as F16C and ggml's software path do).
+
+A scale search that tries candidates against a running best in C tries them here as one more tensor
+dimension (all candidates at once) and then takes them in C's order on the per-block scalars, so ties and
+rounding in the comparisons resolve exactly as in C. Searches whose later candidates depend on the running
+state (``make_qkx*``: the offset moves with the best min) loop over candidates, vectorized over blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+F32 = torch.float32
+GROUP_MAX_EPS = 1e-15
+
+
+def f16(x: torch.Tensor) -> torch.Tensor:
+    """GGML_FP32_TO_FP16 then back to float32."""
+    return x.to(torch.float16).to(F32)
+
+
+def seq_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the last axis in float32 from 0, left to right (the C loop's order)."""
+    t = t.movedim(-1, 0).contiguous()
+    acc = torch.zeros_like(t[0])
+    for row in t:
+        acc += row
+    return acc
+
+
+def first_sum(t: torch.Tensor) -> torch.Tensor:
+    """Like ``seq_sum`` but starting from the first term (C loops that start ``sum = x[0]``)."""
+    t = t.movedim(-1, 0).contiguous()
+    acc = t[0].clone()
+    for row in t[1:]:
+        acc += row
+    return acc
+
+
+def seq_sum0(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the first axis from 0, in order (for element-major tensors: no copy)."""
+    acc = torch.zeros_like(t[0])
+    for row in t:
+        acc += row
+    return acc
+
+
+def first_sum0(t: torch.Tensor) -> torch.Tensor:
+    """Like ``seq_sum0`` but starting from the first term."""
+    acc = t[0].clone()
+    for row in t[1:]:
+        acc += row
+    return acc
+
+
+def signed_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max |x|, the x where it is first reached) over the last axis (C's ``if (ax > amax)`` scan)."""
+    idx = x.abs().argmax(-1, keepdim=True)
+    value = x.gather(-1, idx).squeeze(-1)
+    return value.abs(), value
+
+
+def sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrtf, correctly rounded: torch's vectorized float32 sqrt on the CPU is not (it differs in ~20% of
+    cases); the float64 root rounded to float32 is (53 >= 2 * 24 + 2 bits)."""
+    return torch.sqrt(x.double()).to(F32)
+
+
+def div(a, b) -> torch.Tensor:
+    """a / b in float32 as one IEEE division, for tensors or numbers (torch turns ``number / tensor`` into
+    ``reciprocal(tensor) * number``, and CUDA ``tensor / number`` into a multiply: both round twice)."""
+    like = a if isinstance(a, torch.Tensor) else b
+    a, b = (t if isinstance(t, torch.Tensor) else torch.full((), t, dtype=F32, device=like.device) for t in (a, b))
+    return torch.div(a, b)
+
+
+def div0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a / b where b != 0, else 0 (C's ``b ? a/b : 0``; the other results are never used)."""
+    ok = b != 0
+    return torch.where(ok, div(a, torch.where(ok, b, torch.ones_like(b))), torch.zeros_like(a))
+
+
+def take(values: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    """values (c, ..., n) or (c, ...) at candidate ``choice`` (...,) per block."""
+    if values.dim() == choice.dim() + 2:
+        idx = choice[None, ..., None].expand(1, *values.shape[1:])
+    else:
+        idx = choice[None]
+    return values.gather(0, idx)[0]
+
+
+def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw): (scale (...,), L (..., n) in [0, 2 nmax)) per block of
+    the last axis; weights ``qw`` (broadcast to x) or x^2."""
+    amax, vmax = signed_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    vmax = torch.where(zero, torch.ones_like(vmax), vmax)
+    w = x * x if qw is None else qw.expand_as(x)
+    # candidate 0: -nmax / max; then -(nmax + 0.1f*is) / max for is = -9..9, is != 0 (float32 constants)
+    tenth = torch.tensor(0.1, dtype=F32)
+    numerators = [float(-nmax)] + [-(nmax + float(tenth * s)) for s in range(-9, 10) if s]
+    steps = torch.tensor(numerators, dtype=F32, device=x.device)
+    iscale = div(steps.view(-1, *([1] * vmax.dim())), vmax)  # (candidates, *blocks)
+    xt, wt = x.movedim(-1, 0).contiguous(), w.movedim(-1, 0).contiguous()  # element-major (n, *blocks)
+    lv = torch.clamp(torch.round(iscale * xt[:, None]), -nmax, nmax - 1)  # (n, candidates, *blocks)
+    buf = torch.empty((lv.shape[0], 2, *lv.shape[1:]), dtype=F32, device=x.device)
+    torch.mul((wt * xt)[:, None], lv, out=buf[:, 0])
+    torch.mul(wt[:, None] * lv, lv, out=buf[:, 1])
+    sumlx, suml2 = seq_sum0(buf)
+    scale = div0(sumlx[0], suml2[0])
+    best = scale * sumlx[0]
+    choice = torch.zeros_like(zero, dtype=torch.long)
+    for c in range(1, steps.shape[0]):
+        slx, sl2 = sumlx[c], suml2[c]
+        better = (sl2 > 0) & (slx * slx > best * sl2)
+        scale = torch.where(better, div0(slx, sl2), scale)
+        best = torch.where(better, scale * slx, best)
+        choice = torch.where(better, c, choice)
+    levels = lv.gather(1, choice.expand(lv.shape[0], 1, *choice.shape))[:, 0].movedim(0, -1) + nmax
+    levels = torch.where(zero[..., None], torch.zeros_like(levels), levels)
+    return torch.where(zero, torch.zeros_like(scale), scale), levels.to(torch.uint8)
+
+
+def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_q3_quants(n, nmax, x, L, do_rmse=true): (scale, L in [0, 2 nmax)) per block of the last axis."""
+    amax, vmax = signed_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    vmax = torch.where(zero, torch.ones_like(vmax), vmax)
+    lv = torch.clamp(torch.round(div(-nmax, vmax)[..., None] * x), -nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    sumlx, suml2 = seq_sum(wx * lv), seq_sum(w * lv * lv)
+    # element-major copies: one contiguous (blocks,) slice per element of the C loop
+    xs, ws, wxs, lvs = (t.movedim(-1, 0).contiguous() for t in (x, w, wx, lv))
+    for _ in range(5):  # a pass that changes nothing leaves the state as it is: no early exit needed
+        for i in range(xs.shape[0]):
+            wi, xi, wxi, li = ws[i], xs[i], wxs[i], lvs[i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - wi * li * li
+            new = torch.clamp(torch.round(div0(xi * sl2, slx)), -nmax, nmax - 1)
+            slx2 = slx + wxi * new
+            sl22 = sl2 + wi * new * new
+            take_it = (slx > 0) & (new != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            lvs[i] = torch.where(take_it, new, li)
+            sumlx = torch.where(take_it, slx2, sumlx)
+            suml2 = torch.where(take_it, sl22, suml2)
+    lv = lvs.movedim(0, -1)
+    scale = torch.where(zero | (suml2 <= 0), torch.zeros_like(sumlx), div0(sumlx, suml2))
+    levels = torch.where(zero[..., None], torch.zeros_like(lv), lv + nmax)
+    return scale, levels.to(torch.uint8)
+
+
+def make_qkx_quants(
+    x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """make_qkx2_quants / make_qkx3_quants (the same arithmetic given the weights; qkx3's NULL weights are
+    x^2, passed here): (scale, the_min >= 0, L in [0, nmax]) per block; x ~ scale * L - the_min."""
+    lo = torch.clamp(x.amin(-1), max=0.0)
+    hi = x.amax(-1)
+    flat = hi == lo
+    # element-major (n, *blocks): per-block values broadcast from the right, each sum's terms are
+    # contiguous slices, and the three sums of a step share one loop over a stacked buffer
+    xt, wt = x.movedim(-1, 0).contiguous(), weights.expand_as(x).movedim(-1, 0).contiguous()
+    sum_w, sum_x = first_sum0(torch.stack([wt, wt * xt], 1))
+    one = torch.ones_like(hi)
+    buf = torch.empty((xt.shape[0], 3, *xt.shape[1:]), dtype=F32, device=x.device)
+
+    def levels(iscale, low):
+        return torch.clamp(torch.round(iscale * (xt - low)), 0, nmax)
+
+    def error(scale, low, lv):
+        diff = scale * lv + low - xt
+        return seq_sum0(wt * (diff.abs() if use_mad else diff * diff))
+
+    iscale = div(nmax, torch.where(flat, one, hi - lo))
+    scale = div(1, iscale)
+    lv = levels(iscale, lo)
+    best = error(scale, lo, lv)
+    low = lo
+    for step in range(nstep + 1):
+        # as in C, both the step and the offset use the best min found so far
+        factor = float(torch.tensor(rmin, dtype=F32) + torch.tensor(rdelta, dtype=F32) * step + nmax)
+        aux = levels(div(factor, torch.where(flat, one, hi - low)), low)
+        torch.mul(wt, aux, out=buf[:, 0])
+        torch.mul(buf[:, 0], aux, out=buf[:, 1])
+        torch.mul(buf[:, 0], xt, out=buf[:, 2])
+        sum_l, sum_l2, sum_xl = seq_sum0(buf)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = div0(sum_w * sum_xl - sum_x * sum_l, det)
+        this_min = div0(sum_l2 * sum_x - sum_l * sum_xl, det)
+        positive = this_min > 0
+        this_scale = torch.where(positive, div0(sum_xl, sum_l2), this_scale)
+        this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
+        err = error(this_scale, this_min, aux)
+        better = (det > 0) & (err < best)
+        best = torch.where(better, err, best)
+        lv = torch.where(better, aux, lv)
+        scale = torch.where(better, this_scale, scale)
+        low = torch.where(better, this_min, low)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    lv = torch.where(flat, torch.zeros_like(lv), lv).movedim(0, -1)
+    return scale, -torch.where(flat, lo, low), lv.to(torch.uint8)
+
+
+def make_qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qp_quants(n, nmax, x, L, quant_weights): (scale, L in [0, nmax]) per block of the last axis, for
+    non-negative x (the k-quants' sub-block scales and mins)."""
+    vmax = torch.clamp(x.amax(-1), min=0.0)
+    zero = vmax < GROUP_MAX_EPS
+    vmax = torch.where(zero, torch.ones_like(vmax), vmax)
+    w = qw.expand_as(x)
+    iscale = div(nmax, vmax)
+    lv0 = torch.round(iscale[..., None] * x)
+    diff = x - div(1, iscale)[..., None] * lv0
+    best_mse = seq_sum(w * diff * diff)
+    for s in range(-4, 5):
+        if s == 0:
+            continue
+        iscale_s = div(float(torch.tensor(0.1, dtype=F32) * s) + nmax, vmax)
+        lv = torch.clamp(torch.round(iscale_s[..., None] * x), max=nmax)
+        diff = x - div(1, iscale_s)[..., None] * lv
+        mse = seq_sum(w * diff * diff)
+        better = mse < best_mse
+        best_mse = torch.where(better, mse, best_mse)
+        iscale = torch.where(better, iscale_s, iscale)
+    lv = torch.clamp(torch.round(iscale[..., None] * x), max=nmax)
+    wx = w * x
+    sumlx, suml2 = seq_sum(wx * lv), seq_sum(w * lv * lv)
+    xs, ws, wxs, lvs = (t.movedim(-1, 0).contiguous() for t in (x, w, wx, lv))
+    for _ in range(5):
+        for i in range(xs.shape[0]):
+            wi, xi, wxi, li = ws[i], xs[i], wxs[i], lvs[i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - wi * li * li
+            new = torch.clamp(torch.round(div0(xi * sl2, slx)), max=nmax)
+            slx2 = slx + wxi * new
+            sl22 = sl2 + wi * new * new
+            take_it = (slx > 0) & (sl2 > 0) & (new != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            lvs[i] = torch.where(take_it, new, li)
+            sumlx = torch.where(take_it, slx2, sumlx)
+            suml2 = torch.where(take_it, sl22, suml2)
+    lv = lvs.movedim(0, -1)
+    scale = torch.where(zero | (suml2 <= 0), torch.zeros_like(sumlx), div0(sumlx, suml2))
+    return scale, torch.where(zero[..., None], torch.zeros_like(lv), lv).to(torch.uint8)
+
+
+def best_index(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """best_index_int8(n, values, x): the index of the nearest of the sorted integer ``values`` (as float32),
+    the upper one on a tie, as ggml's binary search picks it. The bracket [values[mu-1], values[mu]) that
+    the search ends in depends only on floor(x) for integer values, so it is looked up by floor(x); the
+    final comparison is C's own, in float32."""
+    first, last = int(values[0]), int(values[-1])
+    floors = torch.arange(first, last, device=x.device, dtype=F32)
+    mu = torch.clamp(torch.searchsorted(values, floors, right=True), 1, values.shape[0] - 1)
+    f = (torch.clamp(torch.floor(x), first, last - 1) - first).long()
+    m = mu[f]
+    return torch.where((x - values[mu - 1][f]) < (values[mu][f] - x), m - 1, m)
