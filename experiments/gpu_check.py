@@ -2,6 +2,8 @@
 on a large model, in one command with a time budget. One JSON object per line, also appended to ``--out``
 (default ``$OUT/gpu_check.jsonl`` when ``$OUT`` is set, as on the device machine).
 
+  phase=speed     (GPU only) experiments/bench_llamacpp.py's speed row: seconds per llama.cpp type for one
+                  4096 x 14336 tensor on the CPU and on the GPU, with and without an importance matrix
   kind=estimator  experiments/bench_scale.py's row for one (estimator or "gptq", size, dtype): peak over the
                   weights (``torch.cuda.max_memory_allocated``, reset once the model is loaded), wall time
   kind=search     one whole ``mpsearch.search`` (default estimator, ``core``, the measured check on) on a
@@ -109,8 +111,14 @@ def search_child(args) -> int:
 
 
 def plan(args) -> list[tuple[list[str], dict]]:
-    """(command, label) of every stage, in order: estimators at scale, then the searches."""
+    """(command, label) of every stage, in order: on a GPU llama.cpp's quantizers on an 8B-sized tensor
+    (bench_llamacpp.py's speed phase: every legacy/k-quant type plus IQ4_XS, with and without an imatrix; the
+    target is under 2 s per pass), then estimators at scale, then the searches."""
     stages = []
+    if args.device.startswith("cuda"):
+        out = os.path.join(os.environ.get("OUT", "/tmp"), "llamacpp-speed")
+        cmd = [sys.executable, str(HERE / "bench_llamacpp.py"), "--phases", "speed", "--out", out]
+        stages.append((cmd, {"stage": "ggml speed"}))
     for dtype in args.dtypes:
         for size in args.scale_sizes:
             for name in args.estimators:

@@ -131,7 +131,7 @@ def cmd_search(args) -> int:
     source: dict = {"model": args.model, "device": args.device}
     quantizer = args.quantizer
     if args.imatrix and args.quantizer not in ("rtn", "imatrix"):
-        raise MpsearchError(f"--imatrix is llama.cpp's quantizer; --quantizer {args.quantizer} is another", "pass one")
+        raise MpsearchError(f"--imatrix is a quantizer and so is --quantizer {args.quantizer}", "pass one of them")
     if args.model not in ZOO:  # your own model: loaded here with its text, then searched where it lives
         zoo = _load(args)
         source = {"model": zoo.model, "data": zoo.calibration, "loss_fn": zoo.loss}

@@ -44,6 +44,9 @@ def llama():
 QUANTIZERS = {
     "rtn": lambda model, data: __import__("mpsearch").RTN(),
     "gptq": lambda model, data: __import__("mpsearch").GPTQ(model, data, progress=False),
+    "imatrix": lambda model, data: __import__("mpsearch.quant.imatrix").quant.imatrix.Imatrix(
+        model, data, progress=False
+    ),
 }
 
 
@@ -54,7 +57,9 @@ def test_every_registered_quantizer_has_a_conformance_factory():
 
 
 @pytest.mark.parametrize("name", list(QUANTIZERS))
-@pytest.mark.parametrize("options", [("int3_g16", "int8"), ("gptq:int4_g16", "gptq:int8_g16"), ("q8_0", "q8_0")])
+@pytest.mark.parametrize(
+    "options", [("int3_g16", "int8"), ("gptq:int4_g16", "gptq:int8_g16"), ("q8_0", "q8_0"), ("q4_1", "iq4_nl")]
+)
 def test_every_quantizer_applies_what_was_measured_in_every_runtime_it_serves(name, options, llama):
     model, data = llama
     quantizer = QUANTIZERS[name](model, data)

@@ -21,6 +21,7 @@ state (``make_qkx*``: the offset moves with the best min) loop over candidates, 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 F32 = torch.float32
@@ -110,8 +111,9 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -
     vmax = torch.where(zero, torch.ones_like(vmax), vmax)
     w = x * x if qw is None else qw.expand_as(x)
     # candidate 0: -nmax / max; then -(nmax + 0.1f*is) / max for is = -9..9, is != 0 (float32 constants)
-    tenth = torch.tensor(0.1, dtype=F32)
-    numerators = [float(-nmax)] + [-(nmax + float(tenth * s)) for s in range(-9, 10) if s]
+    numerators = [float(-nmax)] + [
+        -float(np.float32(nmax) + np.float32(0.1) * np.float32(s)) for s in range(-9, 10) if s
+    ]
     steps = torch.tensor(numerators, dtype=F32, device=x.device)
     iscale = div(steps.view(-1, *([1] * vmax.dim())), vmax)  # (candidates, *blocks)
     xt, wt = x.movedim(-1, 0).contiguous(), w.movedim(-1, 0).contiguous()  # element-major (n, *blocks)
@@ -192,7 +194,7 @@ def make_qkx_quants(
     low = lo
     for step in range(nstep + 1):
         # as in C, both the step and the offset use the best min found so far
-        factor = float(torch.tensor(rmin, dtype=F32) + torch.tensor(rdelta, dtype=F32) * step + nmax)
+        factor = float(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax))
         aux = levels(div(factor, torch.where(flat, one, hi - low)), low)
         torch.mul(wt, aux, out=buf[:, 0])
         torch.mul(buf[:, 0], aux, out=buf[:, 1])
@@ -229,7 +231,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.
     for s in range(-4, 5):
         if s == 0:
             continue
-        iscale_s = div(float(torch.tensor(0.1, dtype=F32) * s) + nmax, vmax)
+        iscale_s = div(float(np.float32(0.1) * np.float32(s) + np.float32(nmax)), vmax)
         lv = torch.clamp(torch.round(iscale_s[..., None] * x), max=nmax)
         diff = x - div(1, iscale_s)[..., None] * lv
         mse = seq_sum(w * diff * diff)

@@ -1,0 +1,284 @@
+"""llama.cpp's own recipes against mpsearch's plans, inside llama.cpp: every GGUF made, then scored by the real
+``llama-perplexity`` on the same held-out text.
+
+Phases (``--phases``, default all; rows are appended to ``OUT/results.jsonl`` and a rerun skips the rows already
+there, so an interrupted run resumes):
+- ``speed``: one 4096 x 14336 tensor (an 8B model's FFN) through every legacy and k-quant type plus IQ4_XS,
+  without and with an importance matrix, on the CPU (and on CUDA when there is one);
+- ``table``: the llama.cpp-target cost table of the model, against the table of mpsearch's int options (RTN),
+  both measured in this process (the target: at most 1.5x);
+- ``recipes``: ``llama-quantize`` of the model's f32 copy with each recipe (Q2_K ... Q8_0, the i-quants), each
+  without and with ``llama-imatrix``'s importance matrix of the calibration text, and the small variants size-
+  conscious users make (``--token-embedding-type`` below Q8_0);
+- ``plans``: one llama.cpp-target table with mpsearch's imatrix (the calibration text's), solved at each recipe's
+  bits per weight and at 3.0, 3.5, 4.0, 4.5, each plan written by ``mpsearch quantize`` (GGUF + imatrix) and
+  scored by llama-perplexity.
+Bits per weight are over the 2-D weight tensors (what mpsearch plans; the tied embedding once). The zoo model's
+weights were stored as Q4_1 (token_embd Q8_0): requantizing to those types is nearly lossless, so above ~5 bpw
+this model cannot tell good quantization from recovering its source format; the rows below 5 bpw are the ones
+that compare quantizers. ``--plot``: perplexity vs bits per weight.
+
+    python experiments/bench_llamacpp.py --bin "$(experiments/build_llamacpp.sh)" --out experiments/results/llamacpp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from llamacpp_tools import emit, f32_copy, imatrix, llama_chunks, perplexity, run, tensors  # noqa: E402
+
+RECIPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K_M", "Q3_K_S", "Q2_K"]
+SMALL = [
+    ("Q4_0", "q4_0"),
+    ("Q3_K_M", "q4_0"),
+    ("IQ4_XS", "iq4_nl"),
+    ("Q3_K_S", "q4_0"),
+    ("Q2_K", "iq4_nl"),
+]  # 576-wide embd: 32-blocks
+LOW_BUDGETS = [3.0, 3.5, 4.0, 4.5]
+SPEED_TYPES = ["q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "q3_k", "q2_k", "iq4_xs"]
+
+
+class Results:
+    """Rows of ``results.jsonl``, keyed so that a rerun skips what is done."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def done(self, key: str) -> dict | None:
+        return next((r for r in self.rows if r.get("key") == key), None)
+
+    def add(self, **row) -> dict:
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        emit(**row)
+        return row
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def weight_bpw(path: Path) -> float:
+    """Bits per weight of a GGUF's 2-D weight tensors (norms and other 1-D tensors left out)."""
+    ts = [t for t in tensors(path).values() if len(t.shape) == 2]
+    return 8 * sum(int(t.n_bytes) for t in ts) / sum(int(t.n_elements) for t in ts)
+
+
+def phase_speed(results: Results) -> None:
+    from mpsearch.core import parse_option
+    from mpsearch.quant.llama_cpp import quantize_rows
+
+    torch.manual_seed(0)
+    w = torch.randn(4096, 14336) * 0.02
+    qw = torch.rand(14336) + 0.1
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        x, imp = w.to(device), qw.to(device)
+        for weighted in (False, True):
+            key = f"speed/{device}/{'imatrix' if weighted else 'reference'}"
+            if results.done(key):
+                continue
+            seconds = {}
+            for name in SPEED_TYPES:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                quantize_rows(x, parse_option(name), imp if weighted else None)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                seconds[name] = round(time.perf_counter() - start, 2)
+                emit(phase="speed", device=device, imatrix=weighted, type=name, seconds=seconds[name])
+            target = 60 if device == "cpu" else 2
+            total = sum(seconds.values())
+            results.add(key=key, phase="speed", device=device, imatrix=weighted, shape=[4096, 14336],
+                        seconds=seconds, total_s=round(total, 1), target_s=target, ok=total < target,
+                        threads=torch.get_num_threads(), peak_rss_mib=round(peak_rss_mib()))  # fmt: skip
+
+
+def phase_table(results: Results, model, calib) -> None:
+    import mpsearch
+
+    if results.done("table"):
+        return
+    times = {}
+    for label, target in (("rtn int options", None), ("llama.cpp", "llama.cpp")):
+        start = time.perf_counter()
+        mpsearch.estimate(model, calib, target=target, cache=False)
+        times[label] = round(time.perf_counter() - start, 1)
+        emit(phase="table", table=label, seconds=times[label])
+    ratio = times["llama.cpp"] / times["rtn int options"]
+    results.add(key="table", phase="table", seconds=times, ratio=round(ratio, 2), target=1.5, ok=ratio <= 1.5)
+
+
+def phase_recipes(results: Results, binary: Path, f32: Path, work: Path, texts: dict, args) -> None:
+    their_im = imatrix(binary, f32, texts["calib"], args.ctx, args.calib_chunks, work / "llama-imatrix.gguf")
+    jobs = [(r, None, im) for r in RECIPES for im in (False, True)] + [(r, e, True) for r, e in SMALL]
+    for recipe, embedding, weighted in jobs:
+        key = f"recipe/{recipe}/{embedding or 'default'}/{'imatrix' if weighted else 'plain'}"
+        if results.done(key):
+            continue
+        out = work / (key.replace("/", "-") + ".gguf")
+        cmd = [str(binary / "llama-quantize")]
+        if weighted:
+            cmd += ["--imatrix", str(their_im)]
+        if embedding:
+            cmd += ["--token-embedding-type", embedding]
+        run([*cmd, str(f32), str(out), recipe, "2"])
+        ppl = perplexity(binary, out, texts["eval"], args.ctx, args.chunks)
+        results.add(key=key, phase="recipes", recipe=recipe, token_embedding=embedding, imatrix=weighted,
+                    bpw=round(weight_bpw(out), 4), perplexity=ppl)  # fmt: skip
+        out.unlink()
+
+
+def phase_plans(results: Results, binary: Path, source: Path, model, calib, work: Path, texts: dict, args) -> None:
+    import mpsearch
+    from mpsearch.quant.imatrix import Imatrix
+
+    def todo() -> list[float]:  # the recipes phase may still be adding rows (run in another process)
+        results.rows = Results(results.path).rows
+        recipe_bpw = {r["bpw"] for r in results.rows if r.get("phase") == "recipes" and r["recipe"] != "F32"}
+        return [b for b in sorted(set(LOW_BUDGETS) | recipe_bpw) if not results.done(f"plan/{b:.4f}")]
+
+    if not todo():
+        return
+    start = time.perf_counter()
+    quantizer = Imatrix(model, calib)
+    table = mpsearch.estimate(model, calib, target="llama.cpp", quantizer=quantizer, estimator=args.estimator)
+    emit(phase="plans", step="table", seconds=round(time.perf_counter() - start, 1), estimator=args.estimator)
+    while budgets := todo():
+        budget = budgets[0]
+        try:
+            plan = mpsearch.solve(table, mpsearch.Budget(avg_bits=budget)).plan
+        except mpsearch.MpsearchError as err:  # e.g. under the smallest size this model's rows allow
+            results.add(key=f"plan/{budget:.4f}", phase="plans", budget_bpw=budget, infeasible=str(err))
+            continue
+        plan.provenance["quantizer"] = quantizer.spec()
+        out = work / f"mpsearch-{budget:.4f}.gguf"
+        t0 = time.perf_counter()
+        info = mpsearch.quantize(model, plan, out, source=source, quantizer=quantizer, progress=False)
+        ppl = perplexity(binary, out, texts["eval"], args.ctx, args.chunks)
+        counts: dict[str, int] = {}
+        for option in plan.assignments.values():
+            counts[option] = counts.get(option, 0) + 1
+        results.add(key=f"plan/{budget:.4f}", phase="plans", budget_bpw=budget, bpw=round(weight_bpw(out), 4),
+                    perplexity=ppl, types=counts, quantize_s=round(time.perf_counter() - t0, 1),
+                    peak_rss_mib=round(peak_rss_mib()))  # fmt: skip
+        for path in [out, *map(Path, info["side_files"])]:
+            path.unlink(missing_ok=True)
+
+
+def summary(results: Results) -> list[dict]:
+    """Per mpsearch plan: the recipes of no larger size it is measured against, and whether it wins."""
+    f32 = next((r["perplexity"] for r in results.rows if r.get("key") == "f32"), None)
+    recipes = [r for r in results.rows if r.get("phase") == "recipes"]
+    out = []
+    for plan in (r for r in results.rows if r.get("phase") == "plans" and "perplexity" in r):
+        same = [r for r in recipes if r["imatrix"] and abs(r["bpw"] - plan["budget_bpw"]) < 1e-3]
+        smaller = [r for r in recipes if r["bpw"] <= plan["bpw"] + 1e-9]
+        best = min(smaller, key=lambda r: r["perplexity"], default=None)
+        row = {"bpw": plan["bpw"], "perplexity": plan["perplexity"]}
+        if same:
+            row["beats_same_size_imatrix_recipes"] = all(plan["perplexity"] < r["perplexity"] for r in same)
+        if best is not None and f32 is not None:
+            row["best_recipe_no_larger"] = f"{best['recipe']}{'+imatrix' if best['imatrix'] else ''}" + (
+                f" embd {best['token_embedding']}" if best["token_embedding"] else ""
+            )
+            row["increase_ratio_vs_best"] = (plan["perplexity"] - f32) / (best["perplexity"] - f32)
+        out.append(row)
+    return out
+
+
+def plot(results: Results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for weighted, marker, label in ((False, "x", "llama.cpp recipe"), (True, "o", "llama.cpp recipe + imatrix")):
+        rows = [r for r in results.rows if r.get("phase") == "recipes" and r["imatrix"] == weighted]
+        ax.scatter([r["bpw"] for r in rows], [r["perplexity"] for r in rows], marker=marker, label=label)
+        for r in rows:
+            name = r["recipe"] + (f"/{r['token_embedding']}" if r["token_embedding"] else "")
+            ax.annotate(name, (r["bpw"], r["perplexity"]), fontsize=6, alpha=0.7)
+    plans = sorted((r for r in results.rows if r.get("phase") == "plans" and "bpw" in r), key=lambda r: r["bpw"])
+    ax.plot([r["bpw"] for r in plans], [r["perplexity"] for r in plans], "-s", color="C3", label="mpsearch plan")
+    f32 = next((r["perplexity"] for r in results.rows if r.get("key") == "f32"), None)
+    if f32:
+        ax.axhline(f32, color="grey", ls=":", label="f32")
+    ax.set_xlabel("bits per weight (2-D weight tensors)")
+    ax.set_ylabel("llama-perplexity (held-out text)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("SmolLM2-135M (stored Q4_1): llama.cpp recipes vs mpsearch plans")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bin", help="folder of llama-quantize, llama-perplexity, llama-imatrix (not for speed)")
+    parser.add_argument("--out", required=True, help="folder for results.jsonl, the plot and the GGUFs made")
+    parser.add_argument("--model", help="a GGUF (default: the zoo's SmolLM2-135M, stored Q4_1)")
+    parser.add_argument("--phases", default="speed,table,recipes,plans")
+    parser.add_argument("--ctx", type=int, default=256)
+    parser.add_argument("--chunks", type=int, default=32, help="llama-perplexity chunks of the evaluation text")
+    parser.add_argument("--calib-chunks", type=int, default=16, help="calibration chunks (imatrix, table)")
+    parser.add_argument("--estimator", default="fisher")
+    args = parser.parse_args()
+    phases = set(args.phases.split(","))
+
+    from mpsearch.models.smollm2 import gguf_path
+    from mpsearch.models.sources import corpus_sentences
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = Results(out / "results.jsonl")
+    if "speed" in phases:
+        phase_speed(results)
+    if not phases - {"speed"}:
+        return 0
+    if not args.bin:
+        parser.error("--bin is needed for the phases table, recipes and plans")
+    binary, source = Path(args.bin), Path(args.model or gguf_path())
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+    sentences = corpus_sentences()
+    texts = {"calib": work / "calib.txt", "eval": work / "eval.txt"}
+    texts["calib"].write_text("\n".join(sentences[:1500]))
+    texts["eval"].write_text("\n".join(sentences[-1500:]))
+    f32 = f32_copy(binary, source, work / "f32.gguf")
+    if not results.done("f32"):
+        results.add(key="f32", phase="recipes", recipe="F32", token_embedding=None, imatrix=False, bpw=32.0,
+                    perplexity=perplexity(binary, f32, texts["eval"], args.ctx, args.chunks))  # fmt: skip
+    if phases & {"table", "plans"}:
+        from mpsearch.models.local import load_local
+
+        model = load_local(str(source), None).model
+        calib = [{"input_ids": row[None]} for row in llama_chunks(source, texts["calib"].read_text(), args.ctx,
+                                                                    args.calib_chunks)]  # fmt: skip
+    if "table" in phases:
+        phase_table(results, model, calib)
+    if "recipes" in phases:
+        phase_recipes(results, binary, f32, work, texts, args)
+    if "plans" in phases:
+        phase_plans(results, binary, source, model, calib, work, texts, args)
+    for row in summary(results):
+        emit(phase="summary", **row)
+    plot(results, out / "perplexity_vs_bpw.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
