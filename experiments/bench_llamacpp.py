@@ -199,6 +199,34 @@ def summary(results: Results) -> list[dict]:
     return out
 
 
+def markdown(results: Results) -> str:
+    """The README's table: each recipe size, llama.cpp without / with imatrix, and mpsearch's plan there."""
+    f32 = next((r["perplexity"] for r in results.rows if r.get("key") == "f32"), float("nan"))
+    recipes = [r for r in results.rows if r.get("phase") == "recipes" and r["recipe"] != "F32"]
+    plans = {r["budget_bpw"]: r for r in results.rows if r.get("phase") == "plans" and "perplexity" in r}
+    lines = [
+        f"| recipe | bpw | llama.cpp | + imatrix | mpsearch (bpw) | vs + imatrix (f32 {f32:.2f}) |",
+        "|---|---|---|---|---|---|",
+    ]
+    seen = set()
+    for r in sorted(recipes, key=lambda r: -r["bpw"]):
+        name = r["recipe"] + (f", token_embd {r['token_embedding']}" if r["token_embedding"] else "")
+        if (name, r["imatrix"]) in seen or not r["imatrix"]:
+            continue
+        seen.add((name, True))
+        plain = next((x for x in recipes if x["recipe"] == r["recipe"] and x["token_embedding"] ==
+                      r["token_embedding"] and not x["imatrix"]), None)  # fmt: skip
+        plan = plans.get(r["bpw"])
+        mine = f"{plan['perplexity']:.2f} ({plan['bpw']:.2f})" if plan else "-"
+        win = ""
+        if plan:
+            win = "lower" if plan["perplexity"] < r["perplexity"] else "higher"
+            win += f"; increase x{(plan['perplexity'] - f32) / (r['perplexity'] - f32):.2f}"
+        without = f"{plain['perplexity']:.2f}" if plain else "-"
+        lines.append(f"| {name} | {r['bpw']:.2f} | {without} | {r['perplexity']:.2f} | {mine} | {win} |")
+    return "\n".join(lines)
+
+
 def plot(results: Results, path: Path) -> None:
     import matplotlib
 
@@ -207,7 +235,7 @@ def plot(results: Results, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for weighted, marker, label in ((False, "x", "llama.cpp recipe"), (True, "o", "llama.cpp recipe + imatrix")):
-        rows = [r for r in results.rows if r.get("phase") == "recipes" and r["imatrix"] == weighted]
+        rows = [r for r in results.rows if r.get("phase") == "recipes" and r["imatrix"] == weighted and r["bpw"] < 32]
         ax.scatter([r["bpw"] for r in rows], [r["perplexity"] for r in rows], marker=marker, label=label)
         for r in rows:
             name = r["recipe"] + (f"/{r['token_embedding']}" if r["token_embedding"] else "")
@@ -277,6 +305,7 @@ def main() -> int:
     for row in summary(results):
         emit(phase="summary", **row)
     plot(results, out / "perplexity_vs_bpw.png")
+    (out / "table.md").write_text(markdown(results) + "\n")
     return 0
 
 
