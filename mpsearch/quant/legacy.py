@@ -64,30 +64,26 @@ def _min_max_scaled(x, top):
     return d, div0(torch.ones_like(d), d), lo
 
 
-def q4_0(rows, qw=None, sigma2=None):
-    n = rows.shape[0]
-    x = rows.reshape(n, -1, QK)
+def _symmetric(rows, qw, sigma2, half: int):
+    """Q4_0/Q5_0 (``half`` 8 or 16): (fp16 d, levels in [0, 2 half)); values are (levels - half) * d."""
+    x = rows.reshape(rows.shape[0], -1, QK)
     if qw is None:
-        d, inv = _absmax_scaled(x, 8)
-        lv = _trunc_u8(x * inv[..., None] + 8.5, 15)
+        d, inv = _absmax_scaled(x, half)
+        lv = _trunc_u8(x * inv[..., None] + (half + 0.5), 2 * half - 1)
     else:
-        d, lv = make_qx_quants(x, 8, _weights(rows, x, qw, sigma2))
+        d, lv = make_qx_quants(x, half, _weights(rows, x, qw, sigma2))
     d = f16(d)
-    values = (lv.to(F32) - 8) * d[..., None]
-    return torch.cat([_half(d), _nibbles(lv)], -1).reshape(n, -1), values.reshape(rows.shape)
+    return d, lv, ((lv.to(F32) - half) * d[..., None]).reshape(rows.shape)
+
+
+def q4_0(rows, qw=None, sigma2=None):
+    d, lv, values = _symmetric(rows, qw, sigma2, 8)
+    return torch.cat([_half(d), _nibbles(lv)], -1).reshape(rows.shape[0], -1), values
 
 
 def q5_0(rows, qw=None, sigma2=None):
-    n = rows.shape[0]
-    x = rows.reshape(n, -1, QK)
-    if qw is None:
-        d, inv = _absmax_scaled(x, 16)
-        lv = _trunc_u8(x * inv[..., None] + 16.5, 31)
-    else:
-        d, lv = make_qx_quants(x, 16, _weights(rows, x, qw, sigma2))
-    d = f16(d)
-    values = (lv.to(F32) - 16) * d[..., None]
-    return torch.cat([_half(d), _high_bits(lv), _nibbles(lv)], -1).reshape(n, -1), values.reshape(rows.shape)
+    d, lv, values = _symmetric(rows, qw, sigma2, 16)
+    return torch.cat([_half(d), _high_bits(lv), _nibbles(lv)], -1).reshape(rows.shape[0], -1), values
 
 
 def _with_min(rows, qw, nmax, sigma2):

@@ -1,0 +1,34 @@
+"""experiments/bench_llamacpp.py's bookkeeping without llama.cpp: rows survive a restart (the run resumes), and
+each plan is compared with the right recipes (same size with an imatrix; the best of no larger size)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import bench_llamacpp as bench  # noqa: E402
+
+
+def _recipe(results, name, bpw, ppl, imatrix, embd=None):
+    key = f"recipe/{name}/{embd or 'default'}/{'imatrix' if imatrix else 'plain'}"
+    results.add(key=key, phase="recipes", recipe=name, token_embedding=embd, imatrix=imatrix, bpw=bpw, perplexity=ppl)
+
+
+def test_rows_resume_and_plans_are_compared_with_the_right_recipes(tmp_path):
+    path = tmp_path / "results.jsonl"
+    results = bench.Results(path)
+    results.add(
+        key="f32", phase="recipes", recipe="F32", token_embedding=None, imatrix=False, bpw=32.0, perplexity=10.0
+    )
+    _recipe(results, "Q4_0", 4.5, 13.0, False)
+    _recipe(results, "Q4_0", 4.5, 12.0, True)
+    _recipe(results, "IQ4_XS", 4.4, 11.0, True, "iq4_nl")
+    results.add(key="plan/4.5000", phase="plans", budget_bpw=4.5, bpw=4.5, perplexity=11.5, types={})
+    results.add(key="plan/3.0000", phase="plans", budget_bpw=3.0, infeasible="needs 4.13")
+    again = bench.Results(path)  # a new process reads what the last one wrote
+    assert again.done("recipe/Q4_0/default/imatrix")["perplexity"] == 12.0 and again.done("recipe/Q8_0") is None
+    (row,) = bench.summary(again)  # the infeasible budget is no comparison
+    assert row["beats_same_size_imatrix_recipes"] is True  # 11.5 < 12.0 (Q4_0 + imatrix at 4.5)
+    assert row["best_recipe_no_larger"] == "IQ4_XS+imatrix embd iq4_nl"  # 11.0 at 4.4, not plain Q4_0
+    assert abs(row["increase_ratio_vs_best"] - 1.5) < 1e-12  # (11.5 - 10) / (11.0 - 10)
+    table = bench.markdown(again)
+    assert "| Q4_0 | 4.50 | 13.00 | 12.00 | 11.50 (4.50) | lower; increase x0.75 |" in table
