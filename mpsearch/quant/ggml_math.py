@@ -33,26 +33,14 @@ def f16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).to(F32)
 
 
-def seq_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over the last axis in float32 from 0, left to right (the C loop's order)."""
-    t = t.movedim(-1, 0).contiguous()
-    acc = torch.zeros_like(t[0])
-    for row in t:
-        acc += row
-    return acc
-
-
-def first_sum(t: torch.Tensor) -> torch.Tensor:
-    """Like ``seq_sum`` but starting from the first term (C loops that start ``sum = x[0]``)."""
-    t = t.movedim(-1, 0).contiguous()
-    acc = t[0].clone()
-    for row in t[1:]:
-        acc += row
-    return acc
+def fp16_bytes(d: torch.Tensor) -> torch.Tensor:
+    """float32 values (fp16-exact) -> their two little-endian fp16 bytes each, (..., 2) uint8."""
+    return d.to(torch.float16).contiguous().view(torch.uint8).reshape(*d.shape, 2)
 
 
 def seq_sum0(t: torch.Tensor) -> torch.Tensor:
-    """Sum over the first axis from 0, in order (for element-major tensors: no copy)."""
+    """Sum over the first axis in float32 from 0, in order (the C loop's order; element-major tensors, whose
+    terms are contiguous slices)."""
     acc = torch.zeros_like(t[0])
     for row in t:
         acc += row
@@ -60,11 +48,16 @@ def seq_sum0(t: torch.Tensor) -> torch.Tensor:
 
 
 def first_sum0(t: torch.Tensor) -> torch.Tensor:
-    """Like ``seq_sum0`` but starting from the first term."""
+    """Like ``seq_sum0`` but starting from the first term (C loops that start ``sum = x[0]``)."""
     acc = t[0].clone()
     for row in t[1:]:
         acc += row
     return acc
+
+
+def seq_sum(t: torch.Tensor) -> torch.Tensor:
+    """``seq_sum0`` over the last axis."""
+    return seq_sum0(t.movedim(-1, 0).contiguous())
 
 
 def signed_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,15 +85,6 @@ def div0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a / b where b != 0, else 0 (C's ``b ? a/b : 0``; the other results are never used)."""
     ok = b != 0
     return torch.where(ok, div(a, torch.where(ok, b, torch.ones_like(b))), torch.zeros_like(a))
-
-
-def take(values: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
-    """values (c, ..., n) or (c, ...) at candidate ``choice`` (...,) per block."""
-    if values.dim() == choice.dim() + 2:
-        idx = choice[None, ..., None].expand(1, *values.shape[1:])
-    else:
-        idx = choice[None]
-    return values.gather(0, idx)[0]
 
 
 def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,6 +120,31 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -
     return torch.where(zero, torch.zeros_like(scale), scale), levels.to(torch.uint8)
 
 
+def _refine(x, w, lv, lo, hi, before: bool):
+    """The coordinate descent of make_q3_quants / make_qp_quants: 5 passes over the elements, each moved to
+    round(x * sl2 / slx) in [lo, hi] when that raises sumlx^2 / suml2; the sum of the other terms must be
+    positive ``before`` the move (make_qp_quants) or after it (make_q3_quants). Returns (levels, sumlx,
+    suml2). A pass that changes nothing leaves the state as it is, so C's early exit needs no counterpart."""
+    wx = w * x
+    sumlx, suml2 = seq_sum(wx * lv), seq_sum(w * lv * lv)
+    # element-major copies: one contiguous (blocks,) slice per element of the C loop
+    xs, ws, wxs, lvs = (t.movedim(-1, 0).contiguous() for t in (x, w, wx, lv))
+    for _ in range(5):
+        for i in range(xs.shape[0]):
+            wi, xi, wxi, li = ws[i], xs[i], wxs[i], lvs[i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - wi * li * li
+            new = torch.clamp(torch.round(div0(xi * sl2, slx)), lo, hi)
+            slx2 = slx + wxi * new
+            sl22 = sl2 + wi * new * new
+            positive = sl2 > 0 if before else sl22 > 0
+            take_it = (slx > 0) & positive & (new != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            lvs[i] = torch.where(take_it, new, li)
+            sumlx = torch.where(take_it, slx2, sumlx)
+            suml2 = torch.where(take_it, sl22, suml2)
+    return lvs.movedim(0, -1), sumlx, suml2
+
+
 def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """make_q3_quants(n, nmax, x, L, do_rmse=true): (scale, L in [0, 2 nmax)) per block of the last axis."""
     amax, vmax = signed_absmax(x)
@@ -143,23 +152,7 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     vmax = torch.where(zero, torch.ones_like(vmax), vmax)
     lv = torch.clamp(torch.round(div(-nmax, vmax)[..., None] * x), -nmax, nmax - 1)
     w = x * x
-    wx = w * x
-    sumlx, suml2 = seq_sum(wx * lv), seq_sum(w * lv * lv)
-    # element-major copies: one contiguous (blocks,) slice per element of the C loop
-    xs, ws, wxs, lvs = (t.movedim(-1, 0).contiguous() for t in (x, w, wx, lv))
-    for _ in range(5):  # a pass that changes nothing leaves the state as it is: no early exit needed
-        for i in range(xs.shape[0]):
-            wi, xi, wxi, li = ws[i], xs[i], wxs[i], lvs[i]
-            slx = sumlx - wxi * li
-            sl2 = suml2 - wi * li * li
-            new = torch.clamp(torch.round(div0(xi * sl2, slx)), -nmax, nmax - 1)
-            slx2 = slx + wxi * new
-            sl22 = sl2 + wi * new * new
-            take_it = (slx > 0) & (new != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            lvs[i] = torch.where(take_it, new, li)
-            sumlx = torch.where(take_it, slx2, sumlx)
-            suml2 = torch.where(take_it, sl22, suml2)
-    lv = lvs.movedim(0, -1)
+    lv, sumlx, suml2 = _refine(x, w, lv, -nmax, nmax - 1, before=False)
     scale = torch.where(zero | (suml2 <= 0), torch.zeros_like(sumlx), div0(sumlx, suml2))
     levels = torch.where(zero[..., None], torch.zeros_like(lv), lv + nmax)
     return scale, levels.to(torch.uint8)
@@ -239,22 +232,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.
         best_mse = torch.where(better, mse, best_mse)
         iscale = torch.where(better, iscale_s, iscale)
     lv = torch.clamp(torch.round(iscale[..., None] * x), max=nmax)
-    wx = w * x
-    sumlx, suml2 = seq_sum(wx * lv), seq_sum(w * lv * lv)
-    xs, ws, wxs, lvs = (t.movedim(-1, 0).contiguous() for t in (x, w, wx, lv))
-    for _ in range(5):
-        for i in range(xs.shape[0]):
-            wi, xi, wxi, li = ws[i], xs[i], wxs[i], lvs[i]
-            slx = sumlx - wxi * li
-            sl2 = suml2 - wi * li * li
-            new = torch.clamp(torch.round(div0(xi * sl2, slx)), max=nmax)
-            slx2 = slx + wxi * new
-            sl22 = sl2 + wi * new * new
-            take_it = (slx > 0) & (sl2 > 0) & (new != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            lvs[i] = torch.where(take_it, new, li)
-            sumlx = torch.where(take_it, slx2, sumlx)
-            suml2 = torch.where(take_it, sl22, suml2)
-    lv = lvs.movedim(0, -1)
+    lv, sumlx, suml2 = _refine(x, w, lv, None, nmax, before=True)
     scale = torch.where(zero | (suml2 <= 0), torch.zeros_like(sumlx), div0(sumlx, suml2))
     return scale, torch.where(zero[..., None], torch.zeros_like(lv), lv).to(torch.uint8)
 

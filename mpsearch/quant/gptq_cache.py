@@ -74,7 +74,7 @@ def cached_imatrix(model, batches: list, cache: bool = True, progress: bool = Tr
 
     if not cache:
         return Imatrix(model, batches, progress=progress)
-    spec = {"name": "imatrix", "params": {}, "calibration": data_fingerprint(batches), "other_layers": "ref"}
+    spec = Imatrix.spec_of({}, data_fingerprint(batches))
     path = _path(model, spec)
     found = load_cached(model, spec, progress, path)
     if found is not None:

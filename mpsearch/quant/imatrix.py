@@ -23,14 +23,11 @@ from tqdm.auto import tqdm
 
 from mpsearch.core import MpsearchError
 from mpsearch.core.options import Option, parse_option
+from mpsearch.quant.gptq import covers, token_rows
 from mpsearch.quant.quantizer import Quantizer
 
 LOG = logging.getLogger("mpsearch")
 CHUNK_SIZE_KEY, CHUNK_COUNT_KEY, DATASETS_KEY = "imatrix.chunk_size", "imatrix.chunk_count", "imatrix.datasets"
-
-
-def _covers(unit) -> bool:
-    return unit.type.inputs == "matmul"
 
 
 def _units(model) -> tuple[list, set[str]]:
@@ -40,7 +37,7 @@ def _units(model) -> tuple[list, set[str]]:
 
     covered, tied = [], set()
     for unit in find_units(model):
-        if not _covers(unit):
+        if not covers(unit):
             continue
         if any(isinstance(model.get_submodule(a), torch.nn.Embedding) for a in unit.aliases):
             tied.add(unit.name)
@@ -84,7 +81,6 @@ class Imatrix(Quantizer):
 
     def _collect(self, model, batches: list, units: list) -> None:
         from mpsearch.outputs import attention_mask, evaluating, hooked, raw_call
-        from mpsearch.quant.gptq import token_rows
 
         mask: list = [None]
         sums: dict[str, torch.Tensor] = {}
@@ -125,7 +121,7 @@ class Imatrix(Quantizer):
         """The unit's imatrix entry (in,) float32 as llama-quantize computes it (``in_sum2 / count``), or None
         for a unit it does not cover (embeddings: the reference path)."""
         if unit.name not in self.sums:
-            if _covers(unit) and unit.name not in self.absent:
+            if covers(unit) and unit.name not in self.absent:
                 raise MpsearchError(
                     f"quantizer 'imatrix' has no entry for layer {unit.name!r} (it was made for another model, or "
                     "the layer was renamed)",
@@ -157,7 +153,13 @@ class Imatrix(Quantizer):
         return {} if self._file is None else {"file": self._file}
 
     def spec(self) -> dict:
-        return {"name": self.name, "params": self.params(), "calibration": self._calibration, "other_layers": "ref"}
+        return self.spec_of(self.params(), self._calibration)
+
+    @classmethod
+    def spec_of(cls, params: dict, calibration: str | None) -> dict:
+        """The spec of an imatrix with ``params`` from data of that fingerprint (the cache looks it up by
+        this); embeddings take the reference path, part of the definition."""
+        return {"name": cls.name, "params": params, "calibration": calibration, "other_layers": "ref"}
 
     # -- state and llama.cpp's file ------------------------------------------------------------------------
     def state(self) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from mpsearch.quant.ggml_math import F32, best_index, div, div0, f16, seq_sum, seq_sum0, signed_absmax, sqrt
+from mpsearch.quant.ggml_math import F32, best_index, div, div0, f16, fp16_bytes, seq_sum, seq_sum0, signed_absmax, sqrt
 
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml-common.h
 NTRY = 7
@@ -67,8 +67,7 @@ def iq4_nl(rows, qw=None):
     d = f16(scales[..., 0])
     levels = best_index(values, div0(torch.ones_like(scales), scales)[..., None] * x).to(U8)
     out = values[levels.long()] * d[..., None, None]
-    head = d.to(torch.float16).contiguous().view(U8).reshape(*d.shape, 2)
-    packed = torch.cat([head, _pack(levels[..., 0, :])], -1)
+    packed = torch.cat([fp16_bytes(d), _pack(levels[..., 0, :])], -1)
     return packed.reshape(rows.shape[0], -1), out.reshape(rows.shape)
 
 
@@ -85,8 +84,7 @@ def iq4_xs(rows, qw=None):
     low = (ls[..., 0::2] & 0xF) | ((ls[..., 1::2] & 0xF) << 4)  # 4 bytes: blocks 2i (low nibble), 2i + 1 (high)
     high = ((ls >> 4).to(torch.int32) << (2 * torch.arange(8, device=x.device, dtype=torch.int32))).sum(-1)
     scales_h = torch.stack([high & 0xFF, high >> 8], -1).to(U8)
-    head = dh.to(torch.float16).contiguous().view(U8).reshape(*dh.shape, 2)
-    packed = torch.cat([head, scales_h, low, _pack(levels).flatten(-2)], -1)
+    packed = torch.cat([fp16_bytes(dh), scales_h, low, _pack(levels).flatten(-2)], -1)
     return packed.reshape(rows.shape[0], -1), out.reshape(rows.shape)
 
 

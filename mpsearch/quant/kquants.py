@@ -16,6 +16,7 @@ from mpsearch.quant.ggml_math import (
     div,
     div0,
     f16,
+    fp16_bytes,
     make_q3_quants,
     make_qkx_quants,
     make_qp_quants,
@@ -40,11 +41,6 @@ def _sigma2(x: torch.Tensor, factor: int) -> torch.Tensor:
     """``factor * sum(x^2) / QK_K`` over each super-block (the impl paths' weight scale), broadcastable to x."""
     flat = x.reshape(*x.shape[:2], QK_K)
     return div(factor * seq_sum(flat * flat), QK_K)[..., None, None]
-
-
-def _bytes_of(d: torch.Tensor) -> torch.Tensor:
-    """float32 values already fp16-exact -> their two little-endian fp16 bytes (..., 2)."""
-    return d.to(torch.float16).contiguous().view(U8).reshape(*d.shape, 2)
 
 
 def _pack2(lv: torch.Tensor) -> torch.Tensor:
@@ -106,7 +102,7 @@ def _q45_k(rows, qw, nmax, rmin, nstep):
     else:
         d, dmin, ls, lm, levels = _imatrix_scales(x, qw, nmax)
     levels, values = _finish_min(x, d, dmin, ls, lm, levels, nmax)
-    head = torch.cat([_bytes_of(d), _bytes_of(dmin), _k4_scales(ls, lm)], -1)
+    head = torch.cat([fp16_bytes(d), fp16_bytes(dmin), _k4_scales(ls, lm)], -1)
     return head, levels.reshape(*x.shape[:2], QK_K), values.reshape(rows.shape)
 
 
@@ -147,7 +143,7 @@ def q6_k(rows, qw=None):
     qh = high[..., 0, :] | (high[..., 1, :] << 2) | (high[..., 2, :] << 4) | (high[..., 3, :] << 6)
     n, k = x.shape[:2]
     sc8 = sc.to(torch.int8).view(U8)
-    packed = torch.cat([ql.reshape(n, k, 128), qh.reshape(n, k, 64), sc8, _bytes_of(d)], -1)
+    packed = torch.cat([ql.reshape(n, k, 128), qh.reshape(n, k, 64), sc8, fp16_bytes(d)], -1)
     return packed.reshape(n, -1), values
 
 
@@ -177,7 +173,7 @@ def q3_k(rows, qw=None):
     top = (lv > 3).to(U8).reshape(n, k, 8, 32)  # element j's high bit: bit j // 32 of hmask[j % 32]
     hmask = (top << torch.arange(8, device=rows.device, dtype=U8)[:, None]).sum(-2).to(U8)
     qs = _pack2(torch.where(lv > 3, lv - 4, lv))
-    return torch.cat([hmask, qs, packed_scales, _bytes_of(d)], -1).reshape(n, -1), values
+    return torch.cat([hmask, qs, packed_scales, fp16_bytes(d)], -1).reshape(n, -1), values
 
 
 def q2_k(rows, qw=None):
@@ -194,7 +190,7 @@ def q2_k(rows, qw=None):
         dmin, lm = make_qp_quants(mins, 15, sw)
         d, dmin = f16(d), f16(dmin)
     lv, values = _finish_min(x, d, dmin, ls, lm, lv, 3)
-    packed = torch.cat([ls | (lm << 4), _pack2(lv.reshape(n, k, QK_K)), _bytes_of(d), _bytes_of(dmin)], -1)
+    packed = torch.cat([ls | (lm << 4), _pack2(lv.reshape(n, k, QK_K)), fp16_bytes(d), fp16_bytes(dmin)], -1)
     return packed.reshape(n, -1), values.reshape(rows.shape)
 
 

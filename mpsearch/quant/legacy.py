@@ -11,14 +11,21 @@ from __future__ import annotations
 
 import torch
 
-from mpsearch.quant.ggml_math import F32, div, div0, f16, make_qkx_quants, make_qx_quants, seq_sum, signed_absmax, sqrt
+from mpsearch.quant.ggml_math import (
+    F32,
+    div,
+    div0,
+    f16,
+    fp16_bytes,
+    make_qkx_quants,
+    make_qx_quants,
+    seq_sum,
+    signed_absmax,
+    sqrt,
+)
 
 QK = 32
 U8 = torch.uint8
-
-
-def _half(d: torch.Tensor) -> torch.Tensor:
-    return d.to(torch.float16).contiguous().view(U8).reshape(*d.shape, 2)
 
 
 def _nibbles(lv: torch.Tensor) -> torch.Tensor:
@@ -78,12 +85,12 @@ def _symmetric(rows, qw, sigma2, half: int):
 
 def q4_0(rows, qw=None, sigma2=None):
     d, lv, values = _symmetric(rows, qw, sigma2, 8)
-    return torch.cat([_half(d), _nibbles(lv)], -1).reshape(rows.shape[0], -1), values
+    return torch.cat([fp16_bytes(d), _nibbles(lv)], -1).reshape(rows.shape[0], -1), values
 
 
 def q5_0(rows, qw=None, sigma2=None):
     d, lv, values = _symmetric(rows, qw, sigma2, 16)
-    return torch.cat([_half(d), _high_bits(lv), _nibbles(lv)], -1).reshape(rows.shape[0], -1), values
+    return torch.cat([fp16_bytes(d), _high_bits(lv), _nibbles(lv)], -1).reshape(rows.shape[0], -1), values
 
 
 def _with_min(rows, qw, nmax, sigma2):
@@ -100,13 +107,15 @@ def _with_min(rows, qw, nmax, sigma2):
 def q4_1(rows, qw=None, sigma2=None):
     x, d, m, lv = _with_min(rows, qw, 15, sigma2)
     values = lv.to(F32) * d[..., None] + m[..., None]
-    return torch.cat([_half(d), _half(m), _nibbles(lv)], -1).reshape(rows.shape[0], -1), values.reshape(rows.shape)
+    return torch.cat([fp16_bytes(d), fp16_bytes(m), _nibbles(lv)], -1).reshape(rows.shape[0], -1), values.reshape(
+        rows.shape
+    )
 
 
 def q5_1(rows, qw=None, sigma2=None):
     x, d, m, lv = _with_min(rows, qw, 31, sigma2)
     values = lv.to(F32) * d[..., None] + m[..., None]
-    packed = torch.cat([_half(d), _half(m), _high_bits(lv), _nibbles(lv)], -1)
+    packed = torch.cat([fp16_bytes(d), fp16_bytes(m), _high_bits(lv), _nibbles(lv)], -1)
     return packed.reshape(rows.shape[0], -1), values.reshape(rows.shape)
 
 
@@ -124,7 +133,7 @@ def q8_0(rows, qw=None, sigma2=None):
     q = _roundf(x * div0(torch.ones_like(d), d)[..., None]).to(torch.int8)
     d = f16(d)
     values = q.to(F32) * d[..., None]
-    return torch.cat([_half(d), q.view(U8)], -1).reshape(n, -1), values.reshape(rows.shape)
+    return torch.cat([fp16_bytes(d), q.view(U8)], -1).reshape(n, -1), values.reshape(rows.shape)
 
 
 QUANTIZERS = {"q4_0": q4_0, "q4_1": q4_1, "q5_0": q5_0, "q5_1": q5_1, "q8_0": q8_0}
