@@ -94,7 +94,8 @@ def main() -> int:
     args = parser.parse_args()
 
     import mpsearch
-    from mpsearch.core import BitPlan
+    from mpsearch.core import BitPlan, parse_option
+    from mpsearch.layers import find_units
     from mpsearch.models.local import load_local
     from mpsearch.models.smollm2 import gguf_path
     from mpsearch.models.sources import corpus_sentences
@@ -112,12 +113,16 @@ def main() -> int:
     zoo = load_local(str(source), None)
     model = zoo.model
     infos, _ = mpsearch.discover(model)
-    types = list(GGUF_TYPES)
-    fits = [[t for t in types if info.shape[1] % GGUF_TYPES[t][1] == 0] for info in infos]
-    plan = BitPlan(
-        {info.name: fit[i % len(fit)] for i, (info, fit) in enumerate(zip(infos, fits))},
-        provenance={"runtime": "llama.cpp", "aliases": {i.name: list(i.aliases) for i in infos if i.aliases}},
-    )
+    units = {u.name: u for u in find_units(model)}
+
+    def cycling_plan(quantizer) -> BitPlan:
+        """Each tensor the next of the types it can take with this quantizer (rows of whole blocks; the
+        imatrix-only types only with an importance matrix, as llama-quantize makes them)."""
+        fits = [[t for t in GGUF_TYPES if quantizer.takes(units[info.name], parse_option(t))] for info in infos]
+        return BitPlan(
+            {info.name: fit[i % len(fit)] for i, (info, fit) in enumerate(zip(infos, fits))},
+            provenance={"runtime": "llama.cpp", "aliases": {i.name: list(i.aliases) for i in infos if i.aliases}},
+        )
     f32 = f32_copy(binary, source, work / "f32.gguf")
     calib = llama_chunks(source, calib_text.read_text(), args.ctx, args.chunks)
     scored = llama_chunks(source, eval_text.read_text(), args.ctx, args.chunks)
@@ -135,6 +140,7 @@ def main() -> int:
     failures = 0
     for label, quantizer in (("reference", RTN()), ("imatrix", mine_im), ("llama-imatrix", theirs_im)):
         out = work / f"mixed-{label}.gguf"
+        plan = cycling_plan(quantizer)
         start = time.perf_counter()
         info = mpsearch.quantize(model, plan, out, source=source, quantizer=quantizer)
         bad = check_file(out, source, plan, infos)

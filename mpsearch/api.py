@@ -318,7 +318,7 @@ def best_uniform(
     units = resolve_plan(model, plan)
     best_option, best = None, None
     for option in options:
-        if not all(u.takes(parse_option(option)) for u in units):
+        if not all(q.takes(u, parse_option(option)) for u in units):
             continue  # the runtime cannot store every layer in this option: no uniform plan
         candidate = BitPlan({u.name: option for u in units})
         if plan_size(model, candidate)["avg_bits"] <= limit + 1e-12:

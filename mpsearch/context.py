@@ -12,7 +12,16 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from mpsearch.core import DEFAULT_OPTIONS, Budget, CostTable, MpsearchError, SearchResult, cost_rows, parse_options
+from mpsearch.core import (
+    DEFAULT_OPTIONS,
+    Budget,
+    CostTable,
+    MpsearchError,
+    SearchResult,
+    cost_rows,
+    parse_option,
+    parse_options,
+)
 from mpsearch.data import as_batches, data_fingerprint
 from mpsearch.layers import discover, require_layers
 from mpsearch.names import DEFAULT_ESTIMATOR
@@ -83,9 +92,12 @@ class SearchContext:
         check_refine(refine)
         if not isinstance(safe, bool) or not isinstance(cache, bool):
             raise MpsearchError(f"safe={safe!r}, cache={cache!r}: both must be True or False", "pass booleans")
+        defaults = options is None
         module, data, loss_fn, options, name = _resolve_model(model, data, loss_fn, options, device, target)
-        options = list(options)
-        quantizer_class(quantizer).check_options(parse_options(options))  # e.g. GPTQ and fp8: refused now
+        options, qclass = list(options), quantizer_class(quantizer)
+        if defaults and target is not None:  # a target's defaults: those this quantizer makes (if any)
+            options = [o for o in options if qclass.supports(parse_option(o))] or options
+        qclass.check_options(parse_options(options))  # e.g. GPTQ and fp8: refused now
         data = as_batches(data, tokenizer)  # iterated several times
         if budget is not None:
             check_budget(module, budget, options, data[0] if budget.bops is not None else None, include, exclude)
@@ -270,7 +282,6 @@ def record(table: CostTable, name: str | None, target: str | None) -> None:
     target, or the one family all its options belong to), so plans solved from it can be exported and
     quantized without saying it again, and that runtime's ties (HQQ: the layers of a tag), so that every
     solve, front and search of the table keeps them."""
-    from mpsearch.core import parse_option
     from mpsearch.runtimes import get_runtime, runtime_of
 
     if name:

@@ -194,6 +194,7 @@ def check_runtime(runtime) -> int:
     the bits mpsearch charges are the bytes the runtime stores and its decoded values are mpsearch's fake
     quantization, exactly. Returns how many options were compared with the runtime itself."""
     from mpsearch.core import MpsearchError, parse_option
+    from mpsearch.quant.iquants_grid import NEEDS_IMATRIX
     from mpsearch.runtimes import runtime_of
 
     w = runtime_weight()
@@ -203,12 +204,15 @@ def check_runtime(runtime) -> int:
         opt = parse_option(name)
         assert runtime_of(opt) is runtime and runtime.accepts(opt), name
         assert runtime.resolve([name]) == [name], name
-        q = runtime.quantize(w, opt)
+        # llama.cpp's iq2_xs exists only with an importance matrix: given one of the weight's columns
+        imatrix = {"imatrix": torch.linspace(0.5, 2.0, w.shape[1])} if name in NEEDS_IMATRIX else {}
+        q = runtime.quantize(w, opt, **imatrix)
         assert q.shape == w.shape and q.dtype == w.dtype and torch.isfinite(q).all(), name
         odd = w[:, :-3]  # rows that are not whole blocks or groups: padded, still the input's shape
-        assert runtime.quantize(odd, opt).shape == odd.shape, name
+        odd_imatrix = {k: v[:-3] for k, v in imatrix.items()}
+        assert runtime.quantize(odd, opt, **odd_imatrix).shape == odd.shape, name
         try:
-            ref = runtime.reference(w, opt)
+            ref = runtime.reference(w, opt, **imatrix)
         except ImportError:
             ref = None
         if ref is None:
@@ -216,7 +220,7 @@ def check_runtime(runtime) -> int:
         stored, decoded = ref
         assert 8 * stored == opt.storage_bits(tuple(w.shape)), f"{name}: charged {opt.storage_bits(w.shape)} bits"
         if decoded is not None:
-            mine = runtime.quantize(w.to(decoded.dtype), opt)
+            mine = runtime.quantize(w.to(decoded.dtype), opt, **imatrix)
             assert torch.equal(decoded.float(), mine.float()), f"{name}: differs from the runtime's own decoding"
             compared += 1
     others = [o for r in runtime_instances() if r is not runtime for o in r.default_options]

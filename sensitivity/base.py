@@ -215,7 +215,7 @@ def weight_perturbations(model: nn.Module, layers: list[LayerInfo], options: lis
     with torch.no_grad():
         for unit in units_for(model, layers):
             for opt in options:
-                out[unit.name, opt.name] = dot64(quantizer.error(unit, opt)) if unit.takes(opt) else NAN
+                out[unit.name, opt.name] = dot64(quantizer.error(unit, opt)) if quantizer.takes(unit, opt) else NAN
     return out
 
 

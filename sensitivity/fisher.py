@@ -113,7 +113,7 @@ class Fisher(Estimator):
                 trace = sum64(f)
                 h = quantizer.hessian(unit, shrunk=True) if self.cross_terms else None
                 for opt in options:
-                    if not unit.takes(opt):  # no row in the table
+                    if not quantizer.takes(unit, opt):  # no row in the table
                         rows.append({"layer": unit.name, "option": opt.name, "damage": NAN})
                         continue
                     d = quantizer.error(unit, opt)

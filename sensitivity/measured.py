@@ -36,7 +36,7 @@ class Measured(Estimator):
         bar = tqdm(total=len(layers) * len(options), desc="measured", disable=not self.progress, leave=False)
         for unit in units_for(model, layers):
             for opt in options:
-                if not unit.takes(opt):  # no row in the table: not measured
+                if not quantizer.takes(unit, opt):  # no row in the table: not measured
                     rows.append({"layer": unit.name, "option": opt.name, "damage": NAN, "loss": NAN})
                     bar.update()
                     continue

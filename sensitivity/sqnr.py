@@ -48,7 +48,7 @@ class _Direct:
 
     def __init__(self, unit: Unit, options: list[Option], quantizer) -> None:
         self.unit, self.quantizer = unit, quantizer
-        self.options = [opt for opt in options if unit.takes(opt)]
+        self.options = [opt for opt in options if quantizer.takes(unit, opt)]
         self.total = {opt.name: 0.0 for opt in self.options}
 
     def observe(self, x: torch.Tensor) -> None:
@@ -139,7 +139,7 @@ def noise_ratios(
                 w = mod.weight
                 bias = getattr(mod, "bias", None)  # a registered type may have none
                 zero = {"bias": torch.zeros_like(bias)} if isinstance(bias, torch.Tensor) else {}
-                for opt in (o for o in options if owner[name].takes(o)):
+                for opt in (o for o in options if quantizer.takes(owner[name], o)):
                     err = functional_call(mod, {**zero, "weight": quantizer.quantize(owner[name], opt) - w}, inputs)
                     key = (name, opt.name)
                     conv_noise[key] = conv_noise.get(key, 0.0) + float(err.float().pow(2).sum())
@@ -162,7 +162,7 @@ def noise_ratios(
         w = unit.weight
         energy = dot64(w)
         for opt in options:
-            if not unit.takes(opt):  # no row in the table
+            if not quantizer.takes(unit, opt):  # no row in the table
                 rows.append({"layer": unit.name, "option": opt.name, "output_nsr": NAN, "weight_nsr": NAN})
                 continue
             delta = quantizer.error(unit, opt)

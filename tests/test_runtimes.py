@@ -11,9 +11,23 @@ import mpsearch
 from mpsearch.core import BitPlan, InvalidOptionError, LayerInfo, cost_rows, parse_option, parse_options
 from mpsearch.export import export
 from mpsearch.quant.formats import quantize_weight, sqnr_db
+from mpsearch.quant.iquants_grid import NEEDS_IMATRIX
 from mpsearch.quant.kquants import QUANTIZERS
 from mpsearch.quant.llama_cpp import ggml_type, quantize_rows
-from mpsearch.runtimes.llama_cpp import GGUF_TYPES, bits_per_weight, gguf_name, tensor_bytes, tensor_types
+from mpsearch.runtimes import get_runtime
+from mpsearch.runtimes.llama_cpp import (
+    GGUF_TYPES,
+    IMATRIX_ONLY,
+    bits_per_weight,
+    gguf_name,
+    tensor_bytes,
+    tensor_types,
+)
+
+
+def _importance(name: str, columns: int):
+    """An importance matrix entry for the types ggml makes only with one (iq2_xs), else None."""
+    return torch.linspace(0.5, 2.0, columns) if name in NEEDS_IMATRIX else None
 
 
 def _hard_rows(seed: int = 0) -> np.ndarray:
@@ -43,11 +57,16 @@ def test_every_gguf_type_decodes_to_its_fake_quant_bit_for_bit(name):
     import gguf
 
     rows = _hard_rows()
-    packed, values = (t.numpy() for t in quantize_rows(rows, parse_option(name)))
+    imatrix = _importance(name, rows.shape[1])
+    packed, values = (t.numpy() for t in quantize_rows(rows, parse_option(name), imatrix))
     assert packed.dtype == np.uint8 and packed.shape == (24, 512 // GGUF_TYPES[name][1] * GGUF_TYPES[name][2])
     decoded = gguf.quants.dequantize(packed, ggml_type(parse_option(name)))
     assert np.array_equal(decoded, values)
-    got = quantize_weight(torch.from_numpy(rows), name).numpy()
+    rows_t = torch.from_numpy(rows)
+    if imatrix is None:
+        got = quantize_weight(rows_t, name).numpy()
+    else:
+        got = get_runtime("llama.cpp").quantize(rows_t, parse_option(name), imatrix=imatrix).numpy()
     assert np.array_equal(got, values)
     assert np.all(np.isfinite(values)) and np.all(values[1] == 0)
 
@@ -159,7 +178,7 @@ def test_name_maps_cover_every_layer_of_each_architecture(arch):
     assert {"blk.0.attn_q.weight", "blk.1.ffn_down.weight"} <= names or {"blk.0.attn_qkv.weight"} <= names
 
 
-def _llama(hidden: int, intermediate: int, vocab: int, tied: bool):
+def _llama(hidden: int, intermediate: int, vocab: int, tied: bool, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -167,7 +186,7 @@ def _llama(hidden: int, intermediate: int, vocab: int, tied: bool):
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         tie_word_embeddings=tied,
@@ -192,7 +211,7 @@ def test_a_tied_head_is_exported_as_the_embedding_tensor():
 def test_gguf_file_round_trip_matches_fake_quant_and_predicted_size(tmp_path):
     import gguf
 
-    model = _llama(256, 512, 64, tied=False)
+    model = _llama(256, 512, 64, tied=False, layers=3)  # 22 tensors: every type at least once
     layers, _ = mpsearch.discover(model)
     types = list(GGUF_TYPES)
     plan = BitPlan({info.name: types[i % len(types)] for i, info in enumerate(layers)})
@@ -202,10 +221,11 @@ def test_gguf_file_round_trip_matches_fake_quant_and_predicted_size(tmp_path):
     for info in layers:
         weight = model.get_submodule(info.name).weight.detach()
         opt = parse_option(plan[info.name])
-        packed = quantize_rows(weight.numpy(), opt)[0].numpy()
+        imatrix = _importance(opt.name, weight.shape[1])
+        packed = quantize_rows(weight.numpy(), opt, imatrix)[0].numpy()
         name = gguf_name(info.name)
         writer.add_tensor(name, packed, raw_dtype=ggml_type(opt))
-        expected[name] = quantize_weight(weight, opt).numpy()
+        expected[name] = get_runtime("llama.cpp").quantize(weight, opt, imatrix=imatrix).numpy()
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -238,7 +258,8 @@ def test_searched_plan_size_equals_the_runtime_size_of_its_export():
         rel=1e-12,
     )
     assert bits_per_weight(plan, shapes) <= 4.5 + 1e-9
-    assert set(table.options) == set(GGUF_TYPES)
+    # round to nearest searches the types llama-quantize makes without an importance matrix
+    assert set(table.options) == set(GGUF_TYPES) - IMATRIX_ONLY
 
 
 @pytest.mark.parametrize("estimator", ["sqnr", "fisher", "hessian", "entropy", "relevance", "measured"])

@@ -117,6 +117,15 @@ class Imatrix(Quantizer):
                 "search with --target llama.cpp (or another quantizer for other options)",
             )
 
+    def takes(self, unit, option: Option) -> bool:
+        """As ``Quantizer.takes``; a unit without an entry (embeddings) cannot take a type ggml makes only
+        with one (iq2_xs: llama-quantize would abort on it)."""
+        from mpsearch.quant.iquants_grid import NEEDS_IMATRIX
+
+        if not super().takes(unit, option):
+            return False
+        return option.name not in NEEDS_IMATRIX or self.importance(unit) is not None
+
     def importance(self, unit) -> torch.Tensor | None:
         """The unit's imatrix entry (in,) float32 as llama-quantize computes it (``in_sum2 / count``), or None
         for a unit it does not cover (embeddings: the reference path)."""

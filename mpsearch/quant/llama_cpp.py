@@ -1,12 +1,12 @@
 """llama.cpp's GGUF types, quantized exactly as ``llama-quantize`` does, on the weights' own device.
 
-One torch port per type family: :mod:`mpsearch.quant.legacy` (Q4_0 ... Q8_0), :mod:`mpsearch.quant.kquants`
-(Q2_K ... Q6_K), :mod:`mpsearch.quant.iquants` (IQ4_NL, IQ4_XS). Each takes the importance of the row's
-columns (``imatrix``: llama.cpp's importance matrix entry of the tensor, the mean squared activation of each
-input; None: llama-quantize without ``--imatrix``) and returns the bytes a GGUF holds and the values
-llama.cpp decodes from them. Rows go through in chunks sized for the device: on a CPU, a chunk whose
-temporaries stay in cache is several times faster than the whole tensor; on an accelerator, large chunks
-amortize the kernel launches.
+One torch port per type family: :mod:`mpsearch.quant.legacy` (Q4_0 ... Q8_0), :mod:`mpsearch.quant.kquants` (Q2_K
+... Q6_K), :mod:`mpsearch.quant.iquants` (IQ4_NL, IQ4_XS), :mod:`mpsearch.quant.iquants_grid` (IQ3_S, IQ3_XXS,
+IQ2_S, IQ2_XS). Each takes the importance of the row's columns (``imatrix``: llama.cpp's importance matrix entry of
+the tensor, the mean squared activation of each input; None: llama-quantize without ``--imatrix``) and returns the
+bytes a GGUF holds and the values llama.cpp decodes from them. Rows go through in chunks sized for the device: on a
+CPU, a chunk whose temporaries stay in cache is several times faster than the whole tensor; on an accelerator,
+large chunks amortize the kernel launches.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from mpsearch.core.options import Option
-from mpsearch.quant import iquants, kquants, legacy
+from mpsearch.quant import iquants, iquants_grid, kquants, legacy
 
-QUANTIZERS = {**legacy.QUANTIZERS, **kquants.QUANTIZERS, **iquants.QUANTIZERS}
+QUANTIZERS = {**legacy.QUANTIZERS, **kquants.QUANTIZERS, **iquants.QUANTIZERS, **iquants_grid.QUANTIZERS}
 # weights per chunk on a CPU, (reference, with an imatrix), measured on 256 x 14336 rows on 2 cores: searches
 # that try every candidate scale at once want small chunks, those that loop over candidates larger ones
 CPU_CHUNK = {
@@ -27,6 +27,8 @@ CPU_CHUNK = {
     "q5_0": (1 << 19, 1 << 16),
     "iq4_nl": (1 << 16, 1 << 16),
     "iq4_xs": (1 << 16, 1 << 16),
+    # the grid i-quants' neighbour search holds ~10-60 candidate points per group and trial scale
+    **{name: (1 << 14, 1 << 14) for name in iquants_grid.TYPES},
 }
 CPU_CHUNK_DEFAULT = (1 << 19, 1 << 19)
 ACCELERATOR_CHUNK = 1 << 25

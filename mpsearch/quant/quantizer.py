@@ -47,6 +47,12 @@ class Quantizer(Configurable, ABC):
                     "use int<b>[_g<G>][_asym] or gptq: options with it, or the default quantizer (round to nearest)",
                 )
 
+    def takes(self, unit, option: Option) -> bool:
+        """Whether this quantizer makes ``option`` for ``unit``: its runtime stores the weight's shape
+        (``Unit.takes``) and the quantizer has what the option needs; where not, the unit has no row for the
+        option in a cost table and is never quantized with it."""
+        return unit.takes(option) and self.supports(option)
+
     @abstractmethod
     def quantize(self, unit, option: Option | str) -> torch.Tensor:
         """Q(W) of ``unit`` (a ``mpsearch.layers.Unit``) in ``option``, output channels first, in W's dtype."""
@@ -83,6 +89,21 @@ class RTN(Quantizer):
 
     def __init__(self) -> None:
         pass
+
+    @classmethod
+    def supports(cls, option: Option) -> bool:
+        from mpsearch.runtimes.llama_cpp import IMATRIX_ONLY
+
+        return not (option.runtime == "llama.cpp" and option.name in IMATRIX_ONLY)
+
+    @classmethod
+    def check_options(cls, options: Iterable[Option]) -> None:
+        bad = [o.name for o in options if not cls.supports(o)]
+        if bad:
+            raise MpsearchError(
+                f"{', '.join(bad)}: llama.cpp makes these only with an importance matrix",
+                "search with --quantizer imatrix (or --imatrix FILE), or leave them out of --options",
+            )
 
     def quantize(self, unit, option: Option | str) -> torch.Tensor:
         from mpsearch.quant.formats import quantize_weight

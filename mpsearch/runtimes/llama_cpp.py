@@ -1,5 +1,6 @@
-"""llama.cpp: GGUF types by their llama.cpp names (``q8_0 q6_k q5_k q5_1 q5_0 q4_k q4_1 q4_0 iq4_nl iq4_xs q3_k
-q2_k``), blocks of 32 (``q*_0``/``q*_1``/``iq4_nl``) or 256 (``q*_k``/``iq4_xs``) weights along the row, each
+"""llama.cpp: GGUF types by their llama.cpp names (``q8_0 q6_k q5_k q5_1 q5_0 q4_k q4_1 q4_0 iq4_nl iq4_xs iq3_s
+q3_k iq3_xxs q2_k iq2_s iq2_xs``), blocks of 32 (``q*_0``/``q*_1``/``iq4_nl``) or 256 (``q*_k``/``iq*`` but
+iq4_nl) weights along the row, each
 stored in a fixed number of bytes (every scale, min and super-block field included): a layer whose rows are not
 whole blocks cannot take the type. Math: llama-quantize's own (``mpsearch.quant.llama_cpp``; values decoded from
 the very bytes a GGUF holds), without an importance matrix by default, with one under the ``imatrix``
@@ -27,9 +28,16 @@ GGUF_TYPES = {
     "q4_0": (4, 32, 18),
     "iq4_nl": (4, 32, 18),
     "iq4_xs": (4, 256, 136),
+    "iq3_s": (3, 256, 110),
     "q3_k": (3, 256, 110),
+    "iq3_xxs": (3, 256, 98),
     "q2_k": (2, 256, 84),
+    "iq2_s": (2, 256, 82),
+    "iq2_xs": (2, 256, 74),
 }
+# types llama-quantize makes only with an importance matrix (llama-quant.cpp's tensor_requires_imatrix: it
+# refuses them otherwise); the ``imatrix`` quantizer offers them, round to nearest does not
+IMATRIX_ONLY = frozenset({"iq3_xxs", "iq2_s", "iq2_xs"})
 
 # transformers ``config.model_type`` -> gguf.MODEL_ARCH name (the converter's tensor name map)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2", "bert": "bert"}
@@ -147,17 +155,17 @@ class LlamaCpp(Runtime):
             imatrix = None if imatrix is None else torch.nn.functional.pad(imatrix, (0, pad))
         return self.fake_quantize(rows, option, imatrix)[:, : w[0].numel()].reshape(w.shape)
 
-    def reference(self, w, option):
+    def reference(self, w, option, imatrix=None):
         """ggml's row size (``gguf.GGML_QUANT_SIZES``) and gguf's own decoder of the bytes mpsearch writes
-        (for Q4_0 ... Q8_0 also gguf's own quantizer: an independent path)."""
+        (for Q4_0 ... Q8_0 without an imatrix also gguf's own quantizer: an independent path)."""
         import gguf
         import torch
 
         from mpsearch.quant.llama_cpp import ggml_type, quantize_rows
 
         rows = w.detach().reshape(w.shape[0], -1).float().numpy()
-        packed = quantize_rows(rows, option)[0].numpy()
-        if option.name in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0"):
+        packed = quantize_rows(rows, option, imatrix)[0].numpy()
+        if option.name in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0") and imatrix is None:
             packed = gguf.quants.quantize(rows, ggml_type(option))
         block, nbytes = gguf.GGML_QUANT_SIZES[ggml_type(option)]
         decoded = torch.from_numpy(gguf.quants.dequantize(packed, ggml_type(option)).copy()).reshape(w.shape)
