@@ -8,11 +8,12 @@ there, so an interrupted run resumes):
 - ``table``: the llama.cpp-target cost table of the model, against the table of mpsearch's int options (RTN),
   both measured in this process (the target: at most 1.5x);
 - ``recipes``: ``llama-quantize`` of the model's f32 copy with each recipe (Q2_K ... Q8_0, the i-quants), each
-  without and with ``llama-imatrix``'s importance matrix of the calibration text, and the small variants size-
-  conscious users make (``--token-embedding-type`` below Q8_0);
+  without and with ``llama-imatrix``'s importance matrix of the calibration text (IQ3_XXS, IQ2_S and IQ2_XS with
+  it only: llama-quantize refuses them without one), and the small variants size-conscious users make
+  (``--token-embedding-type`` below Q8_0);
 - ``plans``: one llama.cpp-target table with mpsearch's imatrix (the calibration text's), solved at each recipe's
-  bits per weight and at 3.0, 3.5, 4.0, 4.5, each plan written by ``mpsearch quantize`` (GGUF + imatrix) and
-  scored by llama-perplexity.
+  bits per weight and at 3.0, 3.5, 4.0, 4.5, with every type and without the grid i-quants (IQ3_S ... IQ2_XS:
+  what they buy), each plan written by ``mpsearch quantize`` (GGUF + imatrix) and scored by llama-perplexity.
 Bits per weight are over the 2-D weight tensors (what mpsearch plans; the tied embedding once). The zoo model's
 weights were stored as Q4_1 (token_embd Q8_0): requantizing to those types is nearly lossless, so above ~5 bpw
 this model cannot tell good quantization from recovering its source format; the rows below 5 bpw are the ones
@@ -35,7 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from llamacpp_tools import emit, f32_copy, imatrix, llama_chunks, perplexity, run, tensors  # noqa: E402
 
-RECIPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K_M", "Q3_K_S", "Q2_K"]
+RECIPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K_M", "Q3_K_S", "Q2_K",
+           "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS"]  # fmt: skip
 SMALL = [
     ("Q4_0", "q4_0"),
     ("Q3_K_M", "q4_0"),
@@ -45,6 +47,9 @@ SMALL = [
 ]  # 576-wide embd: 32-blocks
 LOW_BUDGETS = [3.0, 3.5, 4.0, 4.5]
 SPEED_TYPES = ["q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "q3_k", "q2_k", "iq4_xs"]
+GRID_IQ = ["iq3_s", "iq3_xxs", "iq2_s", "iq2_xs"]  # the grid i-quants (mpsearch/quant/iquants_grid.py)
+# plans are solved twice from one table: with every type, and without the grid i-quants (what they buy)
+PLAN_SETS = {"all": None, "no-grid-iq": GRID_IQ}
 
 
 class Results:
@@ -104,12 +109,36 @@ def phase_speed(results: Results) -> None:
             results.add(key=key, phase="speed", device=device, imatrix=weighted, shape=[4096, 14336],
                         seconds=seconds, total_s=round(total, 1), target_s=target, ok=total < target,
                         threads=torch.get_num_threads(), peak_rss_mib=round(peak_rss_mib()))  # fmt: skip
+        # the grid i-quants (no target: their neighbour search is the slowest work here), with an imatrix as
+        # llama-quantize makes them; on a CPU on the first 256 rows, where the whole tensor would take ~30 min
+        key = f"speed-grid/{device}"
+        if not results.done(key):
+            part = x if device == "cuda" else x[:256]
+            seconds = {}
+            for name in GRID_IQ:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                quantize_rows(part, parse_option(name), imp)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                seconds[name] = round(time.perf_counter() - start, 2)
+                emit(phase="speed-grid", device=device, type=name, seconds=seconds[name])
+            per = {n: round(s / part.numel() * 1e9, 1) for n, s in seconds.items()}
+            results.add(key=key, phase="speed", device=device, imatrix=True, shape=list(part.shape),
+                        seconds=seconds, ns_per_weight=per, threads=torch.get_num_threads(),
+                        peak_rss_mib=round(peak_rss_mib()))  # fmt: skip
 
 
 def phase_table(results: Results, model, calib) -> None:
     import mpsearch
+    from mpsearch.core import parse_option
+    from mpsearch.quant.quantizer import RTN
+    from mpsearch.runtimes.llama_cpp import LlamaCpp
 
-    if results.done("table"):
+    types = [o for o in LlamaCpp.default_options if RTN.supports(parse_option(o))]  # what the target searches
+    key = f"table/{len(types)}types"  # the earlier row, "table", had the twelve types before the grid i-quants
+    if results.done(key):
         return
     times = {}
     for label, target in (("rtn int options", None), ("llama.cpp", "llama.cpp")):
@@ -118,12 +147,17 @@ def phase_table(results: Results, model, calib) -> None:
         times[label] = round(time.perf_counter() - start, 1)
         emit(phase="table", table=label, seconds=times[label])
     ratio = times["llama.cpp"] / times["rtn int options"]
-    results.add(key="table", phase="table", seconds=times, ratio=round(ratio, 2), target=1.5, ok=ratio <= 1.5)
+    results.add(key=key, phase="table", types=types, seconds=times, ratio=round(ratio, 2), target=1.5,
+                ok=ratio <= 1.5)  # fmt: skip
 
 
 def phase_recipes(results: Results, binary: Path, f32: Path, work: Path, texts: dict, args) -> None:
+    from mpsearch.runtimes.llama_cpp import IMATRIX_ONLY
+
     their_im = imatrix(binary, f32, texts["calib"], args.ctx, args.calib_chunks, work / "llama-imatrix.gguf")
-    jobs = [(r, None, im) for r in RECIPES for im in (False, True)] + [(r, e, True) for r, e in SMALL]
+    # llama-quantize refuses the imatrix-only types without one: those recipes are made with it only
+    jobs = [(r, None, im) for r in RECIPES for im in (False, True) if im or r.lower() not in IMATRIX_ONLY]
+    jobs += [(r, e, True) for r, e in SMALL]
     for recipe, embedding, weighted in jobs:
         key = f"recipe/{recipe}/{embedding or 'default'}/{'imatrix' if weighted else 'plain'}"
         if results.done(key):
@@ -143,12 +177,14 @@ def phase_recipes(results: Results, binary: Path, f32: Path, work: Path, texts: 
 
 def phase_plans(results: Results, binary: Path, source: Path, model, calib, work: Path, texts: dict, args) -> None:
     import mpsearch
+    from mpsearch.core import CostTable
     from mpsearch.quant.imatrix import Imatrix
 
-    def todo() -> list[float]:  # the recipes phase may still be adding rows (run in another process)
+    def todo() -> list[tuple[str, float]]:  # the recipes phase may still be adding rows (run in another process)
         results.rows = Results(results.path).rows
         recipe_bpw = {r["bpw"] for r in results.rows if r.get("phase") == "recipes" and r["recipe"] != "F32"}
-        return [b for b in sorted(set(LOW_BUDGETS) | recipe_bpw) if not results.done(f"plan/{b:.4f}")]
+        budgets = sorted(set(LOW_BUDGETS) | recipe_bpw)
+        return [(s, b) for b in budgets for s in PLAN_SETS if not results.done(f"plan/{s}/{b:.4f}")]  # small first
 
     if not todo():
         return
@@ -156,22 +192,27 @@ def phase_plans(results: Results, binary: Path, source: Path, model, calib, work
     quantizer = Imatrix(model, calib)
     table = mpsearch.estimate(model, calib, target="llama.cpp", quantizer=quantizer, estimator=args.estimator)
     emit(phase="plans", step="table", seconds=round(time.perf_counter() - start, 1), estimator=args.estimator)
-    while budgets := todo():
-        budget = budgets[0]
+    tables = {
+        name: table if left_out is None else CostTable(table.frame[~table.frame.option.isin(left_out)], table.meta)
+        for name, left_out in PLAN_SETS.items()
+    }
+    while jobs := todo():
+        plan_set, budget = jobs[0]
+        key = f"plan/{plan_set}/{budget:.4f}"
         try:
-            plan = mpsearch.solve(table, mpsearch.Budget(avg_bits=budget)).plan
+            plan = mpsearch.solve(tables[plan_set], mpsearch.Budget(avg_bits=budget)).plan
         except mpsearch.MpsearchError as err:  # e.g. under the smallest size this model's rows allow
-            results.add(key=f"plan/{budget:.4f}", phase="plans", budget_bpw=budget, infeasible=str(err))
+            results.add(key=key, phase="plans", plan_set=plan_set, budget_bpw=budget, infeasible=str(err))
             continue
         plan.provenance["quantizer"] = quantizer.spec()
-        out = work / f"mpsearch-{budget:.4f}.gguf"
+        out = work / f"mpsearch-{plan_set}-{budget:.4f}.gguf"
         t0 = time.perf_counter()
         info = mpsearch.quantize(model, plan, out, source=source, quantizer=quantizer, progress=False)
         ppl = perplexity(binary, out, texts["eval"], args.ctx, args.chunks)
         counts: dict[str, int] = {}
         for option in plan.assignments.values():
             counts[option] = counts.get(option, 0) + 1
-        results.add(key=f"plan/{budget:.4f}", phase="plans", budget_bpw=budget, bpw=round(weight_bpw(out), 4),
+        results.add(key=key, phase="plans", plan_set=plan_set, budget_bpw=budget, bpw=round(weight_bpw(out), 4),
                     perplexity=ppl, types=counts, quantize_s=round(time.perf_counter() - t0, 1),
                     peak_rss_mib=round(peak_rss_mib()))  # fmt: skip
         for path in [out, *map(Path, info["side_files"])]:
@@ -187,7 +228,7 @@ def summary(results: Results) -> list[dict]:
         same = [r for r in recipes if r["imatrix"] and abs(r["bpw"] - plan["budget_bpw"]) < 1e-3]
         smaller = [r for r in recipes if r["bpw"] <= plan["bpw"] + 1e-9]
         best = min(smaller, key=lambda r: r["perplexity"], default=None)
-        row = {"bpw": plan["bpw"], "perplexity": plan["perplexity"]}
+        row = {"plan_set": plan["plan_set"], "bpw": plan["bpw"], "perplexity": plan["perplexity"]}
         if same:
             row["beats_same_size_imatrix_recipes"] = all(plan["perplexity"] < r["perplexity"] for r in same)
         if best is not None and f32 is not None:
@@ -203,10 +244,13 @@ def markdown(results: Results) -> str:
     """The README's table: each recipe size, llama.cpp without / with imatrix, and mpsearch's plan there."""
     f32 = next((r["perplexity"] for r in results.rows if r.get("key") == "f32"), float("nan"))
     recipes = [r for r in results.rows if r.get("phase") == "recipes" and r["recipe"] != "F32"]
-    plans = {r["budget_bpw"]: r for r in results.rows if r.get("phase") == "plans" and "perplexity" in r}
+    plans = {
+        (r["plan_set"], r["budget_bpw"]): r for r in results.rows if r.get("phase") == "plans" and "perplexity" in r
+    }
     lines = [
-        f"| recipe | bpw | llama.cpp | + imatrix | mpsearch (bpw) | vs + imatrix (f32 {f32:.2f}) |",
-        "|---|---|---|---|---|---|",
+        f"| recipe | bpw | llama.cpp | + imatrix | mpsearch (bpw) | vs + imatrix (f32 {f32:.2f}) | "
+        "mpsearch without the grid i-quants |",
+        "|---|---|---|---|---|---|---|",
     ]
     seen = set()
     for r in sorted(recipes, key=lambda r: -r["bpw"]):
@@ -216,14 +260,15 @@ def markdown(results: Results) -> str:
         seen.add((name, True))
         plain = next((x for x in recipes if x["recipe"] == r["recipe"] and x["token_embedding"] ==
                       r["token_embedding"] and not x["imatrix"]), None)  # fmt: skip
-        plan = plans.get(r["bpw"])
+        plan, fewer = plans.get(("all", r["bpw"])), plans.get(("no-grid-iq", r["bpw"]))
         mine = f"{plan['perplexity']:.2f} ({plan['bpw']:.2f})" if plan else "-"
+        mine_fewer = f"{fewer['perplexity']:.2f} ({fewer['bpw']:.2f})" if fewer else "-"
         win = ""
         if plan:
             win = "lower" if plan["perplexity"] < r["perplexity"] else "higher"
             win += f"; increase x{(plan['perplexity'] - f32) / (r['perplexity'] - f32):.2f}"
         without = f"{plain['perplexity']:.2f}" if plain else "-"
-        lines.append(f"| {name} | {r['bpw']:.2f} | {without} | {r['perplexity']:.2f} | {mine} | {win} |")
+        lines.append(f"| {name} | {r['bpw']:.2f} | {without} | {r['perplexity']:.2f} | {mine} | {win} | {mine_fewer} |")
     return "\n".join(lines)
 
 
@@ -240,8 +285,11 @@ def plot(results: Results, path: Path) -> None:
         for r in rows:
             name = r["recipe"] + (f"/{r['token_embedding']}" if r["token_embedding"] else "")
             ax.annotate(name, (r["bpw"], r["perplexity"]), fontsize=6, alpha=0.7)
-    plans = sorted((r for r in results.rows if r.get("phase") == "plans" and "bpw" in r), key=lambda r: r["bpw"])
-    ax.plot([r["bpw"] for r in plans], [r["perplexity"] for r in plans], "-s", color="C3", label="mpsearch plan")
+    for plan_set, style, label in (("all", "-s", "mpsearch plan"), ("no-grid-iq", ":^", "mpsearch, no grid i-quants")):
+        plans = sorted(
+            (r for r in results.rows if r.get("plan_set") == plan_set and "bpw" in r), key=lambda r: r["bpw"]
+        )
+        ax.plot([r["bpw"] for r in plans], [r["perplexity"] for r in plans], style, color="C3", label=label)
     f32 = next((r["perplexity"] for r in results.rows if r.get("key") == "f32"), None)
     if f32:
         ax.axhline(f32, color="grey", ls=":", label="f32")

@@ -29,7 +29,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llamacpp_tools import emit, f32_copy, imatrix, llama_chunks, perplexity, run, second_half_perplexity, tensors  # noqa: E402
+from llamacpp_tools import (  # noqa: E402
+    emit,
+    f32_copy,
+    imatrix,
+    llama_chunks,
+    perplexity,
+    rounded_inputs,
+    run,
+    second_half_perplexity,
+    tensors,
+)
 
 RATIO_TOLERANCE = 0.005  # llama-perplexity's ratio to f32 vs mpsearch's, relative
 
@@ -123,6 +133,7 @@ def main() -> int:
             {info.name: fit[i % len(fit)] for i, (info, fit) in enumerate(zip(infos, fits))},
             provenance={"runtime": "llama.cpp", "aliases": {i.name: list(i.aliases) for i in infos if i.aliases}},
         )
+
     f32 = f32_copy(binary, source, work / "f32.gguf")
     calib = llama_chunks(source, calib_text.read_text(), args.ctx, args.chunks)
     scored = llama_chunks(source, eval_text.read_text(), args.ctx, args.chunks)
@@ -162,11 +173,14 @@ def main() -> int:
         ppl = perplexity(binary, out, eval_text, args.ctx, args.chunks)
         with swapped(model, quantized_weights(model, plan, quantizer)):
             mine = second_half_perplexity(model, scored)
-        theirs_ratio, mine_ratio = ppl / ppl_f32, mine / mine_f32
-        off = abs(theirs_ratio / mine_ratio - 1)
+            with rounded_inputs(model, plan):
+                rounded = second_half_perplexity(model, scored)
+        theirs_ratio, mine_ratio, rounded_ratio = ppl / ppl_f32, mine / mine_f32, rounded / mine_f32
+        off, off_rounded = abs(theirs_ratio / mine_ratio - 1), abs(theirs_ratio / rounded_ratio - 1)
         emit(check="llama-perplexity ratio vs mpsearch's", quantizer=label, llama_perplexity=ppl,
              llama_ratio=theirs_ratio, mpsearch_perplexity=mine, mpsearch_ratio=mine_ratio, relative_gap=off,
-             ok=off <= RATIO_TOLERANCE)  # fmt: skip
+             mpsearch_ratio_rounded_inputs=rounded_ratio, relative_gap_rounded_inputs=off_rounded,
+             ok=off_rounded <= RATIO_TOLERANCE)  # fmt: skip
         failures += off > RATIO_TOLERANCE
     return 1 if failures else 0
 

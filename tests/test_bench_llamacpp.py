@@ -22,13 +22,18 @@ def test_rows_resume_and_plans_are_compared_with_the_right_recipes(tmp_path):
     _recipe(results, "Q4_0", 4.5, 13.0, False)
     _recipe(results, "Q4_0", 4.5, 12.0, True)
     _recipe(results, "IQ4_XS", 4.4, 11.0, True, "iq4_nl")
-    results.add(key="plan/4.5000", phase="plans", budget_bpw=4.5, bpw=4.5, perplexity=11.5, types={})
-    results.add(key="plan/3.0000", phase="plans", budget_bpw=3.0, infeasible="needs 4.13")
+    results.add(key="plan/all/4.5000", phase="plans", plan_set="all", budget_bpw=4.5, bpw=4.5, perplexity=11.5,
+                types={})  # fmt: skip
+    results.add(key="plan/no-grid-iq/4.5000", phase="plans", plan_set="no-grid-iq", budget_bpw=4.5, bpw=4.5,
+                perplexity=12.5, types={})  # fmt: skip
+    results.add(key="plan/all/3.0000", phase="plans", plan_set="all", budget_bpw=3.0, infeasible="needs 4.13")
     again = bench.Results(path)  # a new process reads what the last one wrote
     assert again.done("recipe/Q4_0/default/imatrix")["perplexity"] == 12.0 and again.done("recipe/Q8_0") is None
-    (row,) = bench.summary(again)  # the infeasible budget is no comparison
+    row, fewer = bench.summary(again)  # the infeasible budget is no comparison
+    assert row["plan_set"] == "all" and fewer["plan_set"] == "no-grid-iq"
+    assert fewer["beats_same_size_imatrix_recipes"] is False  # 12.5 > 12.0
     assert row["beats_same_size_imatrix_recipes"] is True  # 11.5 < 12.0 (Q4_0 + imatrix at 4.5)
     assert row["best_recipe_no_larger"] == "IQ4_XS+imatrix embd iq4_nl"  # 11.0 at 4.4, not plain Q4_0
     assert abs(row["increase_ratio_vs_best"] - 1.5) < 1e-12  # (11.5 - 10) / (11.0 - 10)
     table = bench.markdown(again)
-    assert "| Q4_0 | 4.50 | 13.00 | 12.00 | 11.50 (4.50) | lower; increase x0.75 |" in table
+    assert "| Q4_0 | 4.50 | 13.00 | 12.00 | 11.50 (4.50) | lower; increase x0.75 | 12.50 (4.50) |" in table

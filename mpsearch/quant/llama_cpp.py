@@ -31,7 +31,10 @@ CPU_CHUNK = {
     **{name: (1 << 14, 1 << 14) for name in iquants_grid.TYPES},
 }
 CPU_CHUNK_DEFAULT = (1 << 19, 1 << 19)
-ACCELERATOR_CHUNK = 1 << 25
+# on an accelerator: large chunks, but the grid i-quants' neighbour search holds up to ~90 (weight, candidate)
+# pairs of int64 indices per weight, ~1 GiB at 2^18 weights
+ACCELERATOR_CHUNK = {name: 1 << 18 for name in iquants_grid.TYPES}
+ACCELERATOR_CHUNK_DEFAULT = 1 << 25
 
 
 def ggml_type(option: Option):
@@ -42,7 +45,7 @@ def ggml_type(option: Option):
 
 def _chunk_rows(name: str, rows: torch.Tensor, weighted: bool) -> int:
     cpu = CPU_CHUNK.get(name, CPU_CHUNK_DEFAULT)[weighted]
-    budget = cpu if rows.device.type == "cpu" else ACCELERATOR_CHUNK
+    budget = cpu if rows.device.type == "cpu" else ACCELERATOR_CHUNK.get(name, ACCELERATOR_CHUNK_DEFAULT)
     return max(1, budget // max(rows.shape[1], 1))
 
 
