@@ -100,7 +100,7 @@ def main() -> int:
     parser.add_argument("--bin", required=True, help="folder of llama-quantize, llama-perplexity, llama-imatrix")
     parser.add_argument("--model", help="a GGUF (default: the zoo's SmolLM2-135M)")
     parser.add_argument("--ctx", type=int, default=256)
-    parser.add_argument("--chunks", type=int, default=16, help="chunks of --ctx tokens, for the imatrix and the score")
+    parser.add_argument("--chunks", type=int, default=32, help="chunks of --ctx tokens, for the imatrix and the score")
     args = parser.parse_args()
 
     import mpsearch
