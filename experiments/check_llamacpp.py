@@ -1,14 +1,17 @@
 """The GGUF ``mpsearch quantize`` writes, checked against the real llama.cpp (CI job ``llama.cpp``).
 
-For a plan that gives the model's tensors every llama.cpp type their rows allow (legacy, k-quants, IQ4_NL,
-IQ4_XS), written three ways: without an importance matrix, with the imatrix mpsearch collects from the
-calibration text, and with the one ``llama-imatrix`` computes from the same text (read back by mpsearch):
+For a plan that gives the model's tensors every llama.cpp type their rows allow (legacy, k-quants, i-quants;
+IQ3_XXS, IQ2_S and IQ2_XS only with an importance matrix, as llama-quantize makes them), written three ways:
+without an importance matrix, with the imatrix mpsearch collects from the calibration text, and with the one
+``llama-imatrix`` computes from the same text (read back by mpsearch):
 1. the written GGUF holds each planned tensor in its planned type, in ggml's row size, and every other
    tensor as the source held it;
 2. ``llama-quantize --tensor-type-file`` (the file written beside it; ``--imatrix`` the imatrix file written
    beside it, or llama-imatrix's) from the same source makes the very same bytes, tensor for tensor;
 3. ``llama-perplexity`` of the GGUF, as a ratio to the f32 model's, is within 0.5% of mpsearch's own ratio
-   (the same quantized values, scored on llama-perplexity's own chunks of the same text).
+   (the same quantized values, scored on llama-perplexity's own chunks of the same text, each quantized
+   layer's input rounded to 8 bits as llama.cpp's CPU backend rounds it: ``llamacpp_tools.rounded_inputs``;
+   the ratio without that rounding is reported beside it).
 Also: mpsearch's imatrix against llama-imatrix's on the same tokens. One JSON object per line; exit 1 on any
 mismatch.
 
