@@ -108,7 +108,11 @@ class Fisher(Estimator):
                     bar.update()
         rows = []
         with torch.no_grad():
-            for unit, f in zip(units, fisher):
+            # every option quantized for every layer: minutes for llama.cpp's grid i-quants on a CPU, so a bar
+            damage_bar = tqdm(
+                zip(units, fisher), total=len(units), desc="fisher damage", disable=not self.progress, leave=False
+            )
+            for unit, f in damage_bar:
                 f = f.div_(seen).t() if unit.type.transposed else f.div_(seen)  # the unit's (out, in) layout
                 trace = sum64(f)
                 h = quantizer.hessian(unit, shrunk=True) if self.cross_terms else None
