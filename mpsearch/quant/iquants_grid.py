@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mpsearch.core.errors import MpsearchError
-from mpsearch.quant.ggml_math import F32, div, f16, fp16_bytes, seq_sum, sqrt
+from mpsearch.quant.ggml_math import F32, div, div0, f16, fp16_bytes, seq_sum, sqrt
 
 QK_K = 256
 U8 = torch.uint8
@@ -221,7 +221,7 @@ def _block_scales(t: GridType, g: Grid, xval, weight):
     choice = torch.full_like(scale, -1, dtype=I64)
     for c in range(len(nums)):
         better = (sumq2[c] > 0) & (sumqx[c] * sumqx[c] > best * sumq2[c])
-        scale = torch.where(better, div(sumqx[c], torch.where(better, sumq2[c], 1.0)), scale)
+        scale = torch.where(better, div0(sumqx[c], sumq2[c]), scale)
         best = torch.where(better, scale * sumqx[c], best)
         choice = torch.where(better, c, choice)
     chosen = choice.clamp(min=0)[None, ..., None].expand(1, *points.shape[1:])
@@ -236,7 +236,7 @@ def _block_scales(t: GridType, g: Grid, xval, weight):
         take = redo[..., None] & (torch.ones_like(on_grid) if t.snap_all else ~on_grid)
         point = torch.where(take, snapped, point)
         sqx, sq2 = _fit(g.q[point].reshape(n, nb, bs), weight, xval)
-        scale = torch.where(redo & (sq2 > 0), div(sqx, torch.where(sq2 > 0, sq2, 1.0)), scale)
+        scale = torch.where(redo & (sq2 > 0), div0(sqx, sq2), scale)
     point = torch.where(skipped[..., None], 0, point)
     return torch.where(skipped, 0.0, scale), point, skipped
 
