@@ -98,6 +98,13 @@ def compare_imatrices(mine, theirs) -> dict:
     }
 
 
+def verdict(**row) -> int:
+    """Print a check's line and count it as a failure exactly when its ``ok`` is false (the exit status then
+    always agrees with what the log shows)."""
+    emit(**row)
+    return int(not row["ok"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bin", required=True, help="folder of llama-quantize, llama-perplexity, llama-imatrix")
@@ -160,9 +167,8 @@ def main() -> int:
         bad = check_file(out, source, plan, infos)
         seconds = round(time.perf_counter() - start, 1)
         types = sorted(set(plan.assignments.values()))
-        emit(check="planned types and bytes", quantizer=label, seconds=seconds, types=types,
-             bits_per_weight=info["bits_per_weight"], ok=not bad)  # fmt: skip
-        failures += bool(bad)
+        failures += verdict(check="planned types and bytes", quantizer=label, seconds=seconds, types=types,
+                            bits_per_weight=info["bits_per_weight"], ok=not bad)  # fmt: skip
 
         theirs_path = work / f"llama-quantize-{label}.gguf"
         cmd = [str(binary / "llama-quantize"), "--allow-requantize", "--tensor-type-file", info["side_files"][0]]
@@ -170,8 +176,8 @@ def main() -> int:
             cmd += ["--imatrix", info["side_files"][1] if label == "imatrix" else str(theirs_file)]
         run([*cmd, str(source), str(theirs_path), "q8_0", "2"])
         per_type, differ = same_bytes(out, theirs_path)
-        emit(check="bytes equal llama-quantize's", quantizer=label, per_type=per_type, differ=differ, ok=not differ)
-        failures += bool(differ)
+        failures += verdict(check="bytes equal llama-quantize's", quantizer=label, per_type=per_type, differ=differ,
+                            ok=not differ)  # fmt: skip
 
         ppl = perplexity(binary, out, eval_text, args.ctx, args.chunks)
         with swapped(model, quantized_weights(model, plan, quantizer)):
@@ -180,11 +186,10 @@ def main() -> int:
                 rounded = second_half_perplexity(model, scored)
         theirs_ratio, mine_ratio, rounded_ratio = ppl / ppl_f32, mine / mine_f32, rounded / mine_f32
         off, off_rounded = abs(theirs_ratio / mine_ratio - 1), abs(theirs_ratio / rounded_ratio - 1)
-        emit(check="llama-perplexity ratio vs mpsearch's", quantizer=label, llama_perplexity=ppl,
-             llama_ratio=theirs_ratio, mpsearch_perplexity=mine, mpsearch_ratio=mine_ratio, relative_gap=off,
-             mpsearch_ratio_rounded_inputs=rounded_ratio, relative_gap_rounded_inputs=off_rounded,
-             ok=off_rounded <= RATIO_TOLERANCE)  # fmt: skip
-        failures += off > RATIO_TOLERANCE
+        failures += verdict(check="llama-perplexity ratio vs mpsearch's", quantizer=label, llama_perplexity=ppl,
+                            llama_ratio=theirs_ratio, mpsearch_perplexity=mine, mpsearch_ratio=mine_ratio,
+                            relative_gap=off, mpsearch_ratio_rounded_inputs=rounded_ratio,
+                            relative_gap_rounded_inputs=off_rounded, ok=off_rounded <= RATIO_TOLERANCE)  # fmt: skip
     return 1 if failures else 0
 
 
