@@ -104,10 +104,9 @@ def test_rows_cut_into_chunks_give_the_whole_tensors_bytes(monkeypatch):
 
 
 def test_nearest_level_search_is_ggmls_binary_search():
-    values = torch.tensor(KVALUES, dtype=torch.float32)
     mids = [(a + b) / 2 for a, b in zip(KVALUES, KVALUES[1:])]
     probes = [np.nextafter(np.float32(m), np.float32(d)) for m in mids for d in (-1e9, 1e9)] + mids
-    x = torch.tensor(probes + [-1e4, 1e4, -127, 113, 0.0, -0.0], dtype=torch.float32)
+    x = torch.tensor(probes + [-1e4, 1e4, -np.inf, np.inf, -127, 113, 0.0, -0.0], dtype=torch.float32)
     x = torch.cat([x, torch.randn(2000) * 90])
 
     def c_search(v: float) -> int:  # best_index_int8, line by line
@@ -124,7 +123,33 @@ def test_nearest_level_search_is_ggmls_binary_search():
                 lo = mid
         return hi - 1 if np.float32(v) - np.float32(KVALUES[hi - 1]) < np.float32(KVALUES[hi]) - np.float32(v) else hi
 
-    assert best_index(values, x).tolist() == [c_search(float(v)) for v in x]
+    assert best_index(KVALUES, x).tolist() == [c_search(float(v)) for v in x]
+
+
+def test_ggmls_nearest_level_choice_switches_exactly_at_each_midpoint():
+    """The premise of ``best_index``: over every float32 x of a bracket [a, b] of kvalues_iq4nl, C's
+    ``(x - a) < (b - x)`` holds below the midpoint and fails from it on (bisection over the ordered floats;
+    the predicate is monotone because float32 subtraction rounds monotonically)."""
+
+    def key(v: np.float32) -> int:  # float32 -> an integer of the same order
+        i = int(np.float32(v).view(np.int32))
+        return i if i >= 0 else -(i & 0x7FFFFFFF)
+
+    def value(k: int) -> np.float32:
+        return np.array([k if k >= 0 else (-k) | -0x80000000], dtype=np.int32).view(np.float32)[0]
+
+    for a, b in zip(KVALUES, KVALUES[1:]):
+        a32, b32 = np.float32(a), np.float32(b)
+
+        def upper(x: np.float32) -> bool:
+            return not (np.float32(x - a32) < np.float32(b32 - x))
+
+        lo, hi = key(a32), key(b32)
+        assert not upper(value(lo)) and upper(value(hi))
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if upper(value(mid)) else (mid, hi)
+        assert float(value(hi)) == (a + b) / 2, (a, b)
 
 
 def test_sqrt_is_correctly_rounded():

@@ -29,7 +29,7 @@ def _block_scales(x: torch.Tensor, weight: torch.Tensor, values: torch.Tensor) -
     trials = torch.tensor([float(t + KVALUES[0]) for t in range(-NTRY, NTRY + 1)], dtype=F32, device=x.device)
     inv = torch.cat([first[None], div(trials.view(-1, *([1] * vmax.dim())), vmax)])  # (candidates, *blocks)
     xt, wt = x.movedim(-1, 0).contiguous()[:, None], weight.expand_as(x).movedim(-1, 0).contiguous()[:, None]
-    q = values[best_index(values, inv * xt)]  # element-major (32, candidates, *blocks)
+    q = values[best_index(KVALUES, inv * xt)]  # element-major (32, candidates, *blocks)
     buf = torch.empty((q.shape[0], 2, *q.shape[1:]), dtype=F32, device=x.device)
     wq = wt * q
     torch.mul(wq, xt, out=buf[:, 0])
@@ -65,7 +65,7 @@ def _pack(levels: torch.Tensor) -> torch.Tensor:
 def iq4_nl(rows, qw=None):
     x, scales, values = _prepare(rows, qw, 32)
     d = f16(scales[..., 0])
-    levels = best_index(values, div0(torch.ones_like(scales), scales)[..., None] * x).to(U8)
+    levels = best_index(KVALUES, div0(torch.ones_like(scales), scales)[..., None] * x).to(U8)
     out = values[levels.long()] * d[..., None, None]
     packed = torch.cat([fp16_bytes(d), _pack(levels[..., 0, :])], -1)
     return packed.reshape(rows.shape[0], -1), out.reshape(rows.shape)
@@ -77,7 +77,7 @@ def iq4_xs(rows, qw=None):
     d = div(-max_scale, 32)
     ls = torch.clamp(torch.round(div0(torch.ones_like(d), d)[..., None] * scales), -32, 31)
     dl = d[..., None] * ls
-    levels = best_index(values, div0(torch.ones_like(dl), dl)[..., None] * x).to(U8)
+    levels = best_index(KVALUES, div0(torch.ones_like(dl), dl)[..., None] * x).to(U8)
     ls = (ls + 32).to(U8)
     dh = f16(d)
     out = (dh[..., None] * (ls.to(F32) - 32))[..., None] * values[levels.long()]
