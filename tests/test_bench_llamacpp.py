@@ -37,3 +37,16 @@ def test_rows_resume_and_plans_are_compared_with_the_right_recipes(tmp_path):
     assert abs(row["increase_ratio_vs_best"] - 1.5) < 1e-12  # (11.5 - 10) / (11.0 - 10)
     table = bench.markdown(again)
     assert "| Q4_0 | 4.50 | 13.00 | 12.00 | 11.50 (4.50) | lower; increase x0.75 | 12.50 (4.50) |" in table
+
+
+def test_the_checks_exit_status_counts_exactly_the_lines_marked_not_ok(capsys):
+    """CI's llama.cpp job once failed on a gap that its own log line marked ok (the exit status tested another
+    number): each check line's ``ok`` is now the one thing counted."""
+    import json
+
+    import check_llamacpp
+
+    assert check_llamacpp.verdict(check="a", relative_gap=0.9, ok=True) == 0
+    assert check_llamacpp.verdict(check="b", relative_gap=0.0, ok=False) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(line["check"], line["ok"]) for line in lines] == [("a", True), ("b", False)]
