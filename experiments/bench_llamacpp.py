@@ -147,7 +147,8 @@ def phase_table(results: Results, model, calib) -> None:
         times[label] = round(time.perf_counter() - start, 1)
         emit(phase="table", table=label, seconds=times[label])
     ratio = times["llama.cpp"] / times["rtn int options"]
-    results.add(key=key, phase="table", types=types, seconds=times, ratio=round(ratio, 2), target=1.5,
+    results.add(key=key, phase="table", types=types, calibration_sequences=len(calib),
+                tokens_each=calib[0]["input_ids"].shape[-1], seconds=times, ratio=round(ratio, 2), target=1.5,
                 ok=ratio <= 1.5)  # fmt: skip
 
 

@@ -252,6 +252,8 @@ def make_qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.
 @functools.lru_cache
 def _nearest_table(levels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, int, int]:
     """(count of midpoints <= j / 2 for j in [lo, hi], lo, hi): ``best_index`` as a table over floor(2x)."""
+    if any(not isinstance(v, int) for v in levels) or list(levels) != sorted(set(levels)):
+        raise ValueError(f"best_index needs strictly increasing integer levels, got {levels}")
     mids = [(a + b) / 2 for a, b in zip(levels, levels[1:])]  # half-integers
     lo, hi = int(2 * mids[0]) - 1, int(2 * mids[-1])
     counts = [sum(m <= j / 2 for m in mids) for j in range(lo, hi + 1)]
