@@ -141,7 +141,7 @@ def test_ggmls_nearest_level_choice_switches_exactly_at_each_midpoint():
     for a, b in zip(KVALUES, KVALUES[1:]):
         a32, b32 = np.float32(a), np.float32(b)
 
-        def upper(x: np.float32) -> bool:
+        def upper(x: np.float32, a32: np.float32 = a32, b32: np.float32 = b32) -> bool:
             return not (np.float32(x - a32) < np.float32(b32 - x))
 
         lo, hi = key(a32), key(b32)
