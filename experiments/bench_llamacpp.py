@@ -80,6 +80,16 @@ def weight_bpw(path: Path) -> float:
     return 8 * sum(int(t.n_bytes) for t in ts) / sum(int(t.n_elements) for t in ts)
 
 
+def timed(fn, rows: torch.Tensor, *args) -> float:
+    """Seconds of ``fn(rows, *args)``, rounded to 0.01, waiting for the rows' device before and after."""
+    sync = torch.cuda.synchronize if rows.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn(rows, *args)
+    sync()
+    return round(time.perf_counter() - start, 2)
+
+
 def phase_speed(results: Results) -> None:
     from mpsearch.core import parse_option
     from mpsearch.quant.llama_cpp import quantize_rows
@@ -96,13 +106,7 @@ def phase_speed(results: Results) -> None:
                 continue
             seconds = {}
             for name in SPEED_TYPES:
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                quantize_rows(x, parse_option(name), imp if weighted else None)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                seconds[name] = round(time.perf_counter() - start, 2)
+                seconds[name] = timed(quantize_rows, x, parse_option(name), imp if weighted else None)
                 emit(phase="speed", device=device, imatrix=weighted, type=name, seconds=seconds[name])
             target = 60 if device == "cpu" else 2
             total = sum(seconds.values())
@@ -116,13 +120,7 @@ def phase_speed(results: Results) -> None:
             part = x if device == "cuda" else x[:256]
             seconds = {}
             for name in GRID_IQ:
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                quantize_rows(part, parse_option(name), imp)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                seconds[name] = round(time.perf_counter() - start, 2)
+                seconds[name] = timed(quantize_rows, part, parse_option(name), imp)
                 emit(phase="speed-grid", device=device, type=name, seconds=seconds[name])
             per = {n: round(s / part.numel() * 1e9, 1) for n, s in seconds.items()}
             results.add(key=key, phase="speed", device=device, imatrix=True, shape=list(part.shape),
