@@ -276,7 +276,6 @@ def cmd_quantize(args) -> int:
     runtime = get_runtime(plan.provenance.get("runtime") or "mpsearch")
     runtime.check(plan)
     check_output(__import__("pathlib").Path(args.out), runtime)
-    args.calib = None
     local = is_local(args.model)
     if local:  # a wrong kind of source fails before the model loads
         _check_writer_source(runtime, args.model if source_of(args.model)[0] in ("gguf", "folder") else None, args)
@@ -285,7 +284,15 @@ def cmd_quantize(args) -> int:
         _check_writer_source(runtime, zoo.path, args)
     source = args.gguf or zoo.path
     _status(f"writing {args.out} for {runtime.name} ...")
-    info = quantize(zoo.model, plan, args.out, source=source, quantizer=_imatrix_file(args, zoo.model), progress=True)
+    info = quantize(
+        zoo.model,
+        plan,
+        args.out,
+        source=source,
+        quantizer=_imatrix_file(args, zoo.model),
+        calibration=zoo.calibration or None,  # a GPTQ or imatrix plan's quantizer is rebuilt on it when not cached
+        progress=True,
+    )
     _status(
         f"wrote {info['path']}: {info['file_bytes'] / 2**20:.1f} MiB on disk; planned weights "
         f"{info['tensor_bytes']} bytes, {info['bits_per_weight']:.4f} bits per weight (the search charged "
@@ -536,11 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="write the file the plan's runtime loads (a GGUF, a saved model)")
     q.add_argument("plan", help="plan JSON from `mpsearch search --target ... --out`")
-    q.add_argument("--model", required=True, help="the .gguf or transformers folder the plan was searched on")
+    _add_source(q)  # --calib: the text a GPTQ or imatrix plan was searched on, when its state is not cached
     q.add_argument("--out", required=True, help="llama.cpp: a .gguf path; torchao, hqq: a new folder")
     q.add_argument("--gguf", help="llama.cpp, for a transformers folder: its F16 GGUF (convert_hf_to_gguf.py)")
-    q.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
-    q.add_argument("--device", help=DEVICE_HELP)
     q.add_argument("--imatrix", help="llama.cpp: the imatrix file the plan was searched with (if not cached)")
     q.set_defaults(func=cmd_quantize)
     return parser

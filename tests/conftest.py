@@ -83,3 +83,12 @@ def tiny_gguf(tmp_path_factory):
         writer.write_tensor_data(t.data)
     writer.close()
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_gguf):
+    """``tiny_gguf`` loaded as transformers loads a user's GGUF (once: its tokenizer conversion is slow); tests
+    that change its weights put them back."""
+    from mpsearch.models.local import load_local
+
+    return load_local(str(tiny_gguf), None)

@@ -104,8 +104,8 @@ def test_gptq_quantizer_collects_hessians_keyed_by_unit_name_and_quantizes_units
     assert not torch.equal(q, quantize_weight(linear.weight, "int3"))
     assert torch.equal(conv, quantize_weight(dict(model.named_modules())["features.0"].weight, "int3"))  # RTN
     assert quantizer.spec()["other_layers"] == "rtn"  # convolutions: round to nearest, by definition
-    with pytest.raises(mpsearch.MpsearchError, match="quantizer 'gptq' has no grid for option 'q4_0'"):
-        gptq_quantize(linear.weight, h, parse_option("q4_0"))
+    with pytest.raises(mpsearch.MpsearchError, match="quantizer 'gptq' has no grid for option 'q4_k'"):
+        gptq_quantize(linear.weight, h, parse_option("q4_k"))
 
 
 def test_search_and_evaluate_with_gptq_use_it_end_to_end(digits):

@@ -41,13 +41,6 @@ def _gguf_types(i, info):
     return ("q4_0", "q5_1", "q8_0")[i % 3]
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_gguf):
-    from mpsearch.models.local import load_local
-
-    return load_local(str(tiny_gguf), None)
-
-
 def test_gguf_holds_the_planned_types_bytes_and_exact_math(tiny, tiny_gguf, tmp_path):
     import gguf
 

@@ -108,10 +108,12 @@ def write_gguf(model, plan, quantizer, out: Path, source: str | Path, progress: 
     from tqdm.auto import tqdm
 
     from mpsearch.artifacts import require_rtn
+    from mpsearch.quant.gptq import GPTQ
     from mpsearch.quant.imatrix import Imatrix
     from mpsearch.quant.llama_cpp import quantize_rows
 
-    if not isinstance(quantizer, Imatrix):  # llama-quantize's math: with an imatrix, or the reference
+    gptq = isinstance(quantizer, GPTQ)  # GPTQ on llama.cpp's blocks: its own bytes (mpsearch.quant.gptq_gguf)
+    if not (gptq or isinstance(quantizer, Imatrix)):  # llama-quantize's math: with an imatrix, or the reference
         require_rtn(quantizer, "llama.cpp")
     if source is None:
         raise MpsearchError(
@@ -147,8 +149,11 @@ def write_gguf(model, plan, quantizer, out: Path, source: str | Path, progress: 
         w = unit.weight.detach()
         perm = row_order(model, t.name, arch, w.shape[0])
         check_weight(w, t, perm, unit.name)
-        importance = quantizer.importance(unit) if isinstance(quantizer, Imatrix) else None
-        packed, _ = quantize_rows(w.float().reshape(w.shape[0], -1), parse_option(qtype), importance)
+        if gptq:
+            packed, _ = quantizer.packed(unit, parse_option(qtype))
+        else:
+            importance = quantizer.importance(unit) if isinstance(quantizer, Imatrix) else None
+            packed, _ = quantize_rows(w.float().reshape(w.shape[0], -1), parse_option(qtype), importance)
         writer.write_tensor_data(np.ascontiguousarray(packed.cpu().numpy()[np.argsort(perm)]))
     writer.close()
     return {"arch": arch, "tensor_bytes": sizes}

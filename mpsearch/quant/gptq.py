@@ -116,38 +116,52 @@ def damped(h: torch.Tensor, damp: float, act_order: bool, device=None) -> tuple[
 def quantize_with(w: torch.Tensor, f: Factor, option: Option, block_size: int = 128) -> torch.Tensor:
     """GPTQ of ``w`` with a layer's ``factor``: Q(w) on ``option``'s grid, in w's shape and dtype."""
     grid = grid_of(option)
-    W = w.detach().reshape(w.shape[0], -1).float().clone()
+    group = getattr(grid, "group_size", None) or option.group_size
+    values, _, _ = gptq_columns(w.detach().reshape(w.shape[0], -1), f, grid, block_size, group)
+    return values.reshape(w.shape).to(w.dtype)
+
+
+def gptq_columns(w: torch.Tensor, f: Factor, grid, block_size: int = 128, group: int | None = None):
+    """GPTQ's column loop over ``w`` (out, in) on ``grid``: (Q(w) float32 (out, in); each group's fit, by
+    group; the stored index of every weight (out, in), or None where the grid's ``snap`` gives none).
+
+    Groups of ``group`` columns (default: the grid's ``group_size``; None: the whole row) are fixed by the
+    original column order (act_order keeps them); a group's grid is fitted when its first column comes up,
+    on its columns in their original order as updated so far. ``grid.snap(column, fit, k)`` -> (values,
+    indices or None) quantizes the group's column ``k``."""
+    W = w.detach().float().clone()
     n, perm, hinv = W.shape[1], f.perm, f.hinv
+    group = group or getattr(grid, "group_size", None) or n
     W[:, f.dead] = 0
     W = W[:, perm]
+    at = torch.argsort(perm)  # original column -> position in GPTQ's order
     diag = hinv.diagonal().tolist()
     Q = torch.zeros_like(W)
-    # groups are fixed by the original column order (act_order keeps them); a group's grid is fitted when its
-    # first column comes up, on its columns as updated so far
-    group_of = (perm // (option.group_size or n)).tolist()
-    members: dict[int, list[int]] = {}
-    for pos, g in enumerate(group_of):
-        members.setdefault(g, []).append(pos)
-    params: dict[int, tuple] = {}
+    idx: torch.Tensor | None = None
+    order = perm.tolist()
+    fits: dict[int, object] = {}
     for start in range(0, n, block_size):
         end = min(start + block_size, n)
         W1, err = W[:, start:end].clone(), torch.zeros(W.shape[0], end - start, device=W.device)
         for i in range(end - start):
-            g = group_of[start + i]
-            if g not in params:
-                here = [p - start for p in members[g] if start + i <= p < end]
-                later = [p for p in members[g] if p >= end]
-                params[g] = grid.fit(torch.cat([W1[:, here], W[:, later]], 1))
-            scale, zero, decode = params[g]
+            g, k = divmod(order[start + i], group)
+            if g not in fits:  # none of its columns is quantized yet: they are in this block or later
+                pos = at[g * group : min(n, (g + 1) * group)]
+                cols = W[:, pos]
+                here = pos < end
+                cols[:, here] = W1[:, pos[here] - start]
+                fits[g] = grid.fit(cols)
             col = W1[:, i]
-            q = (torch.clamp(torch.round(col / scale) + zero, grid.lo, grid.hi) - zero) * decode
+            q, stored = grid.snap(col, fits[g], k)
+            if stored is not None:
+                idx = torch.zeros(W.shape, dtype=torch.int16, device=W.device) if idx is None else idx
+                idx[:, start + i] = stored
             Q[:, start + i] = q
             e = (col - q) / diag[start + i]
             W1[:, i:].addr_(e, hinv[start + i, start + i : end], alpha=-1)
             err[:, i] = e
         W[:, end:] -= err @ hinv[start:end, end:]
-    Q = Q[:, torch.argsort(perm)]
-    return Q.reshape(w.shape).to(w.dtype)
+    return Q[:, at], fits, (None if idx is None else idx[:, at])
 
 
 class GPTQ(Quantizer):
@@ -312,6 +326,19 @@ class GPTQ(Quantizer):
 
             return quantize_weight(unit.weight, option)
         return quantize_with(unit.weight, f, option, self.block_size)
+
+    def packed(self, unit, option: Option | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the bytes a GGUF holds, their decoded values) of ``unit`` in llama.cpp type ``option``: GPTQ on
+        llama.cpp's blocks (``mpsearch.quant.gptq_gguf``), or for a unit GPTQ does not cover llama-quantize's
+        reference; the values equal ``quantize(unit, option)``'s."""
+        from mpsearch.quant.gptq_gguf import packed_with
+        from mpsearch.quant.llama_cpp import quantize_rows
+
+        option = parse_option(option) if isinstance(option, str) else option
+        grid_of(option)
+        f = self._factor(unit)
+        rows = unit.weight.detach().reshape(unit.weight.shape[0], -1)
+        return quantize_rows(rows, option) if f is None else packed_with(rows, f, option, self.block_size)
 
     def hessian(self, unit, shrunk: bool = True) -> torch.Tensor | None:
         """The Hessian of the unit's inputs (in, in), in its weight's column order, float32 on its device (None:

@@ -53,7 +53,7 @@ def quantize_rows(rows, option: Option, imatrix=None) -> tuple[torch.Tensor, tor
     """(bytes (n, row / block * block_bytes) uint8 as llama.cpp stores them, their decoded float32 values
     (n, row)) for rows (a tensor on any device, or an array) whose length is a multiple of the type's block
     size; ``imatrix``: the columns' importance (row,) or None. Both results are on the rows' device."""
-    rows = (rows if isinstance(rows, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(rows))).float()
+    rows = (rows.detach() if isinstance(rows, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(rows))).float()
     qw = None if imatrix is None else torch.as_tensor(imatrix, dtype=torch.float32, device=rows.device)
     fn = QUANTIZERS[option.name]
     extra = {}

@@ -19,6 +19,22 @@ from mpsearch.core.errors import MpsearchError
 SCALE_BITS = 16  # scales (and HQQ's zeros) are stored as fp16/bf16
 
 
+class UniformGrid:
+    """A grid GPTQ's column loop quantizes on: integers ``lo`` ... ``hi``; ``fit(cols)`` (a group's columns,
+    rows first) -> (scale, zero, decode scale) per row; a column x is stored as q = clamp(round(x / scale) +
+    zero, lo, hi) and decoded as (q - zero) * decode. Subclasses set ``lo``, ``hi`` and ``fit``."""
+
+    lo: int
+    hi: int
+
+    def snap(self, col, fit, k: int):
+        """(decoded values, None: no stored index is kept) of column ``k`` of a group with ``fit``."""
+        import torch
+
+        scale, zero, decode = fit
+        return (torch.clamp(torch.round(col / scale) + zero, self.lo, self.hi) - zero) * decode, None
+
+
 class Runtime(ABC):
     """One runtime (see the module docstring). ``name``: the target name; ``family``: the ``Option.runtime``
     of the options it owns; ``prefix``: what turns a bare option name into this family's (``int4_g32`` ->
@@ -84,9 +100,11 @@ class Runtime(ABC):
         return None
 
     def gptq_grid(self, option):
-        """The grid GPTQ's column loop quantizes ``option`` on, or None (GPTQ cannot): an object with ``lo``,
-        ``hi`` (the stored integer range) and ``fit(cols)`` -> (scale, zero, decode scale) per row of the
-        (rows, columns) block it is given, e.g. ``native.IntGrid``, ``gptqmodel.GPTQGrid``."""
+        """The grid GPTQ's column loop quantizes ``option`` on, or None (GPTQ cannot): an object with
+        ``fit(cols)`` (a group's columns in their original order -> its fit) and ``snap(col, fit, k)`` (->
+        values and stored indices or None), e.g. a ``UniformGrid`` (``native.IntGrid``,
+        ``gptqmodel.GPTQGrid``) or ``mpsearch.quant.gptq_gguf.BlockGrid`` (with ``group_size``: a GGUF
+        block)."""
         return None
 
     # -- as a target: options searched and written ---------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 
-from mpsearch.runtimes.base import SCALE_BITS, Runtime
+from mpsearch.runtimes.base import SCALE_BITS, Runtime, UniformGrid
 
 _RE = re.compile(r"^gptq:int(?P<bits>[1-8])(?:_g(?P<group>[1-9][0-9]*))?(?P<asym>_asym)?$")
 BITS = (2, 3, 4, 8)
@@ -40,7 +40,7 @@ def dequantized(x, scale, zero, option):
     return scale.half().float() * (q - zero)
 
 
-class GPTQGrid:
+class GPTQGrid(UniformGrid):
     """GPTQ's column loop on this grid: rounds with the float32 scale, decodes with the fp16 one."""
 
     def __init__(self, option) -> None:

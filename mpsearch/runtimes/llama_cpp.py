@@ -155,6 +155,13 @@ class LlamaCpp(Runtime):
             imatrix = None if imatrix is None else torch.nn.functional.pad(imatrix, (0, pad))
         return self.fake_quantize(rows, option, imatrix)[:, : w[0].numel()].reshape(w.shape)
 
+    def gptq_grid(self, option):
+        """GPTQ's grid for the types ``mpsearch.quant.gptq_gguf`` covers: llama.cpp's blocks and decoder, the
+        levels chosen with GPTQ's error feedback (None for the k-quants and the grid i-quants)."""
+        from mpsearch.quant.gptq_gguf import TYPES, BlockGrid
+
+        return BlockGrid(option) if option.name in TYPES else None
+
     def reference(self, w, option, imatrix=None):
         """ggml's row size (``gguf.GGML_QUANT_SIZES``) and gguf's own decoder of the bytes mpsearch writes
         (for Q4_0 ... Q8_0 without an imatrix also gguf's own quantizer: an independent path)."""

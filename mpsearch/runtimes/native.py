@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 from mpsearch.core.options import DEFAULT_OPTIONS
-from mpsearch.runtimes.base import SCALE_BITS, Runtime
+from mpsearch.runtimes.base import SCALE_BITS, Runtime, UniformGrid
 
 FP4_DEFAULT_GROUP = 32
 _FP_FORMATS = {"fp8_e4m3": (8, 4, 3), "fp8_e5m2": (8, 5, 2), "fp4_e2m1": (4, 2, 1)}
@@ -16,7 +16,7 @@ _INT_RE = re.compile(r"^int(?P<bits>[2-8])(?:_g(?P<group>[1-9][0-9]*))?(?P<asym>
 _FP_RE = re.compile(r"^(?P<fmt>fp8_e4m3|fp8_e5m2|fp4_e2m1)(?:_g(?P<group>[1-9][0-9]*))?$")
 
 
-class IntGrid:
+class IntGrid(UniformGrid):
     """mpsearch's integer grid as GPTQ's column loop uses it: ``fit(cols)`` -> (scale, zero, decode scale) per
     row with fp16 scales; a column x is stored as q = clamp(round(x / scale) + zero, lo, hi)."""
 

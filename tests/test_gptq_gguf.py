@@ -1,0 +1,122 @@
+"""GPTQ on llama.cpp's GGUF types (``mpsearch.quant.gptq_gguf``): the bytes GGUF holds, decoded by the ``gguf``
+package's own dequantizer, are exactly the values GPTQ searched with; with uncorrelated inputs (no error to
+feed back) every weight takes the nearest level of llama-quantize's own block scales; with correlated inputs
+the layer's output error is lower than llama-quantize's round to nearest; a written GGUF reloads as the GPTQ
+model."""
+
+import numpy as np
+import pytest
+import torch
+
+import mpsearch
+from mpsearch.core import BitPlan, parse_option
+from mpsearch.quant.gptq import GPTQ, factor, gptq_quantize, reconstruction_error
+from mpsearch.quant.gptq_gguf import SUB, TYPES, BlockGrid, packed_with
+from mpsearch.quant.llama_cpp import ggml_type, quantize_rows
+from mpsearch.runtimes.llama_cpp import tensor_bytes
+
+
+def _weights(seed: int, rows: int = 12, cols: int = 512) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * torch.linspace(0.2, 2.0, cols)  # columns of different scales
+    w[0, :40] = 0.0  # an all-zero block: scale 0
+    w[1, 5] = 12.0  # an outlier
+    return w
+
+
+def _decoded(packed: torch.Tensor, option) -> torch.Tensor:
+    import gguf
+
+    values = gguf.quants.dequantize(packed.numpy(), ggml_type(option))
+    return torch.from_numpy(np.ascontiguousarray(values)).reshape(packed.shape[0], -1)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_without_feedback_each_weight_takes_the_nearest_level_of_llamacpps_own_scales(name):
+    option = parse_option(name)
+    w = _weights(0)
+    h = torch.diag(torch.linspace(0.5, 2.0, w.shape[1]))  # uncorrelated inputs: GPTQ feeds no error forward
+    packed, values = packed_with(w, factor(h, 0.01, True), option)
+    assert packed.dtype == torch.uint8 and packed.numel() == tensor_bytes(tuple(w.shape), name)
+    assert torch.equal(_decoded(packed, option), values)  # llama.cpp's decoder reads exactly what GPTQ chose
+    assert torch.equal(gptq_quantize(w, h, option), values)  # the fake quantization searched is the same math
+    grid = BlockGrid(option)
+    reference, _ = quantize_rows(w, option)
+    block = option.block_size
+    head = grid.layout.head
+    for b in range(w.shape[1] // block):
+        fit = grid.fit(w[:, b * block : (b + 1) * block])
+        nbytes = option.block_bytes
+        # the block's scale fields are llama-quantize's own for these weights
+        assert torch.equal(packed[:, b * nbytes : b * nbytes + head], reference[:, b * nbytes : b * nbytes + head])
+        levels = torch.tensor(grid.layout.levels, dtype=torch.float32)
+        sub = torch.arange(block) // SUB
+        every = levels[None, None, :] * fit.scale[:, sub, None] + fit.offset[:, sub, None]  # (rows, block, levels)
+        x = w[:, b * block : (b + 1) * block]
+        nearest = (every - x[..., None]).abs().amin(-1)
+        assert torch.equal((values[:, b * block : (b + 1) * block] - x).abs(), nearest), (name, b)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_with_correlated_inputs_gptq_beats_llamacpps_round_to_nearest_on_the_same_format(name):
+    option = parse_option(name)
+    g = torch.Generator().manual_seed(1)
+    n = 512
+    mix = torch.randn(n, n, generator=g) / n**0.5 + torch.eye(n)
+    x = torch.randn(4 * n, n, generator=g) @ mix  # correlated input columns
+    h = x.T @ x / x.shape[0]
+    w = _weights(2, rows=16, cols=n)
+    gptq = gptq_quantize(w, h, option)
+    rtn = quantize_rows(w, option)[1]
+    assert reconstruction_error(w, h, gptq) < 0.8 * reconstruction_error(w, h, rtn), name
+
+
+def test_gptq_refuses_the_types_it_has_no_grid_for():
+    w = _weights(0)
+    for name in ("q4_k", "q6_k", "iq3_s", "iq2_xs"):
+        with pytest.raises(mpsearch.MpsearchError, match=f"quantizer 'gptq' has no grid for option '{name}'"):
+            gptq_quantize(w, torch.eye(w.shape[1]), parse_option(name))
+
+
+def test_a_gptq_gguf_reloads_as_the_searched_gptq_model(tiny, tiny_gguf, tmp_path):
+    import gguf
+
+    from mpsearch.artifacts.gguf_file import row_order
+    from mpsearch.layers import unit_map
+    from mpsearch.models.local import load_local
+    from mpsearch.quant.apply import swapped
+    from mpsearch.runtimes.llama_cpp import tensors_of
+
+    model = tiny.model
+    batches = [{"input_ids": torch.randint(0, 4000, (2, 48), generator=torch.Generator().manual_seed(i))} for i in
+               range(4)]  # fmt: skip
+    q = GPTQ(model, batches, progress=False)
+    infos, _ = mpsearch.discover(model)
+    small = ("q4_0", "iq4_nl", "q5_1", "q8_0", "q4_1", "q5_0")
+    plan = BitPlan(
+        {i.name: "iq4_xs" if i.shape[1] % 256 == 0 else small[k % len(small)] for k, i in enumerate(infos)},
+        provenance={"runtime": "llama.cpp", "aliases": {i.name: list(i.aliases) for i in infos if i.aliases}},
+    )
+    out = tmp_path / "gptq.gguf"
+    info = mpsearch.quantize(model, plan, out, source=tiny_gguf, quantizer=q, progress=False)
+    assert info["tensor_bytes"] == info["charged_bytes"]
+    assert [p.rsplit(".", 2)[-2:] for p in info["side_files"]] == [["tensor-types", "txt"]]  # no imatrix file
+    written = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    units = unit_map(model)
+    searched = {}
+    for layer, name in tensors_of(plan).items():
+        t, w = written[name], units[layer].weight
+        perm = row_order(model, name, "llama", w.shape[0])
+        decoded = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type)))
+        mine = q.quantize(units[layer], plan[layer]).reshape(w.shape[0], -1)
+        assert torch.equal(decoded.reshape(w.shape[0], -1)[perm], mine), layer
+        searched[units[layer]] = mine.reshape(w.shape)
+        if plan[layer] in ("q4_0", "iq4_nl", "iq4_xs"):  # not round to nearest (the model's weights are Q4_1's
+            # grid, which q4_1, q5_1 and q8_0 may recover exactly either way)
+            rtn = quantize_rows(w.reshape(w.shape[0], -1), parse_option(plan[layer]))[1]
+            assert not torch.equal(mine, rtn), layer
+    x = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad(), swapped(model, searched) as fake:
+        expected = fake(x).logits
+    with torch.no_grad():
+        assert torch.equal(load_local(str(out), None).model(x).logits, expected)
