@@ -120,3 +120,42 @@ def test_a_gptq_gguf_reloads_as_the_searched_gptq_model(tiny, tiny_gguf, tmp_pat
         expected = fake(x).logits
     with torch.no_grad():
         assert torch.equal(load_local(str(out), None).model(x).logits, expected)
+
+
+def test_cli_gptq_search_then_quantize_rebuilds_it_from_calib(tiny, tiny_gguf, text, tmp_path, capsys, monkeypatch):
+    """``search --target llama.cpp --quantizer gptq`` then ``quantize`` with the same ``--calib`` rebuilds the
+    very GPTQ (the cache emptied first) and writes its values; with neither text nor cache it refuses in one
+    line. By default the target searches the types GPTQ has a grid for."""
+    import gguf
+
+    from mpsearch.cli import main
+    from mpsearch.context import SearchContext
+    from mpsearch.layers import unit_map
+    from mpsearch.quant.quantizer import for_plan
+    from mpsearch.runtimes.llama_cpp import tensors_of
+
+    data = ["--model", str(tiny_gguf), "--calib", str(text), "--seq-len", "64", "--n-calib", "4", "--n-eval", "2"]
+    plan_path = tmp_path / "plan.json"
+    argv = ["search", *data, "--target", "llama.cpp", "--quantizer", "gptq", "--options", "q4_0,iq4_xs,q8_0",
+            "--avg-bits", "5.5", "--estimator", "sqnr", "--refine", "0", "--no-safe", "--exclude", "lm_head", "--out",
+            str(plan_path)]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    plan = BitPlan.load(plan_path)
+    assert plan.provenance["quantizer"]["name"] == "gptq" and "iq4_xs" in plan.assignments.values()
+    monkeypatch.setenv("MPSEARCH_CACHE", str(tmp_path / "empty-cache"))
+    out = tmp_path / "gptq.gguf"
+    with pytest.raises(mpsearch.MpsearchError, match="CLI: --calib with the text"):  # nothing cached, no text
+        mpsearch.quantize(tiny.model, plan, out, source=tiny_gguf, progress=False)
+    assert not out.exists()
+    assert main(["quantize", str(plan_path), *data, "--out", str(out)]) == 0
+    batches = [{"input_ids": torch.randint(0, 1000, (1, 16))}]
+    context = SearchContext.resolve(tiny.model, batches, target="llama.cpp", quantizer="gptq", safe=False)
+    assert sorted(context.options) == sorted(TYPES)  # the target's defaults GPTQ has a grid for
+    q = for_plan(tiny.model, plan, None, None)  # the GPTQ quantize rebuilt, now cached under its spec
+    assert q.spec() == plan.provenance["quantizer"]
+    units = unit_map(tiny.model)
+    written = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    layer, name = next((k, v) for k, v in tensors_of(plan).items() if k == "model.layers.1.mlp.down_proj")
+    decoded = gguf.quants.dequantize(written[name].data, written[name].tensor_type)
+    assert torch.equal(torch.from_numpy(np.ascontiguousarray(decoded)), q.quantize(units[layer], plan[layer]))

@@ -228,7 +228,8 @@ def for_plan(model, plan, quantizer=None, calibration: Iterable | None = None, w
         raise MpsearchError(
             f"this plan was searched with {spec_label(spec)} on calibration data {spec.get('calibration')}, which "
             f"is neither given nor cached, so it cannot {what} it with the searched math",
-            "pass calibration= the data given to search (or quantizer= the instance it was searched with)",
+            "pass calibration= the data given to search (or quantizer= the instance it was searched with; CLI: "
+            "--calib with the text and --seq-len/--n-calib given to search)",
         )
     batches = calibration_split(plan, calibration, spec)
     return build(model, batches, spec["params"])
