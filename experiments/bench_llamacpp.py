@@ -48,8 +48,9 @@ SMALL = [
 LOW_BUDGETS = [3.0, 3.5, 4.0, 4.5]
 SPEED_TYPES = ["q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "q3_k", "q2_k", "iq4_xs"]
 GRID_IQ = ["iq3_s", "iq3_xxs", "iq2_s", "iq2_xs"]  # the grid i-quants (mpsearch/quant/iquants_grid.py)
-# plans are solved twice from one table: with every type, and without the grid i-quants (what they buy)
-PLAN_SETS = {"all": None, "no-grid-iq": GRID_IQ}
+# plan set -> (quantizer, types left out): the imatrix table solved with every type and without the grid
+# i-quants (what they buy), and GPTQ on llama.cpp's blocks (mpsearch.quant.gptq_gguf: the types it has a grid for)
+PLAN_SETS = {"all": ("imatrix", None), "no-grid-iq": ("imatrix", GRID_IQ), "gptq": ("gptq", None)}
 
 
 class Results:
@@ -177,29 +178,38 @@ def phase_recipes(results: Results, binary: Path, f32: Path, work: Path, texts: 
 def phase_plans(results: Results, binary: Path, source: Path, model, calib, work: Path, texts: dict, args) -> None:
     import mpsearch
     from mpsearch.core import CostTable
+    from mpsearch.quant.gptq import GPTQ
     from mpsearch.quant.imatrix import Imatrix
+
+    sets = args.plan_sets.split(",")
 
     def todo() -> list[tuple[str, float]]:  # the recipes phase may still be adding rows (run in another process)
         results.rows = Results(results.path).rows
         recipe_bpw = {r["bpw"] for r in results.rows if r.get("phase") == "recipes" and r["recipe"] != "F32"}
         budgets = sorted(set(LOW_BUDGETS) | recipe_bpw)
-        return [(s, b) for b in budgets for s in PLAN_SETS if not results.done(f"plan/{s}/{b:.4f}")]  # small first
+        return [(s, b) for b in budgets for s in sets if not results.done(f"plan/{s}/{b:.4f}")]  # small first
 
-    if not todo():
-        return
-    start = time.perf_counter()
-    quantizer = Imatrix(model, calib)
-    table = mpsearch.estimate(model, calib, target="llama.cpp", quantizer=quantizer, estimator=args.estimator)
-    emit(phase="plans", step="table", seconds=round(time.perf_counter() - start, 1), estimator=args.estimator)
-    tables = {
-        name: table if left_out is None else CostTable(table.frame[~table.frame.option.isin(left_out)], table.meta)
-        for name, left_out in PLAN_SETS.items()
-    }
+    built: dict[str, tuple] = {}  # quantizer name -> (quantizer, its llama.cpp-target table), made when first needed
+
+    def table_of(plan_set: str):
+        kind, left_out = PLAN_SETS[plan_set]
+        if kind not in built:
+            start = time.perf_counter()
+            quantizer = Imatrix(model, calib) if kind == "imatrix" else GPTQ(model, calib)
+            table = mpsearch.estimate(model, calib, target="llama.cpp", quantizer=quantizer, estimator=args.estimator)
+            emit(phase="plans", step="table", quantizer=kind, seconds=round(time.perf_counter() - start, 1),
+                 estimator=args.estimator)  # fmt: skip
+            built[kind] = (quantizer, table)
+        quantizer, table = built[kind]
+        return quantizer, table if left_out is None else CostTable(table.frame[~table.frame.option.isin(left_out)],
+                                                                   table.meta)  # fmt: skip
+
     while jobs := todo():
         plan_set, budget = jobs[0]
         key = f"plan/{plan_set}/{budget:.4f}"
+        quantizer, table = table_of(plan_set)
         try:
-            plan = mpsearch.solve(tables[plan_set], mpsearch.Budget(avg_bits=budget)).plan
+            plan = mpsearch.solve(table, mpsearch.Budget(avg_bits=budget)).plan
         except mpsearch.MpsearchError as err:  # e.g. under the smallest size this model's rows allow
             results.add(key=key, phase="plans", plan_set=plan_set, budget_bpw=budget, infeasible=str(err))
             continue
@@ -211,9 +221,9 @@ def phase_plans(results: Results, binary: Path, source: Path, model, calib, work
         counts: dict[str, int] = {}
         for option in plan.assignments.values():
             counts[option] = counts.get(option, 0) + 1
-        results.add(key=key, phase="plans", plan_set=plan_set, budget_bpw=budget, bpw=round(weight_bpw(out), 4),
-                    perplexity=ppl, types=counts, quantize_s=round(time.perf_counter() - t0, 1),
-                    peak_rss_mib=round(peak_rss_mib()))  # fmt: skip
+        results.add(key=key, phase="plans", plan_set=plan_set, quantizer=quantizer.label(), budget_bpw=budget,
+                    bpw=round(weight_bpw(out), 4), perplexity=ppl, types=counts,
+                    quantize_s=round(time.perf_counter() - t0, 1), peak_rss_mib=round(peak_rss_mib()))  # fmt: skip
         for path in [out, *map(Path, info["side_files"])]:
             path.unlink(missing_ok=True)
 
@@ -247,9 +257,9 @@ def markdown(results: Results) -> str:
         (r["plan_set"], r["budget_bpw"]): r for r in results.rows if r.get("phase") == "plans" and "perplexity" in r
     }
     lines = [
-        f"| recipe | bpw | llama.cpp | + imatrix | mpsearch (bpw) | vs + imatrix (f32 {f32:.2f}) | "
-        "mpsearch without the grid i-quants |",
-        "|---|---|---|---|---|---|---|",
+        f"| recipe | bpw | llama.cpp | + imatrix | mpsearch imatrix (bpw) | vs + imatrix (f32 {f32:.2f}) | "
+        "mpsearch imatrix, no grid i-quants | mpsearch GPTQ (bpw) | GPTQ vs + imatrix |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     seen = set()
     for r in sorted(recipes, key=lambda r: -r["bpw"]):
@@ -259,15 +269,20 @@ def markdown(results: Results) -> str:
         seen.add((name, True))
         plain = next((x for x in recipes if x["recipe"] == r["recipe"] and x["token_embedding"] ==
                       r["token_embedding"] and not x["imatrix"]), None)  # fmt: skip
-        plan, fewer = plans.get(("all", r["bpw"])), plans.get(("no-grid-iq", r["bpw"]))
-        mine = f"{plan['perplexity']:.2f} ({plan['bpw']:.2f})" if plan else "-"
-        mine_fewer = f"{fewer['perplexity']:.2f} ({fewer['bpw']:.2f})" if fewer else "-"
-        win = ""
-        if plan:
-            win = "lower" if plan["perplexity"] < r["perplexity"] else "higher"
-            win += f"; increase x{(plan['perplexity'] - f32) / (r['perplexity'] - f32):.2f}"
+        plan, fewer, gptq = (plans.get((s, r["bpw"])) for s in ("all", "no-grid-iq", "gptq"))
+
+        def cell(p) -> str:
+            return f"{p['perplexity']:.2f} ({p['bpw']:.2f})" if p else "-"
+
+        def versus(p, recipe=r) -> str:
+            if not p:
+                return ""
+            word = "lower" if p["perplexity"] < recipe["perplexity"] else "higher"
+            return f"{word}; increase x{(p['perplexity'] - f32) / (recipe['perplexity'] - f32):.2f}"
+
         without = f"{plain['perplexity']:.2f}" if plain else "-"
-        lines.append(f"| {name} | {r['bpw']:.2f} | {without} | {r['perplexity']:.2f} | {mine} | {win} | {mine_fewer} |")
+        lines.append(f"| {name} | {r['bpw']:.2f} | {without} | {r['perplexity']:.2f} | {cell(plan)} | {versus(plan)} | "
+                     f"{cell(fewer)} | {cell(gptq)} | {versus(gptq)} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -284,11 +299,16 @@ def plot(results: Results, path: Path) -> None:
         for r in rows:
             name = r["recipe"] + (f"/{r['token_embedding']}" if r["token_embedding"] else "")
             ax.annotate(name, (r["bpw"], r["perplexity"]), fontsize=6, alpha=0.7)
-    for plan_set, style, label in (("all", "-s", "mpsearch plan"), ("no-grid-iq", ":^", "mpsearch, no grid i-quants")):
+    lines = (
+        ("all", "-s", "C3", "mpsearch plan, imatrix"),
+        ("no-grid-iq", ":^", "C3", "mpsearch, imatrix, no grid i-quants"),
+        ("gptq", "-D", "C2", "mpsearch plan, GPTQ on llama.cpp's blocks"),
+    )
+    for plan_set, style, color, label in lines:
         plans = sorted(
             (r for r in results.rows if r.get("plan_set") == plan_set and "bpw" in r), key=lambda r: r["bpw"]
         )
-        ax.plot([r["bpw"] for r in plans], [r["perplexity"] for r in plans], style, color="C3", label=label)
+        ax.plot([r["bpw"] for r in plans], [r["perplexity"] for r in plans], style, color=color, label=label)
     f32 = next((r["perplexity"] for r in results.rows if r.get("key") == "f32"), None)
     if f32:
         ax.axhline(f32, color="grey", ls=":", label="f32")
@@ -311,6 +331,7 @@ def main() -> int:
     parser.add_argument("--chunks", type=int, default=32, help="llama-perplexity chunks of the evaluation text")
     parser.add_argument("--calib-chunks", type=int, default=16, help="calibration chunks (imatrix, table)")
     parser.add_argument("--estimator", default="fisher")
+    parser.add_argument("--plan-sets", default=",".join(PLAN_SETS), help=f"plans made (of {', '.join(PLAN_SETS)})")
     args = parser.parse_args()
     phases = set(args.phases.split(","))
 

@@ -3,7 +3,9 @@
 For a plan that gives the model's tensors every llama.cpp type their rows allow (legacy, k-quants, i-quants;
 IQ3_XXS, IQ2_S and IQ2_XS only with an importance matrix, as llama-quantize makes them), written three ways:
 without an importance matrix, with the imatrix mpsearch collects from the calibration text, and with the one
-``llama-imatrix`` computes from the same text (read back by mpsearch):
+``llama-imatrix`` computes from the same text (read back by mpsearch); and a fourth, with GPTQ on llama.cpp's
+blocks (``mpsearch.quant.gptq_gguf``, the types it has a grid for), checked by 1. and 3. only (its levels are
+GPTQ's, not llama-quantize's round to nearest):
 1. the written GGUF holds each planned tensor in its planned type, in ggml's row size, and every other
    tensor as the source held it;
 2. ``llama-quantize --tensor-type-file`` (the file written beside it; ``--imatrix`` the imatrix file written
@@ -120,6 +122,7 @@ def main() -> int:
     from mpsearch.models.smollm2 import gguf_path
     from mpsearch.models.sources import corpus_sentences
     from mpsearch.quant.apply import quantized_weights, swapped
+    from mpsearch.quant.gptq import GPTQ
     from mpsearch.quant.imatrix import Imatrix
     from mpsearch.quant.quantizer import RTN
     from mpsearch.runtimes.llama_cpp import GGUF_TYPES
@@ -159,7 +162,9 @@ def main() -> int:
     mine_f32 = second_half_perplexity(model, scored)
     emit(check="f32", llama_perplexity=ppl_f32, mpsearch_perplexity=mine_f32)
     failures = 0
-    for label, quantizer in (("reference", RTN()), ("imatrix", mine_im), ("llama-imatrix", theirs_im)):
+    gptq = GPTQ(model, [{"input_ids": row[None]} for row in calib])
+    ways = (("reference", RTN()), ("imatrix", mine_im), ("llama-imatrix", theirs_im), ("gptq", gptq))
+    for label, quantizer in ways:
         out = work / f"mixed-{label}.gguf"
         plan = cycling_plan(quantizer)
         start = time.perf_counter()
@@ -170,14 +175,15 @@ def main() -> int:
         failures += verdict(check="planned types and bytes", quantizer=label, seconds=seconds, types=types,
                             bits_per_weight=info["bits_per_weight"], ok=not bad)  # fmt: skip
 
-        theirs_path = work / f"llama-quantize-{label}.gguf"
-        cmd = [str(binary / "llama-quantize"), "--allow-requantize", "--tensor-type-file", info["side_files"][0]]
-        if label != "reference":
-            cmd += ["--imatrix", info["side_files"][1] if label == "imatrix" else str(theirs_file)]
-        run([*cmd, str(source), str(theirs_path), "q8_0", "2"])
-        per_type, differ = same_bytes(out, theirs_path)
-        failures += verdict(check="bytes equal llama-quantize's", quantizer=label, per_type=per_type, differ=differ,
-                            ok=not differ)  # fmt: skip
+        if label != "gptq":  # GPTQ's levels are not llama-quantize's round to nearest: checked by the score only
+            theirs_path = work / f"llama-quantize-{label}.gguf"
+            cmd = [str(binary / "llama-quantize"), "--allow-requantize", "--tensor-type-file", info["side_files"][0]]
+            if label != "reference":
+                cmd += ["--imatrix", info["side_files"][1] if label == "imatrix" else str(theirs_file)]
+            run([*cmd, str(source), str(theirs_path), "q8_0", "2"])
+            per_type, differ = same_bytes(out, theirs_path)
+            failures += verdict(check="bytes equal llama-quantize's", quantizer=label, per_type=per_type,
+                                differ=differ, ok=not differ)  # fmt: skip
 
         ppl = perplexity(binary, out, eval_text, args.ctx, args.chunks)
         with swapped(model, quantized_weights(model, plan, quantizer)):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from mpsearch.quant.ggml_math import div, div0, f16
+
 
 def emit(**row) -> None:
     print(json.dumps(row), flush=True)
@@ -112,7 +114,7 @@ VEC_DOT_BLOCK = {"q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32, "q8_0": 32, "iq
 
 
 def _q8(x: torch.Tensor, block: int) -> torch.Tensor:
-    """quantize_row_q8_0 (block 32: d = max|x| / 127, round) or quantize_row_q8_K (block 256: the scale from the
+    """quantize_row_q8_0 (block 32: fp16 d = max|x| / 127, round) or quantize_row_q8_K (block 256: the scale from the
     signed extreme, -127 / max, clamped to 127), decoded back to float32, over the last axis."""
     shape = x.shape
     b = x.float().reshape(-1, block)
@@ -120,11 +122,11 @@ def _q8(x: torch.Tensor, block: int) -> torch.Tensor:
     vmax = b.gather(-1, idx)
     if block == 32:  # the AVX2 path: id = 127 / max, rounded to nearest even
         amax = vmax.abs()
-        q = torch.round(b * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))
-        return (q * (amax / 127)).reshape(shape).to(x.dtype)
-    iscale = torch.where(vmax != 0, -127 / vmax, torch.zeros_like(vmax))
+        q = torch.round(b * div0(torch.full_like(amax, 127.0), amax))
+        return (q * f16(div(amax, 127))).reshape(shape).to(x.dtype)  # block_q8_0 keeps d as fp16
+    iscale = div0(torch.full_like(vmax, -127.0), vmax)
     q = torch.clamp(torch.round(iscale * b), max=127)
-    return (q * torch.where(iscale != 0, 1 / iscale, torch.zeros_like(iscale))).reshape(shape).to(x.dtype)
+    return (q * div0(torch.ones_like(iscale), iscale)).reshape(shape).to(x.dtype)
 
 
 def rounded_inputs(model, plan):

@@ -88,6 +88,7 @@ class BlockGrid:
         self.option, self.layout = option, LAYOUTS[option.name]
         self.group_size = option.block_size
         self.uniform = self.layout.levels == tuple(range(self.layout.levels[0], self.layout.levels[-1] + 1))
+        self._levels: dict = {}
 
     def fit(self, block: torch.Tensor) -> Fit:
         from mpsearch.quant.llama_cpp import quantize_rows
@@ -102,7 +103,9 @@ class BlockGrid:
 
     def snap(self, col: torch.Tensor, fit: Fit, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(decoded values, stored indices) of the block's column ``k``: the level nearest to each weight."""
-        levels = torch.tensor(self.layout.levels, dtype=F32, device=col.device)
+        levels = self._levels.get(col.device)
+        if levels is None:  # made once per device (snap runs once per column)
+            levels = self._levels[col.device] = torch.tensor(self.layout.levels, dtype=F32, device=col.device)
         scale, offset = fit.scale[:, k // SUB], fit.offset[:, k // SUB]
         y = torch.where(scale != 0, (col - offset) / torch.where(scale != 0, scale, 1.0), 0.0)
         if self.uniform:
