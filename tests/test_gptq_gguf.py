@@ -122,6 +122,7 @@ def test_a_gptq_gguf_reloads_as_the_searched_gptq_model(tiny, tiny_gguf, tmp_pat
         assert torch.equal(load_local(str(out), None).model(x).logits, expected)
 
 
+@pytest.mark.slow  # ~75 s on 2 cores (three model loads, GPTQ twice): CI's job "slow"
 def test_cli_gptq_search_then_quantize_rebuilds_it_from_calib(tiny, tiny_gguf, text, tmp_path, capsys, monkeypatch):
     """``search --target llama.cpp --quantizer gptq`` then ``quantize`` with the same ``--calib`` rebuilds the
     very GPTQ (the cache emptied first) and writes its values; with neither text nor cache it refuses in one
