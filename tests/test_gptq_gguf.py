@@ -78,6 +78,7 @@ def test_gptq_refuses_the_types_it_has_no_grid_for():
             gptq_quantize(w, torch.eye(w.shape[1]), parse_option(name))
 
 
+@pytest.mark.slow  # ~50 s on 2 cores (GPTQ of the tied 49152-row head, twice): CI's job "slow"
 def test_a_gptq_gguf_reloads_as_the_searched_gptq_model(tiny, tiny_gguf, tmp_path):
     import gguf
 
