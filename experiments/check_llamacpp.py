@@ -152,7 +152,8 @@ def main() -> int:
     scored = llama_chunks(source, eval_text.read_text(), args.ctx, args.chunks)
 
     start = time.perf_counter()
-    mine_im = Imatrix(model, [{"input_ids": row[None]} for row in calib])
+    calib_batches = [{"input_ids": row[None]} for row in calib]
+    mine_im = Imatrix(model, calib_batches)
     theirs_file = imatrix(binary, f32, calib_text, args.ctx, args.chunks, work / "llama-imatrix.gguf")
     theirs_im = Imatrix.from_gguf(theirs_file, model)
     emit(check="imatrix vs llama-imatrix", seconds=round(time.perf_counter() - start, 1),
@@ -162,7 +163,7 @@ def main() -> int:
     mine_f32 = second_half_perplexity(model, scored)
     emit(check="f32", llama_perplexity=ppl_f32, mpsearch_perplexity=mine_f32)
     failures = 0
-    gptq = GPTQ(model, [{"input_ids": row[None]} for row in calib])
+    gptq = GPTQ(model, calib_batches)
     ways = (("reference", RTN()), ("imatrix", mine_im), ("llama-imatrix", theirs_im), ("gptq", gptq))
     for label, quantizer in ways:
         out = work / f"mixed-{label}.gguf"

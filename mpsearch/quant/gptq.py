@@ -115,9 +115,7 @@ def damped(h: torch.Tensor, damp: float, act_order: bool, device=None) -> tuple[
 
 def quantize_with(w: torch.Tensor, f: Factor, option: Option, block_size: int = 128) -> torch.Tensor:
     """GPTQ of ``w`` with a layer's ``factor``: Q(w) on ``option``'s grid, in w's shape and dtype."""
-    grid = grid_of(option)
-    group = getattr(grid, "group_size", None) or option.group_size
-    values, _, _ = gptq_columns(w.detach().reshape(w.shape[0], -1), f, grid, block_size, group)
+    values, _, _ = gptq_columns(w.detach().reshape(w.shape[0], -1), f, grid_of(option), block_size, option.group_size)
     return values.reshape(w.shape).to(w.dtype)
 
 
@@ -125,13 +123,13 @@ def gptq_columns(w: torch.Tensor, f: Factor, grid, block_size: int = 128, group:
     """GPTQ's column loop over ``w`` (out, in) on ``grid``: (Q(w) float32 (out, in); each group's fit, by
     group; the stored index of every weight (out, in), or None where the grid's ``snap`` gives none).
 
-    Groups of ``group`` columns (default: the grid's ``group_size``; None: the whole row) are fixed by the
-    original column order (act_order keeps them); a group's grid is fitted when its first column comes up,
-    on its columns in their original order as updated so far. ``grid.snap(column, fit, k)`` -> (values,
-    indices or None) quantizes the group's column ``k``."""
+    Groups of the grid's ``group_size`` columns where it has one (a GGUF block), else of ``group`` (None: the
+    whole row), are fixed by the original column order (act_order keeps them); a group's grid is fitted when
+    its first column comes up, on its columns in their original order as updated so far. ``grid.snap(column,
+    fit, k)`` -> (values, indices or None) quantizes the group's column ``k``."""
     W = w.detach().float().clone()
     n, perm, hinv = W.shape[1], f.perm, f.hinv
-    group = group or getattr(grid, "group_size", None) or n
+    group = getattr(grid, "group_size", None) or group or n
     W[:, f.dead] = 0
     W = W[:, perm]
     at = torch.argsort(perm)  # original column -> position in GPTQ's order
