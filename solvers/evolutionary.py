@@ -98,8 +98,11 @@ def _open_study(name: str, storage: str, sampler):
     for attempt in range(5):
         try:
             return optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True)
-        except (sqlalchemy.exc.IntegrityError, optuna.exceptions.DuplicatedStudyError):
-            if attempt == 4:
+        except (sqlalchemy.exc.DBAPIError, optuna.exceptions.DuplicatedStudyError) as err:
+            # PostgreSQL reports a lost schema race as IntegrityError (a row) or ProgrammingError
+            # (DuplicateObject/DuplicateTable: 'type "studydirection" already exists'); anything else is real.
+            lost_race = isinstance(err, (sqlalchemy.exc.IntegrityError, optuna.exceptions.DuplicatedStudyError))
+            if attempt == 4 or not (lost_race or "already exists" in str(err)):
                 raise
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")

@@ -147,3 +147,35 @@ def test_two_workers_share_one_postgres_study(postgres):
     assert study.best_value == best
     # the worker that finished last saw every trial; its result is the best over both
     assert min(o["fitness"] for o in outs) == pytest.approx(best)
+
+
+def test_open_study_retries_a_lost_schema_race_and_nothing_else(monkeypatch):
+    """Workers starting together on an empty PostgreSQL race to create Optuna's schema; the loser sees
+    ProgrammingError 'type ... already exists' and must retry, while any other database error is raised."""
+    import sqlalchemy.exc
+
+    from solvers import evolutionary
+
+    real = optuna.create_study
+    calls = []
+
+    def racing(**kw):
+        calls.append(kw["study_name"])
+        if len(calls) == 1:
+            raise sqlalchemy.exc.ProgrammingError("CREATE TYPE", {}, Exception('type "studydirection" already exists'))
+        return real(**kw)
+
+    monkeypatch.setattr(optuna, "create_study", racing)
+    monkeypatch.setattr(evolutionary.time, "sleep", lambda s: None)
+    study = evolutionary._open_study("s", None, optuna.samplers.RandomSampler(seed=0))
+    assert study.study_name == "s" and len(calls) == 2
+
+    def broken(**kw):
+        calls.append(kw["study_name"])
+        raise sqlalchemy.exc.ProgrammingError("SELECT", {}, Exception('relation "studies" does not exist'))
+
+    calls.clear()
+    monkeypatch.setattr(optuna, "create_study", broken)
+    with pytest.raises(sqlalchemy.exc.ProgrammingError):
+        evolutionary._open_study("s", None, optuna.samplers.RandomSampler(seed=0))
+    assert len(calls) == 1
