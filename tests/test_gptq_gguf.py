@@ -78,6 +78,31 @@ def test_gptq_refuses_the_types_it_has_no_grid_for():
             gptq_quantize(w, torch.eye(w.shape[1]), parse_option(name))
 
 
+def test_packed_gives_an_uncovered_embedding_llamacpps_reference_and_a_linear_its_gptq_bytes():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mpsearch.layers import unit_map
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    batches = [{"input_ids": torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(i))} for i in
+               range(3)]  # fmt: skip
+    q = GPTQ(model, batches, progress=False)
+    units = unit_map(model)
+    embed, head = units["model.embed_tokens"], units["lm_head"]
+    for option in ("q4_0", "iq4_nl"):
+        packed, values = q.packed(embed, option)  # no Hessian: what llama-quantize writes, bit for bit
+        ref_packed, ref_values = quantize_rows(embed.weight.detach(), parse_option(option))
+        assert torch.equal(packed, ref_packed) and torch.equal(values, ref_values)
+        assert torch.equal(q.quantize(embed, option).reshape(values.shape), values)
+        packed, values = q.packed(head, option)  # GPTQ: other bytes than round to nearest, decoded as searched
+        assert not torch.equal(packed, quantize_rows(head.weight.detach(), parse_option(option))[0])
+        assert torch.equal(_decoded(packed, parse_option(option)), values)
+        assert torch.equal(q.quantize(head, option).reshape(values.shape), values)
+
+
 @pytest.mark.slow  # ~50 s on 2 cores (GPTQ of the tied 49152-row head, twice): CI's job "slow"
 def test_a_gptq_gguf_reloads_as_the_searched_gptq_model(tiny, tiny_gguf, tmp_path):
     import gguf

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mpsearch
-from mpsearch.core import parse_option
+from mpsearch.core import MpsearchError, parse_option
 from mpsearch.layers import find_units
 from mpsearch.quant.imatrix import Imatrix
 from mpsearch.quant.llama_cpp import quantize_rows
@@ -61,6 +61,16 @@ def test_a_tied_head_has_no_entry_as_llama_cpps_token_embd_has_none(tmp_path):
     assert not any(n.startswith(("token_embd", "output.")) for n in names)
 
 
+def test_two_units_naming_one_gguf_tensor_are_refused_not_dropped(tmp_path):
+    model = _llama(tied=False)
+    q = Imatrix(model, [{"input_ids": _ids(1, 8)}], progress=False)
+    # another layout's name for the same GGUF tensor (blk.0.attn_q.weight): one entry would be lost
+    q.sums["layers.0.self_attn.q_proj"] = q.sums["model.layers.0.self_attn.q_proj"] * 2
+    q.counts["layers.0.self_attn.q_proj"] = q.counts["model.layers.0.self_attn.q_proj"]
+    with pytest.raises(MpsearchError, match="both map to GGUF tensor 'blk.0.attn_q.weight'"):
+        q.save_gguf(tmp_path / "im.gguf", model)
+
+
 def test_the_imatrix_file_round_trips_and_reads_as_llama_quantize_reads_it(tmp_path):
     import gguf
 
@@ -110,3 +120,21 @@ def test_a_plan_searched_with_an_imatrix_is_evaluated_with_the_same_one():
     again = for_plan(model, result.plan, None, None, "evaluate")  # from the cache, by the spec
     assert isinstance(again, Imatrix) and again.spec() == spec
     assert all(torch.equal(again.sums[k], v) for k, v in result.extra["quantizer"].sums.items())
+
+
+def test_an_imatrix_plan_is_rebuilt_from_its_calibration_and_refused_on_other_data(tmp_path, monkeypatch):
+    """What ``mpsearch quantize --calib`` relies on: with an empty cache, the plan's imatrix is collected again
+    from the very batches it was searched on (equal sums), and other batches are refused in one line."""
+    from mpsearch.core import BitPlan
+    from mpsearch.quant.quantizer import for_plan
+
+    monkeypatch.setenv("MPSEARCH_CACHE", str(tmp_path / "empty-cache"))
+    model = _llama(tied=False)
+    batches = [{"input_ids": _ids(2, 16, seed=s)} for s in range(2)]
+    q = Imatrix(model, batches, progress=False)
+    plan = BitPlan({"model.layers.0.mlp.down_proj": "q4_k"}, provenance={"quantizer": q.spec()})
+    rebuilt = for_plan(model, plan, None, batches)
+    assert rebuilt is not q and rebuilt.spec() == q.spec()
+    assert rebuilt.counts == q.counts and all(torch.equal(rebuilt.sums[k], q.sums[k]) for k in q.sums)
+    with pytest.raises(MpsearchError, match="is not the data this plan's imatrix was built on"):
+        for_plan(model, plan, None, [{"input_ids": _ids(2, 16, seed=9)}])

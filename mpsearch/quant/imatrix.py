@@ -208,8 +208,12 @@ class Imatrix(Quantizer):
         names = {}
         for unit_name, s in self.sums.items():
             tensor = gguf_name(unit_name, arch)
-            if tensor in names:  # one GGUF tensor per unit; a second unit naming it is another model's layout
-                continue
+            if tensor in names:  # one GGUF tensor per unit: llama-quantize would read one entry for both
+                raise MpsearchError(
+                    f"units {names[tensor]!r} and {unit_name!r} both map to GGUF tensor {tensor!r} for "
+                    f"architecture {arch!r}, so the imatrix file cannot hold both",
+                    "pass the --arch of the GGUF the imatrix is for, or rename one module",
+                )
             names[tensor] = unit_name
             writer.add_tensor(f"{tensor}.in_sum2", s.numpy().astype(np.float32).reshape(1, -1))
             writer.add_tensor(f"{tensor}.counts", np.array([[self.counts[unit_name]]], dtype=np.float32))
