@@ -12,7 +12,8 @@ GPTQ's, not llama-quantize's round to nearest):
    beside it, or llama-imatrix's) from the same source makes the very same bytes, tensor for tensor;
 3. ``llama-perplexity`` of the GGUF, as a ratio to the f32 model's, is within 0.5% of mpsearch's own ratio
    (the same quantized values, scored on llama-perplexity's own chunks of the same text, each quantized
-   layer's input rounded to 8 bits as llama.cpp's CPU backend rounds it: ``llamacpp_tools.rounded_inputs``;
+   layer's input rounded to 8 bits as llama.cpp's CPU backend rounds it: ``evaluate``'s ``runtime_inputs``,
+   ``mpsearch.runtimes.llama_cpp_inputs``;
    the ratio without that rounding is reported beside it).
 Also: mpsearch's imatrix against llama-imatrix's on the same tokens. One JSON object per line; exit 1 on any
 mismatch.
@@ -40,7 +41,6 @@ from llamacpp_tools import (  # noqa: E402
     imatrix,
     llama_chunks,
     perplexity,
-    rounded_inputs,
     run,
     second_half_perplexity,
     tensors,
@@ -126,6 +126,7 @@ def main() -> int:
     from mpsearch.quant.imatrix import Imatrix
     from mpsearch.quant.quantizer import RTN
     from mpsearch.runtimes.llama_cpp import GGUF_TYPES
+    from mpsearch.runtimes.llama_cpp_inputs import rounded_inputs
 
     binary, source = Path(args.bin), Path(args.model or gguf_path())
     work = Path(tempfile.mkdtemp(prefix="check-llamacpp-"))

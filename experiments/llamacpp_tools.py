@@ -18,8 +18,6 @@ from pathlib import Path
 
 import torch
 
-from mpsearch.quant.ggml_math import div, div0, f16
-
 
 def emit(**row) -> None:
     print(json.dumps(row), flush=True)
@@ -105,46 +103,3 @@ def second_half_perplexity(model, chunks: torch.Tensor) -> float:
         total += float(-logp.gather(-1, target[:, None]).double().sum())
         count += target.numel()
     return math.exp(total / count)
-
-
-# llama.cpp's CPU backend multiplies a quantized weight with its input rounded to 8 bits first: the input takes
-# the type's ``vec_dot_type`` (ggml-cpu's type traits), Q8_0 (blocks of 32) for the legacy types and IQ4_NL, Q8_K
-# (blocks of 256) for the k-quants and the other i-quants; f32 weights multiply the f32 input as it is
-VEC_DOT_BLOCK = {"q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32, "q8_0": 32, "iq4_nl": 32}
-
-
-def _q8(x: torch.Tensor, block: int) -> torch.Tensor:
-    """quantize_row_q8_0 (block 32: fp16 d = max|x| / 127, round) or quantize_row_q8_K (block 256: the scale from the
-    signed extreme, -127 / max, clamped to 127), decoded back to float32, over the last axis."""
-    shape = x.shape
-    b = x.float().reshape(-1, block)
-    idx = b.abs().argmax(-1, keepdim=True)
-    vmax = b.gather(-1, idx)
-    if block == 32:  # the AVX2 path: id = 127 / max, rounded to nearest even
-        amax = vmax.abs()
-        q = torch.round(b * div0(torch.full_like(amax, 127.0), amax))
-        return (q * f16(div(amax, 127))).reshape(shape).to(x.dtype)  # block_q8_0 keeps d as fp16
-    iscale = div0(torch.full_like(vmax, -127.0), vmax)
-    q = torch.clamp(torch.round(iscale * b), max=127)
-    return (q * div0(torch.ones_like(iscale), iscale)).reshape(shape).to(x.dtype)
-
-
-def rounded_inputs(model, plan):
-    """Forward pre-hooks (a context manager) that round each planned layer's input as llama.cpp's CPU backend
-    does before its quantized matmul: the part of llama-perplexity's result that is not the weights' math."""
-    from mpsearch.outputs import hooked
-
-    def hook(block):
-        return lambda module, args: (_q8(args[0], block), *args[1:])
-
-    aliases = plan.provenance.get("aliases") or {}
-
-    def registrations():  # a tied head multiplies with the embedding's type
-        for layer, option in plan.assignments.items():
-            block = VEC_DOT_BLOCK.get(option, 256)
-            for name in (layer, *aliases.get(layer, [])):
-                module = model.get_submodule(name)
-                if isinstance(module, torch.nn.Linear) and module.in_features % block == 0:
-                    yield module.register_forward_pre_hook(hook(block))
-
-    return hooked(registrations())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from mpsearch.names import DEFAULT_ESTIMATOR  # (see mpsearch.names)
 from mpsearch.outputs import OutputFn, evaluating, metric_of, nll_sum, raw_call, reduce_output, resolve_objective
 from mpsearch.quant.apply import quantized_weights, resolve_plan, swapped
 from mpsearch.quant.quantizer import for_plan
+from mpsearch.runtimes.llama_cpp_inputs import rounded_inputs
 
 
 def _no_extra(function: str, extra: dict) -> None:
@@ -221,6 +223,7 @@ def evaluate(
     *,
     uniform: bool | Iterable[str] = True,
     tokenizer=None,
+    runtime_inputs: bool = False,
 ) -> dict:
     """Measure ``plan`` against the full-precision model on ``data``, where the model lives, without copying
     it: per batch, one forward with its own weights and one with the plan's quantized weights swapped in
@@ -239,15 +242,18 @@ def evaluate(
     False: none); a uniform plan is its own baseline. The result then has ``uniform_option``,
     ``uniform_avg_bits`` and ``uniform_metric`` (None each when no option fits the size).
     ``tokenizer``: turns ``data`` given as a list of strings into batches (``mpsearch.data.as_batches``).
+    ``runtime_inputs``: also round each planned layer's input as llama.cpp's CPU backend rounds it before a
+    quantized matmul (``mpsearch.runtimes.llama_cpp_inputs``), so the ratio to full precision is the one
+    llama-perplexity measures; llama.cpp plans only.
     """
     batches = as_batches(data, tokenizer)
     q = for_plan(model, plan, quantizer, calibration, "evaluate")
-    result = _measure(model, plan, batches, loss, output_fn, q, progress)
+    result = _measure(model, plan, batches, loss, output_fn, q, progress, runtime_inputs)
     plan = plan if isinstance(plan, BitPlan) else BitPlan(plan)
     names = plan.provenance.get("options") if uniform is True else uniform
     if names and len(set(plan.assignments.values())) > 1:
         option, best = best_uniform(
-            model, plan, batches, list(names), loss, output_fn, quantizer=q, size=result["avg_bits"]
+            model, plan, batches, list(names), loss, output_fn, q, result["avg_bits"], runtime_inputs=runtime_inputs
         )
         result.update(
             uniform_option=option,
@@ -257,8 +263,9 @@ def evaluate(
     return result
 
 
-def _measure(model, plan, batches: list, loss, output_fn, q, progress: bool) -> dict:
+def _measure(model, plan, batches: list, loss, output_fn, q, progress: bool, runtime_inputs: bool = False) -> dict:
     """``evaluate`` of one plan with quantizer ``q`` (see there)."""
+    plan = plan if isinstance(plan, BitPlan) else BitPlan(plan)
     if loss is not None and loss not in ("kl", "cosine"):
         raise MpsearchError(f"unknown loss {loss!r}", "use 'kl' or 'cosine'")
     sizes = plan_size(model, plan)
@@ -272,7 +279,7 @@ def _measure(model, plan, batches: list, loss, output_fn, q, progress: bool) -> 
         bar = tqdm(batches, desc="evaluate", disable=not progress or len(batches) < 2, leave=False)
         for batch in bar:  # one forward of each model per batch serves the loss and the perplexity
             raw = {"fp": raw_call(model, batch)}
-            with swapped(model, q_weights):
+            with swapped(model, q_weights), rounded_inputs(model, plan) if runtime_inputs else nullcontext():
                 raw["q"] = raw_call(model, batch)
             ref, out = (reduce_output(raw[k], batch, output_fn) for k in ("fp", "q"))
             losses.append(float(objective.loss(out, ref)))
@@ -307,11 +314,13 @@ def best_uniform(
     quantizer=None,
     size: float | None = None,
     status=None,
+    runtime_inputs: bool = False,
 ) -> tuple[str | None, dict | None]:
     """(option, its evaluation) of the best uniform plan over ``plan``'s layers among ``options`` whose
     average bits are no larger than the plan's (``size``, when already known), measured with ``quantizer``
     (None: the plan's own) on ``data``; (None, None) when no option can store every layer within that size.
-    The fair baseline a mixed plan is compared with. ``status(line)``: told before each measurement."""
+    The fair baseline a mixed plan is compared with. ``status(line)``: told before each measurement;
+    ``runtime_inputs``: as ``evaluate``'s."""
     batches = as_batches(data)
     q = for_plan(model, plan, quantizer, None, "evaluate") if quantizer is None else quantizer
     limit = plan_size(model, plan)["avg_bits"] if size is None else size
@@ -324,7 +333,7 @@ def best_uniform(
         if plan_size(model, candidate)["avg_bits"] <= limit + 1e-12:
             if status is not None:
                 status(f"measuring uniform {option} ...")
-            result = _measure(model, candidate, batches, loss, output_fn, q, False)
+            result = _measure(model, candidate, batches, loss, output_fn, q, False, runtime_inputs)
             if better(result, best):
                 best_option, best = option, result
     return best_option, best

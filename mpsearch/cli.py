@@ -208,10 +208,13 @@ def cmd_evaluate(args) -> int:
     q = for_plan(zoo.model, plan, _imatrix_file(args, zoo.model), zoo.calibration, "evaluate")
     quantizer = q.label()
     _status(f"measuring the planned model ({quantizer}) ...")
-    measured = api.evaluate(zoo.model, plan, zoo.evaluation, zoo.loss, quantizer=q, uniform=False)
+    rounding = args.runtime_inputs
+    measured = api.evaluate(
+        zoo.model, plan, zoo.evaluation, zoo.loss, quantizer=q, uniform=False, runtime_inputs=rounding
+    )
     options = plan.provenance.get("options") or list(zoo.options)
     uniform_option, uniform = api.best_uniform(
-        zoo.model, plan, zoo.evaluation, options, zoo.loss, quantizer=q, size=measured["avg_bits"], status=_status
+        zoo.model, plan, zoo.evaluation, options, zoo.loss, q, measured["avg_bits"], _status, runtime_inputs=rounding
     )
     line = {
         "model": args.model,
@@ -224,6 +227,7 @@ def cmd_evaluate(args) -> int:
         "uniform_avg_bits": uniform["avg_bits"] if uniform else None,
         "uniform_metric": uniform["metric"] if uniform else None,
         "quantizer": quantizer,
+        "runtime_inputs": rounding,
     }
     if "perplexity_fp" in measured:
         line["perplexity_fp"] = measured["perplexity_fp"]
@@ -539,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source(e)
     e.add_argument("--plan", required=True, help="plan JSON from `mpsearch search --out`")
     e.add_argument("--imatrix", help="llama.cpp: the imatrix file the plan was searched with (if not cached)")
+    e.add_argument("--runtime-inputs", action="store_true",
+                   help="llama.cpp: round each layer's input to 8 bits as its CPU backend does before a quantized "
+                   "matmul, so the ratio to full precision is llama-perplexity's")  # fmt: skip
     e.set_defaults(func=cmd_evaluate)
 
     q = sub.add_parser("quantize", help="write the file the plan's runtime loads (a GGUF, a saved model)")
