@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llamacpp_tools import emit, f32_copy, imatrix, llama_chunks, perplexity, run, tensors  # noqa: E402
+from llamacpp_tools import emit, f32_copy, imatrix, llama_build, llama_chunks, perplexity, run, tensors  # noqa: E402
 
 RECIPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K_M", "Q3_K_S", "Q2_K",
            "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS"]  # fmt: skip
@@ -53,17 +53,29 @@ GRID_IQ = ["iq3_s", "iq3_xxs", "iq2_s", "iq2_xs"]  # the grid i-quants (mpsearch
 PLAN_SETS = {"all": ("imatrix", None), "no-grid-iq": ("imatrix", GRID_IQ), "gptq": ("gptq", None)}
 
 
-class Results:
-    """Rows of ``results.jsonl``, keyed so that a rerun skips what is done."""
+MEASURED = ("recipes", "plans")  # rows llama.cpp measured: comparable only with rows of the same build
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+class Results:
+    """Rows of ``results.jsonl``, keyed so that a rerun skips what is done. With ``build`` (``llama_build``:
+    llama.cpp's binaries), the rows llama.cpp measured count only when that build measured them: another build
+    (e.g. native vs portable AVX2 flags) moves perplexities by up to ~0.1%, as much as some of the differences
+    compared here, so its rows stay in the file but are measured again and left out of the summary and table."""
+
+    def __init__(self, path: Path, build: str | None = None):
+        self.path, self.build = path, build
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        self.rows = [r for r in rows if self._current(r)]
+
+    def _current(self, row: dict) -> bool:
+        return self.build is None or row.get("phase") not in MEASURED or row.get("build") == self.build
 
     def done(self, key: str) -> dict | None:
         return next((r for r in self.rows if r.get("key") == key), None)
 
     def add(self, **row) -> dict:
+        if self.build is not None and row.get("phase") in MEASURED:
+            row["build"] = self.build
         self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -184,7 +196,7 @@ def phase_plans(results: Results, binary: Path, source: Path, model, calib, work
     sets = args.plan_sets.split(",")
 
     def todo() -> list[tuple[str, float]]:  # the recipes phase may still be adding rows (run in another process)
-        results.rows = Results(results.path).rows
+        results.rows = Results(results.path, results.build).rows
         recipe_bpw = {r["bpw"] for r in results.rows if r.get("phase") == "recipes" and r["recipe"] != "F32"}
         budgets = sorted(set(LOW_BUDGETS) | recipe_bpw)
         return [(s, b) for b in budgets for s in sets if not results.done(f"plan/{s}/{b:.4f}")]  # small first
@@ -340,14 +352,15 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = Results(out / "results.jsonl")
     if "speed" in phases:
-        phase_speed(results)
+        phase_speed(Results(out / "results.jsonl"))
     if not phases - {"speed"}:
         return 0
     if not args.bin:
         parser.error("--bin is needed for the phases table, recipes and plans")
     binary, source = Path(args.bin), Path(args.model or gguf_path())
+    results = Results(out / "results.jsonl", llama_build(binary))
+    emit(phase="setup", llama_build=results.build)
     work = out / "work"
     work.mkdir(exist_ok=True)
     sentences = corpus_sentences()

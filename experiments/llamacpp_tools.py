@@ -32,6 +32,17 @@ def run(cmd: list[str]) -> str:
     return done.stdout + done.stderr
 
 
+def llama_build(binary: Path) -> str:
+    """A short fingerprint of the llama.cpp tools in ``binary`` (their bytes): results of one build only are
+    compared with each other."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for tool in ("llama-quantize", "llama-perplexity", "llama-imatrix"):
+        digest.update((binary / tool).read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def perplexity(binary: Path, gguf: Path, text: Path, ctx: int, chunks: int) -> float:
     out = run([str(binary / "llama-perplexity"), "-m", str(gguf), "-f", str(text), "-c", str(ctx),
                "--chunks", str(chunks), "-t", "2"])  # fmt: skip

@@ -39,6 +39,20 @@ def test_rows_resume_and_plans_are_compared_with_the_right_recipes(tmp_path):
     assert "| Q4_0 | 4.50 | 13.00 | 12.00 | 11.50 (4.50) | lower; increase x0.75 | 12.50 (4.50) |" in table
 
 
+def test_rows_another_llama_build_measured_are_measured_again_and_left_out(tmp_path):
+    path = tmp_path / "results.jsonl"
+    old = bench.Results(path, build="aaaa")
+    _recipe(old, "Q4_0", 4.5, 12.0, True)
+    old.add(key="table/13types", phase="table", ratio=2.0)  # mpsearch's own timing: no llama.cpp in it
+    assert bench.Results(path, build="aaaa").done("recipe/Q4_0/default/imatrix")["build"] == "aaaa"
+    new = bench.Results(path, build="bbbb")
+    assert new.done("recipe/Q4_0/default/imatrix") is None and new.done("table/13types") is not None
+    _recipe(new, "Q4_0", 4.5, 12.1, True)
+    again = bench.Results(path, build="bbbb")
+    assert [r["perplexity"] for r in again.rows if r["phase"] == "recipes"] == [12.1]
+    assert len(path.read_text().splitlines()) == 3  # the other build's row is kept in the file
+
+
 def test_the_checks_exit_status_counts_exactly_the_lines_marked_not_ok(capsys):
     """CI's llama.cpp job once failed on a gap that its own log line marked ok (the exit status tested another
     number): each check line's ``ok`` is now the one thing counted."""
