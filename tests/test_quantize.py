@@ -188,7 +188,8 @@ def test_cli_quantize_bad_input_is_one_line(case, tiny, tiny_gguf, llama_dir, tm
 TEXT = ["--seq-len", "64", "--n-calib", "4", "--n-eval", "2", "--batch-size", "2"]
 
 
-@pytest.mark.parametrize("source", ["gguf", "folder"])
+# the GGUF source: ~80 s on 2 cores, in CI's job "slow" (the default run stays under ~10 min)
+@pytest.mark.parametrize("source", [pytest.param("gguf", marks=pytest.mark.slow), "folder"])
 def test_search_quantize_evaluate_on_your_own_model(source, tiny, tiny_gguf, llama_dir, text, tmp_path, capsys):
     """The README's flow: search for a runtime, write its file, evaluate the plan; the file reloads as the
     searched model (a GGUF written by a test for llama.cpp, a random-init Llama folder for torchao)."""
