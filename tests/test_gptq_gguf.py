@@ -7,6 +7,7 @@ model."""
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_llama import tiny_llama
 
 import mpsearch
 from mpsearch.core import BitPlan, parse_option
@@ -79,14 +80,9 @@ def test_gptq_refuses_the_types_it_has_no_grid_for():
 
 
 def test_packed_gives_an_uncovered_embedding_llamacpps_reference_and_a_linear_its_gptq_bytes():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from mpsearch.layers import unit_map
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=256, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(tied=False)
     batches = [{"input_ids": torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(i))} for i in
                range(3)]  # fmt: skip
     q = GPTQ(model, batches, progress=False)

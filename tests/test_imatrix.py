@@ -4,6 +4,7 @@ file mpsearch writes produces exactly mpsearch's bytes is checked in the CI job 
 
 import pytest
 import torch
+from helpers.tiny_llama import tiny_llama
 
 import mpsearch
 from mpsearch.core import MpsearchError, parse_option
@@ -13,12 +14,7 @@ from mpsearch.quant.llama_cpp import quantize_rows
 
 
 def _llama(tied: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(tied=tied, layers=2)
 
 
 def _ids(rows: int, length: int, seed: int = 0) -> torch.Tensor:

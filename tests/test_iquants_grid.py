@@ -8,6 +8,7 @@ tests/test_ggml_quants.py; bytes equal llama-quantize's in the CI job ``llama.cp
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_llama import tiny_llama
 
 from mpsearch.core import MpsearchError, parse_option, parse_options
 from mpsearch.quant import iquants_grid
@@ -115,12 +116,7 @@ def test_round_to_nearest_refuses_the_types_llama_quantize_makes_only_with_an_im
 
 
 def _tiny_llama(tied: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(hidden=256, intermediate=512, vocab=64, tied=tied)
 
 
 def test_a_targets_defaults_are_what_the_quantizer_makes():

@@ -5,6 +5,7 @@ numpy oracles written from ggml's C, the hooks on a tied head and their removal,
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_llama import tiny_llama
 
 import mpsearch
 from mpsearch.core import BitPlan, MpsearchError
@@ -68,17 +69,8 @@ def test_every_gguf_type_has_a_vec_dot_block():
     assert {n for n, b in VEC_DOT_BLOCK.items() if b == 32} == {"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"}
 
 
-def _llama(tied: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=256, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
-
-
 def test_hooks_round_each_planned_input_with_its_types_block_a_tied_head_too_and_leave_no_trace():
-    model = _llama(tied=True)
+    model = tiny_llama(tied=True)
     plan = BitPlan({"model.embed_tokens": "q8_0", "model.layers.0.mlp.down_proj": "q4_k"})
     names = ("lm_head", "model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj")
     seen, rounded = {}, {}
@@ -103,7 +95,7 @@ def test_hooks_round_each_planned_input_with_its_types_block_a_tied_head_too_and
 
 
 def test_evaluate_with_runtime_inputs_rounds_only_the_quantized_side():
-    model = _llama(tied=False)
+    model = tiny_llama(tied=False)
     data = [{"input_ids": torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(s))} for s in (2, 3)]
     plan = BitPlan({"model.layers.0.mlp.down_proj": "q8_0", "lm_head": "q8_0"})
     plain = mpsearch.evaluate(model, plan, data, progress=False, uniform=False)

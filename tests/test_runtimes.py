@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_llama import tiny_llama
 
 import mpsearch
 from mpsearch.core import BitPlan, InvalidOptionError, LayerInfo, cost_rows, parse_option, parse_options
@@ -179,19 +180,7 @@ def test_name_maps_cover_every_layer_of_each_architecture(arch):
 
 
 def _llama(hidden: int, intermediate: int, vocab: int, tied: bool, layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(hidden, intermediate, vocab, tied, layers)
 
 
 def test_a_tied_head_is_exported_as_the_embedding_tensor():
