@@ -4,7 +4,7 @@ that rounding beside the weights' own. ``evaluate(..., runtime_inputs=True)`` me
 
 - Q8_0 for Q4_0, Q5_0, Q8_0, IQ4_NL and Q8_1 for Q4_1, Q5_1: blocks of 32, fp16 d = max|x| / 127, the levels
   round(x * 127 / max|x|) (the AVX2 path, round half to even). Q8_1 also keeps the block's sum d * sum(q) in
-  fp16 for the weight's min; here it is the sum of the decoded values (a relative difference below 2^-11).
+  fp16 for the weight's min; here it is the sum of the decoded values (the two differ by fp16 rounding, ~2^-11).
 - Q8_K for the k-quants and the other i-quants: blocks of 256, scale -127 / x_max from the signed extreme,
   levels min(127, round(x * scale)), d = 1 / scale in float32 (``quantize_row_q8_K_ref``).
 
@@ -52,6 +52,7 @@ def rounded_inputs(model: torch.nn.Module, plan):
     tied head, e.g. ``lm_head`` sharing the embedding, multiplies with the embedding's type: the model's own
     ties, whatever the plan records); all removed on exit. A plan option that is not a GGUF type is refused:
     only llama.cpp plans have this rounding."""
+    from mpsearch.layers import unit_map
     from mpsearch.outputs import hooked
 
     other = sorted({o for o in plan.assignments.values() if o not in VEC_DOT_BLOCK})
@@ -61,8 +62,6 @@ def rounded_inputs(model: torch.nn.Module, plan):
             "which are not GGUF types",
             "use it for plans searched with --target llama.cpp only",
         )
-    from mpsearch.layers import unit_map
-
     units = unit_map(model)
 
     def hook(block):
