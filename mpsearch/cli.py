@@ -214,8 +214,9 @@ def cmd_evaluate(args) -> int:
     )
     options = plan.provenance.get("options") or list(zoo.options)
     uniform_option, uniform = api.best_uniform(
-        zoo.model, plan, zoo.evaluation, options, zoo.loss, q, measured["avg_bits"], _status, runtime_inputs=rounding
-    )
+        zoo.model, plan, zoo.evaluation, options, zoo.loss, quantizer=q, size=measured["avg_bits"], status=_status,
+        runtime_inputs=rounding,
+    )  # fmt: skip
     line = {
         "model": args.model,
         "avg_bits": measured["avg_bits"],
