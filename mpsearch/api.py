@@ -253,8 +253,9 @@ def evaluate(
     names = plan.provenance.get("options") if uniform is True else uniform
     if names and len(set(plan.assignments.values())) > 1:
         option, best = best_uniform(
-            model, plan, batches, list(names), loss, output_fn, q, result["avg_bits"], runtime_inputs=runtime_inputs
-        )
+            model, plan, batches, list(names), loss, output_fn, quantizer=q, size=result["avg_bits"],
+            runtime_inputs=runtime_inputs,
+        )  # fmt: skip
         result.update(
             uniform_option=option,
             uniform_avg_bits=best["avg_bits"] if best else None,
