@@ -62,21 +62,26 @@ class Results:
     (e.g. native vs portable AVX2 flags) moves perplexities by up to ~0.1%, as much as some of the differences
     compared here, so its rows stay in the file but are measured again and left out of the summary and table."""
 
-    def __init__(self, path: Path, build: str | None = None):
-        self.path, self.build = path, build
+    def __init__(self, path: Path, build: str | None = None, again: frozenset[str] = frozenset()):
+        self.path, self.build, self.again = path, build, again
         rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
         self.rows = [r for r in rows if self._current(r)]
+        self.added: list[dict] = []
 
     def _current(self, row: dict) -> bool:
         return self.build is None or row.get("phase") not in MEASURED or row.get("build") == self.build
 
     def done(self, key: str) -> dict | None:
-        return next((r for r in self.rows if r.get("key") == key), None)
+        """The newest row of ``key``; for a key of a phase measured ``again`` (``--again``: after a change to
+        mpsearch's code), only a row this process added."""
+        rows = self.added if key.split("/")[0] in self.again else self.rows
+        return next((r for r in reversed(rows) if r.get("key") == key), None)
 
     def add(self, **row) -> dict:
         if self.build is not None and row.get("phase") in MEASURED:
             row["build"] = self.build
         self.rows.append(row)
+        self.added.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         emit(**row)
@@ -344,8 +349,11 @@ def main() -> int:
     parser.add_argument("--calib-chunks", type=int, default=16, help="calibration chunks (imatrix, table)")
     parser.add_argument("--estimator", default="fisher")
     parser.add_argument("--plan-sets", default=",".join(PLAN_SETS), help=f"plans made (of {', '.join(PLAN_SETS)})")
+    parser.add_argument("--again", default="", help="keys' phases measured anew though rows exist (e.g. speed,"
+                        "speed-grid,table after a change to mpsearch's code); the newest row of a key counts")
     args = parser.parse_args()
     phases = set(args.phases.split(","))
+    again = frozenset(filter(None, args.again.split(",")))
 
     from mpsearch.models.smollm2 import gguf_path
     from mpsearch.models.sources import corpus_sentences
@@ -353,13 +361,13 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if "speed" in phases:
-        phase_speed(Results(out / "results.jsonl"))
+        phase_speed(Results(out / "results.jsonl", again=again))
     if not phases - {"speed"}:
         return 0
     if not args.bin:
         parser.error("--bin is needed for the phases table, recipes and plans")
     binary, source = Path(args.bin), Path(args.model or gguf_path())
-    results = Results(out / "results.jsonl", llama_build(binary))
+    results = Results(out / "results.jsonl", llama_build(binary), again)
     emit(phase="setup", llama_build=results.build)
     work = out / "work"
     work.mkdir(exist_ok=True)

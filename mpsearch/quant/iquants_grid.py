@@ -114,11 +114,28 @@ class Grid:
         self.q = tensor(2 * levels + 1, F32)  # the quantizer's model of a point: odd levels
         self.odd = tensor(2 * np.arange(t.kmax) + 1, F32)
         self.term_stride = t.group * t.kmax  # terms per group in _snap's table: (coordinate, level)
-        self.term_index = tensor((levels + t.kmax * np.arange(t.group)).T)
         self.values = tensor(grid_map[levels], F32)  # what llama.cpp decodes
         self.kmap, self.counts, self.starts = tensor(kmap), tensor(counts), tensor(starts)
-        self.flat = tensor(np.concatenate(flat))
+        flat = np.concatenate(flat)
+        self.flat = tensor(flat)
         self.shifts = tensor(t.bits * np.arange(t.group))
+        # the lists again for _snap, padded to a power of two per bucket of lengths, as each neighbour's term
+        # offsets (coordinate, level); padding points at an extra term that is +inf, so it never wins
+        listed = reach_codes[off]
+        width = np.maximum(4, 1 << np.ceil(np.log2(counts[listed])).astype(np.int64))
+        bucket, row = np.full(len(kmap), -1), np.zeros(len(kmap), dtype=np.int64)
+        self.padded = []  # per bucket: (term offsets (codes, group, width), neighbour points (codes, width))
+        for b, w in enumerate(np.unique(width)):
+            members = listed[width == w]
+            bucket[members], row[members] = b, np.arange(len(members))
+            offs = np.full((len(members), t.group, w), self.term_stride, dtype=np.int64)
+            points = np.zeros((len(members), w), dtype=np.int64)
+            for r, code in enumerate(members):
+                idx = flat[starts[code] : starts[code] + counts[code]]
+                offs[r, :, : len(idx)] = (levels[idx] + t.kmax * np.arange(t.group)).T
+                points[r, : len(idx)] = idx
+            self.padded.append((tensor(offs), tensor(points)))
+        self.bucket, self.row = tensor(bucket), tensor(row)
 
 
 @functools.lru_cache(maxsize=16)
@@ -140,26 +157,25 @@ def _snap(g: Grid, levels, xval, waux, scale):
     x = xval.expand_as(levels)[off]
     w = waux.expand_as(levels)[off]
     s = scale.expand(off.shape)[off]
-    take = torch.index_select  # 1-D lookups: several times faster than advanced indexing on a CPU
-    counts = take(g.counts, 0, code_off)
-    query = torch.repeat_interleave(torch.arange(len(code_off), device=code.device), counts)
-    first = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(len(query), device=code.device) - take(first, 0, query)
-    start = take(g.starts, 0, code_off)
-    cand = take(g.flat, 0, take(start, 0, query) + pos)
     # each coordinate's term w * (scale q - x)^2 (C's float32 expression) takes one of kmax values per group:
-    # tabulated once per group, then each pair's distance is C's running sum of looked-up terms
+    # tabulated once per group (plus a +inf term that padding points at), then each neighbour's distance is
+    # C's running sum of looked-up terms, and argmin takes the first of equal distances
     diff = s[:, None, None] * g.odd - x[..., None]  # (groups, coordinate, level)
-    terms = (w[..., None] * diff * diff).reshape(-1)
-    base = query * g.term_stride
-    d2 = torch.zeros(len(query), dtype=F32, device=code.device)
-    for column in g.term_index:  # (points,) per coordinate: the point's level's offset in a group's terms
-        d2 += take(terms, 0, take(column, 0, cand) + base)
-    best = torch.full_like(s, float("inf")).scatter_reduce(0, query, d2, "amin")
-    at = torch.where(d2 == take(best, 0, query), pos, torch.iinfo(I64).max)
-    chosen = torch.full_like(code_off, torch.iinfo(I64).max).scatter_reduce(0, query, at, "amin")
+    terms = torch.cat([(w[..., None] * diff * diff).reshape(len(s), -1), torch.full_like(s, torch.inf)[:, None]], 1)
+    bucket, row = g.bucket[code_off], g.row[code_off]
+    chosen = torch.empty_like(code_off)
+    for b, (offsets, points) in enumerate(g.padded):
+        sel = (bucket == b).nonzero().squeeze(1)
+        if len(sel) == 0:
+            continue
+        r = row[sel]
+        offs, t = offsets.index_select(0, r), terms.index_select(0, sel)  # (n, group, width), (n, terms)
+        d2 = t.gather(1, offs[:, 0])
+        for c in range(1, offs.shape[1]):
+            d2 += t.gather(1, offs[:, c])
+        chosen[sel] = points.index_select(0, r).gather(1, d2.argmin(1, keepdim=True)).squeeze(1)
     point = point.clone()
-    point[off] = take(g.flat, 0, start + chosen)
+    point[off] = chosen
     return point, ~off
 
 
