@@ -349,8 +349,12 @@ def main() -> int:
     parser.add_argument("--calib-chunks", type=int, default=16, help="calibration chunks (imatrix, table)")
     parser.add_argument("--estimator", default="fisher")
     parser.add_argument("--plan-sets", default=",".join(PLAN_SETS), help=f"plans made (of {', '.join(PLAN_SETS)})")
-    parser.add_argument("--again", default="", help="keys' phases measured anew though rows exist (e.g. speed,"
-                        "speed-grid,table after a change to mpsearch's code); the newest row of a key counts")
+    parser.add_argument(
+        "--again",
+        default="",
+        help="keys' phases measured anew though rows exist (e.g. speed,"
+        "speed-grid,table after a change to mpsearch's code); the newest row of a key counts",
+    )
     args = parser.parse_args()
     phases = set(args.phases.split(","))
     again = frozenset(filter(None, args.again.split(",")))
