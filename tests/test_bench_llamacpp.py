@@ -53,7 +53,6 @@ def test_rows_another_llama_build_measured_are_measured_again_and_left_out(tmp_p
     assert len(path.read_text().splitlines()) == 3  # the other build's row is kept in the file
 
 
-
 def test_phases_measured_again_count_only_their_new_rows_and_the_newest_row_wins(tmp_path):
     path = tmp_path / "results.jsonl"
     first = bench.Results(path)
@@ -66,6 +65,7 @@ def test_phases_measured_again_count_only_their_new_rows_and_the_newest_row_wins
     assert again.done("table/13types")["ratio"] == 1.4
     assert bench.Results(path).done("table/13types")["ratio"] == 1.4  # the newest row counts in a later run
     assert len(path.read_text().splitlines()) == 3  # the earlier measurement stays in the file
+
 
 def test_the_checks_exit_status_counts_exactly_the_lines_marked_not_ok(capsys):
     """CI's llama.cpp job once failed on a gap that its own log line marked ok (the exit status tested another
