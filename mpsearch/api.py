@@ -247,9 +247,9 @@ def evaluate(
     llama-perplexity measures; llama.cpp plans only.
     """
     batches = as_batches(data, tokenizer)
+    plan = plan if isinstance(plan, BitPlan) else BitPlan(plan)
     q = for_plan(model, plan, quantizer, calibration, "evaluate")
     result = _measure(model, plan, batches, loss, output_fn, q, progress, runtime_inputs)
-    plan = plan if isinstance(plan, BitPlan) else BitPlan(plan)
     names = plan.provenance.get("options") if uniform is True else uniform
     if names and len(set(plan.assignments.values())) > 1:
         option, best = best_uniform(
