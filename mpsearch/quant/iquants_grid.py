@@ -77,6 +77,16 @@ TYPES = {
 }  # fmt: skip
 
 
+@functools.lru_cache
+def _gather_index_dtype(device: torch.device) -> torch.dtype:
+    """int32 where ``gather`` takes it (torch >= 2.8): the neighbour search's gathers are ~25% faster on a CPU."""
+    try:
+        torch.zeros((1, 1), device=device).gather(1, torch.zeros((1, 1), dtype=torch.int32, device=device))
+    except RuntimeError:
+        return I64
+    return torch.int32
+
+
 class Grid:
     """A grid's tables on one device: levels of each point, decoded values, the map from a level code to its
     point (-1 off the grid) and the flat neighbour lists of the off-grid codes."""
@@ -134,7 +144,7 @@ class Grid:
                 idx = flat[starts[code] : starts[code] + counts[code]]
                 offs[r, :, : len(idx)] = (levels[idx] + t.kmax * np.arange(t.group)).T
                 points[r, : len(idx)] = idx
-            self.padded.append((tensor(offs, torch.int32), tensor(points)))  # int32: gathers ~25% faster
+            self.padded.append((tensor(offs, _gather_index_dtype(device)), tensor(points)))
         self.bucket, self.row = tensor(bucket), tensor(row)
 
 
