@@ -50,7 +50,6 @@ def test_neighbour_lists_are_ggmls(name):
         assert g.flat[start : start + n].tolist() == want, code
 
 
-
 @pytest.mark.parametrize("name", TYPES)
 def test_the_padded_lists_the_search_reads_are_the_neighbour_lists(name):
     # _snap reads each code's list from a bucket padded to a power of two; padding must point at the +inf term
@@ -64,6 +63,7 @@ def test_the_padded_lists_the_search_reads_are_the_neighbour_lists(name):
         want = g.levels[g.flat[start : start + n]] + t.kmax * torch.arange(t.group)  # (n, group) term offsets
         assert torch.equal(offsets[row, :, :n].long(), want.T)
         assert bool((offsets[row, :, n:] == g.term_stride).all())
+
 
 @pytest.mark.parametrize("name", TYPES)
 def test_the_neighbour_search_is_find_best_neighbour(name):
