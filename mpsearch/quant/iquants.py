@@ -12,14 +12,26 @@ from __future__ import annotations
 
 import torch
 
-from mpsearch.quant.ggml_math import F32, best_index, div, div0, f16, fp16_bytes, seq_sum, seq_sum0, signed_absmax, sqrt
+from mpsearch.quant.ggml_math import (
+    F32,
+    best_index,
+    div,
+    div0,
+    f16,
+    fp16_bytes,
+    nearest_level,
+    seq_sum,
+    seq_sum0,
+    signed_absmax,
+    sqrt,
+)
 
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml-common.h
 NTRY = 7
 U8 = torch.uint8
 
 
-def _block_scales(x: torch.Tensor, weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def _block_scales(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Each 32-block's scale: the best of the first guess -max/values[0] and 2 NTRY + 1 trial scales, by
     C's running comparison (``sumqx^2 > best * sumq2``); the levels are found again from the final scale."""
     amax, vmax = signed_absmax(x)
@@ -29,7 +41,7 @@ def _block_scales(x: torch.Tensor, weight: torch.Tensor, values: torch.Tensor) -
     trials = torch.tensor([float(t + KVALUES[0]) for t in range(-NTRY, NTRY + 1)], dtype=F32, device=x.device)
     inv = torch.cat([first[None], div(trials.view(-1, *([1] * vmax.dim())), vmax)])  # (candidates, *blocks)
     xt, wt = x.movedim(-1, 0).contiguous()[:, None], weight.expand_as(x).movedim(-1, 0).contiguous()[:, None]
-    q = values[best_index(KVALUES, inv * xt)]  # element-major (32, candidates, *blocks)
+    q = nearest_level(KVALUES, inv * xt)  # element-major (32, candidates, *blocks)
     buf = torch.empty((q.shape[0], 2, *q.shape[1:]), dtype=F32, device=x.device)
     wq = wt * q
     torch.mul(wq, xt, out=buf[:, 0])
@@ -54,7 +66,7 @@ def _prepare(rows, qw, super_block):
     else:
         weight = qw.reshape(1, -1, super_block // 32, 32).to(x.device, F32) * sqrt(sigma2 + x * x)
     values = torch.tensor(KVALUES, dtype=F32, device=x.device)
-    return x, _block_scales(x, weight, values), values
+    return x, _block_scales(x, weight), values
 
 
 def _pack(levels: torch.Tensor) -> torch.Tensor:
