@@ -48,6 +48,7 @@ SMALL = [
 LOW_BUDGETS = [3.0, 3.5, 4.0, 4.5]
 SPEED_TYPES = ["q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "q3_k", "q2_k", "iq4_xs"]
 GRID_IQ = ["iq3_s", "iq3_xxs", "iq2_s", "iq2_xs"]  # the grid i-quants (mpsearch/quant/iquants_grid.py)
+QKX_TYPES = ["q5_k", "q5_1", "q4_k", "q4_1", "q2_k"]  # make_qkx*_quants: compiled on a CPU where numba is
 # plan set -> (quantizer, types left out): the imatrix table solved with every type and without the grid
 # i-quants (what they buy), and GPTQ on llama.cpp's blocks (mpsearch.quant.gptq_gguf: the types it has a grid for)
 PLAN_SETS = {"all": ("imatrix", None), "no-grid-iq": ("imatrix", GRID_IQ), "gptq": ("gptq", None)}
@@ -108,6 +109,26 @@ def timed(fn, rows: torch.Tensor, *args) -> float:
     return round(time.perf_counter() - start, 2)
 
 
+def _torch_port_seconds(x: torch.Tensor, imp) -> dict:
+    """The baseline in this process: the types whose min/scale search numba compiles on a CPU
+    (``mpsearch.quant.ggml_numba``), timed again with the torch port (``MPSEARCH_NUMBA=0``); {} without numba."""
+    import os
+
+    from mpsearch.core import parse_option
+    from mpsearch.quant import ggml_numba
+    from mpsearch.quant.llama_cpp import quantize_rows
+
+    if not ggml_numba.available():
+        return {}
+    os.environ["MPSEARCH_NUMBA"] = "0"
+    ggml_numba._kernel.cache_clear()
+    try:
+        return {name: timed(quantize_rows, x, parse_option(name), imp) for name in QKX_TYPES}
+    finally:
+        del os.environ["MPSEARCH_NUMBA"]
+        ggml_numba._kernel.cache_clear()
+
+
 def phase_speed(results: Results) -> None:
     from mpsearch.core import parse_option
     from mpsearch.quant.llama_cpp import quantize_rows
@@ -128,8 +149,10 @@ def phase_speed(results: Results) -> None:
                 emit(phase="speed", device=device, imatrix=weighted, type=name, seconds=seconds[name])
             target = 60 if device == "cpu" else 2
             total = sum(seconds.values())
+            baseline = _torch_port_seconds(x, imp if weighted else None) if device == "cpu" else {}
             results.add(key=key, phase="speed", device=device, imatrix=weighted, shape=[4096, 14336],
                         seconds=seconds, total_s=round(total, 1), target_s=target, ok=total < target,
+                        numba=bool(baseline), torch_port_seconds=baseline,
                         threads=torch.get_num_threads(), peak_rss_mib=round(peak_rss_mib()))  # fmt: skip
         # the grid i-quants (no target: their neighbour search is the slowest work here), with an imatrix as
         # llama-quantize makes them; on a CPU on the first 256 rows, where the whole tensor would take ~30 min

@@ -172,3 +172,44 @@ def test_i_quants_beat_the_same_size_legacy_type(name, bits):
     legacy = sqnr_db(rows, quantize_rows(rows, parse_option("q4_0"))[1])  # 4.5 bpw, uniform levels
     assert 6.02 * 4 - 6 < snr < 6.02 * 4 + 6 and snr > legacy - (4.5 - bits) * 6.02, (snr, legacy)
     assert parse_option(name).storage_bits((1, 256)) / 256 == bits
+
+
+# the five searches ggml runs (n, nmax, rmin, rdelta, nstep, use_mad): Q4_1/Q5_1/Q4_K/Q5_K/Q2_K with an imatrix,
+# Q4_K and Q5_K without one, Q2_K without one
+QKX_CALLS = [(32, 15, -0.9, 0.05, 36, False), (32, 31, -0.9, 0.05, 36, False), (16, 3, -0.9, 0.05, 36, False),
+             (32, 15, -1.0, 0.1, 20, False), (32, 31, -0.5, 0.1, 15, False), (16, 3, -0.5, 0.1, 15, True)]  # fmt: skip
+
+
+@pytest.mark.parametrize("call", QKX_CALLS)
+def test_the_compiled_min_scale_search_is_the_torch_port(call):
+    from mpsearch.quant import ggml_numba
+    from mpsearch.quant.ggml_math import make_qkx_quants_torch
+
+    if not ggml_numba.available():
+        pytest.skip("numba is not installed: CPUs run the torch port")
+    n, *args = call
+    x = _rows(7, n=13, length=n * 75).reshape(13, -1, n)  # 975 blocks: not whole groups of 64 lanes
+    x[6] = torch.round(x[6] * 400) / 400  # on a grid: levels tie and candidates give equal errors
+    w = torch.cat([_importance(8, n * 75)] * 13).reshape(x.shape)
+    w[7] = 0  # no weight at all: D = 0, no candidate is taken
+    for weights in (w, x.abs(), x * x):
+        got = ggml_numba.make_qkx_quants(x, weights, *args)
+        want = make_qkx_quants_torch(x, weights, *args)
+        for g, t, what in zip(got, want, ("scale", "min", "levels")):
+            assert g.dtype == t.dtype and torch.equal(g, t), what
+
+
+def test_numba_can_be_switched_off_and_cpus_then_run_the_torch_port(monkeypatch):
+    from mpsearch.quant import ggml_math, ggml_numba
+
+    calls = []
+    monkeypatch.setattr(ggml_math, "make_qkx_quants_torch", lambda *a: calls.append(a) or "torch")
+    monkeypatch.setenv("MPSEARCH_NUMBA", "0")
+    ggml_numba._kernel.cache_clear()
+    try:
+        x = _rows(1, length=64).reshape(12, -1, 32)
+        assert not ggml_numba.available()
+        assert ggml_math.make_qkx_quants(x, x.abs(), 15, -1.0, 0.1, 20) == "torch" and len(calls) == 1
+    finally:
+        monkeypatch.delenv("MPSEARCH_NUMBA")
+        ggml_numba._kernel.cache_clear()

@@ -165,7 +165,20 @@ def make_qkx_quants(
     x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """make_qkx2_quants / make_qkx3_quants (the same arithmetic given the weights; qkx3's NULL weights are
-    x^2, passed here): (scale, the_min >= 0, L in [0, nmax]) per block; x ~ scale * L - the_min."""
+    x^2, passed here): (scale, the_min >= 0, L in [0, nmax]) per block; x ~ scale * L - the_min. On a CPU
+    the compiled loop of :mod:`mpsearch.quant.ggml_numba` where numba is installed (same bytes), else torch."""
+    if x.device.type == "cpu":
+        from mpsearch.quant import ggml_numba
+
+        if ggml_numba.available():
+            return ggml_numba.make_qkx_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad)
+    return make_qkx_quants_torch(x, weights, nmax, rmin, rdelta, nstep, use_mad)
+
+
+def make_qkx_quants_torch(
+    x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``make_qkx_quants`` as torch on any device, vectorized over blocks, one candidate at a time."""
     lo = torch.clamp(x.amin(-1), max=0.0)
     hi = x.amax(-1)
     flat = hi == lo

@@ -1,0 +1,159 @@
+"""ggml's min/scale search ``make_qkx2_quants`` / ``make_qkx3_quants`` compiled for CPUs (numba): the C loop,
+statement by statement, on 64 blocks side by side.
+
+Why not torch here: the search is sequential by definition (each of its 16-37 candidate scales starts from
+the best min found so far), so torch vectorizes it over blocks only, one candidate at a time: ~16 passes over
+every weight per candidate, bandwidth-bound on a CPU (~0.2 us per 32-block and candidate on 2 cores; Q4_K,
+Q5_K, Q2_K, Q4_1 and Q5_1 with an imatrix try 37). Compiled, a group of blocks stays in cache and the compiler
+vectorizes each statement across the group. numba compiles without fast-math, so every float32 operation
+rounds as ggml's C does (no FMA contraction; each block's sums in C's order); tests/test_ggml_quants.py checks
+the results equal to the torch port's, and CI's ``llama.cpp`` job checks the bytes against llama-quantize. On
+other devices :func:`mpsearch.quant.ggml_math.make_qkx_quants` stays torch; without numba (or with
+``MPSEARCH_NUMBA=0``) CPUs run the torch port too. numba is imported on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+# blocks searched side by side (the compiler vectorizes across them; a constant count would be unrolled
+# instead, so the kernel takes it as an argument), and blocks per thread task
+LANES = 64
+TASK_BLOCKS = 1 << 11  # a CPU chunk of quantize_rows (2^19 weights) makes 8-16 tasks
+MAGIC = np.float32(12582912.0)  # 1.5 * 2^23: (t + MAGIC) - MAGIC is C's nearest_int (ties to even)
+
+
+@functools.cache
+def _kernel():
+    """The compiled search, or None where numba is missing or switched off (``MPSEARCH_NUMBA=0``)."""
+    if os.environ.get("MPSEARCH_NUMBA", "1") == "0":
+        return None
+    try:
+        from numba import njit
+    except ImportError:
+        return None
+    f32 = np.float32
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def search(x, w, nmax, rmin, rdelta, nstep, use_mad, lanes, scales, mins, levels):  # pragma: no cover
+        """make_qkx*_quants of each row of x (blocks, n), ``lanes`` blocks at a time; element i of every lane
+        is one contiguous row, so each C statement runs on all lanes at once. Arguments as in C."""
+        n, top = x.shape[1], f32(nmax)
+        xt, wt = np.empty((n, lanes), f32), np.empty((n, lanes), f32)
+        lev, aux = np.empty((n, lanes), f32), np.empty((n, lanes), f32)
+        # one entry per block for each of C's per-block variables
+        lo, hi, sum_w, sum_x = np.empty(lanes, f32), np.empty(lanes, f32), np.empty(lanes, f32), np.empty(lanes, f32)
+        span, iscale, scale = np.empty(lanes, f32), np.empty(lanes, f32), np.empty(lanes, f32)
+        best, sum_l, sum_l2 = np.empty(lanes, f32), np.empty(lanes, f32), np.empty(lanes, f32)
+        sum_xl = np.empty(lanes, f32)
+        this_scale, this_min, err = np.empty(lanes, f32), np.empty(lanes, f32), np.empty(lanes, f32)
+        flat, better = np.empty(lanes, np.bool_), np.empty(lanes, np.bool_)
+        for b0 in range(0, x.shape[0], lanes):
+            for k in range(lanes):
+                for i in range(n):
+                    xt[i, k], wt[i, k] = x[b0 + k, i], w[b0 + k, i]
+                lo[k], hi[k] = xt[0, k], xt[0, k]
+                sum_w[k] = wt[0, k]
+                sum_x[k] = sum_w[k] * xt[0, k]
+            for i in range(1, n):
+                for k in range(lanes):
+                    lo[k] = xt[i, k] if xt[i, k] < lo[k] else lo[k]
+                    hi[k] = xt[i, k] if xt[i, k] > hi[k] else hi[k]
+                    sum_w[k] += wt[i, k]
+                    sum_x[k] += wt[i, k] * xt[i, k]
+            for k in range(lanes):
+                lo[k] = f32(0) if lo[k] > 0 else lo[k]
+                flat[k] = hi[k] == lo[k]  # C returns L = 0, scale 0 (its other results are not used)
+                span[k] = f32(1) if flat[k] else hi[k] - lo[k]
+                iscale[k] = top / span[k]
+                scale[k] = f32(1) / iscale[k]
+                best[k] = f32(0)
+            for i in range(n):
+                for k in range(lanes):
+                    lv = min(max((iscale[k] * (xt[i, k] - lo[k]) + MAGIC) - MAGIC, f32(0)), top)
+                    lev[i, k] = lv
+                    diff = scale[k] * lv + lo[k] - xt[i, k]
+                    best[k] += wt[i, k] * (abs(diff) if use_mad else diff * diff)
+            for step in range(nstep + 1):
+                factor = rmin + rdelta * f32(step) + top
+                for k in range(lanes):
+                    iscale[k] = factor / span[k]  # span: max - the best min so far, as in C
+                    sum_l[k], sum_l2[k], sum_xl[k] = f32(0), f32(0), f32(0)
+                for i in range(n):
+                    for k in range(lanes):
+                        lv = min(max((iscale[k] * (xt[i, k] - lo[k]) + MAGIC) - MAGIC, f32(0)), top)
+                        aux[i, k] = lv
+                        wl = wt[i, k] * lv
+                        sum_l[k] += wl
+                        sum_l2[k] += wl * lv
+                        sum_xl[k] += wl * xt[i, k]
+                for k in range(lanes):
+                    det = sum_w[k] * sum_l2[k] - sum_l[k] * sum_l[k]
+                    better[k] = det > 0 and not flat[k]
+                    det = det if better[k] else f32(1)
+                    this_scale[k] = (sum_w[k] * sum_xl[k] - sum_x[k] * sum_l[k]) / det
+                    this_min[k] = (sum_l2[k] * sum_x[k] - sum_l[k] * sum_xl[k]) / det
+                    if this_min[k] > 0:
+                        this_min[k] = f32(0)
+                        this_scale[k] = sum_xl[k] / sum_l2[k]
+                    err[k] = f32(0)
+                for i in range(n):
+                    for k in range(lanes):
+                        diff = this_scale[k] * aux[i, k] + this_min[k] - xt[i, k]
+                        err[k] += wt[i, k] * (abs(diff) if use_mad else diff * diff)
+                for k in range(lanes):
+                    if better[k] and err[k] < best[k]:
+                        best[k], scale[k], lo[k] = err[k], this_scale[k], this_min[k]
+                        span[k] = hi[k] - lo[k]
+                        for i in range(n):
+                            lev[i, k] = aux[i, k]
+            for k in range(lanes):
+                scales[b0 + k] = f32(0) if flat[k] else scale[k]
+                mins[b0 + k] = -lo[k]
+                for i in range(n):
+                    levels[b0 + k, i] = 0 if flat[k] else np.uint8(lev[i, k])
+
+    return search
+
+
+def available() -> bool:
+    return _kernel() is not None
+
+
+def make_qkx_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+                    use_mad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`mpsearch.quant.ggml_math.make_qkx_quants` for CPU tensors: (scale, the_min, L uint8) per block of
+    the last axis, on ``torch.get_num_threads()`` threads."""
+    search = _kernel()
+    shape, n = x.shape[:-1], x.shape[-1]
+    xs = x.detach().reshape(-1, n).float().numpy()
+    ws = weights.detach().expand_as(x).reshape(-1, n).float().numpy()
+    blocks = xs.shape[0]
+    padded = -(-blocks // LANES) * LANES  # zero blocks fill the last lane group (flat: they cost nothing)
+    if padded != blocks:
+        xs, ws = (np.concatenate([a, np.zeros((padded - blocks, n), np.float32)]) for a in (xs, ws))
+    xs, ws = np.ascontiguousarray(xs), np.ascontiguousarray(ws)
+    scales, mins = np.empty(padded, np.float32), np.empty(padded, np.float32)
+    levels = np.empty((padded, n), np.uint8)
+    args = (np.int64(nmax), np.float32(rmin), np.float32(rdelta), np.int64(nstep), bool(use_mad), np.int64(LANES))
+
+    def task(start: int) -> None:
+        part = slice(start, start + TASK_BLOCKS)
+        search(xs[part], ws[part], *args, scales[part], mins[part], levels[part])
+
+    starts = range(0, padded, TASK_BLOCKS)
+    threads = min(torch.get_num_threads(), len(starts))
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(task, starts))
+    else:
+        for start in starts:
+            task(start)
+    scales, mins, levels = scales[:blocks], mins[:blocks], levels[:blocks]
+    as_torch = torch.from_numpy
+    return as_torch(scales).reshape(shape), as_torch(mins).reshape(shape), as_torch(levels).reshape(*shape, n)
