@@ -48,7 +48,7 @@ SMALL = [
 LOW_BUDGETS = [3.0, 3.5, 4.0, 4.5]
 SPEED_TYPES = ["q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "q3_k", "q2_k", "iq4_xs"]
 GRID_IQ = ["iq3_s", "iq3_xxs", "iq2_s", "iq2_xs"]  # the grid i-quants (mpsearch/quant/iquants_grid.py)
-QKX_TYPES = ["q5_k", "q5_1", "q4_k", "q4_1", "q2_k"]  # make_qkx*_quants: compiled on a CPU where numba is
+QKX_TYPES = ["q5_k", "q5_1", "q4_k", "q4_1", "q2_k"]  # make_qkx*_quants: compiled on a CPU with numba
 # plan set -> (quantizer, types left out): the imatrix table solved with every type and without the grid
 # i-quants (what they buy), and GPTQ on llama.cpp's blocks (mpsearch.quant.gptq_gguf: the types it has a grid for)
 PLAN_SETS = {"all": ("imatrix", None), "no-grid-iq": ("imatrix", GRID_IQ), "gptq": ("gptq", None)}
@@ -109,9 +109,10 @@ def timed(fn, rows: torch.Tensor, *args) -> float:
     return round(time.perf_counter() - start, 2)
 
 
-def _torch_port_seconds(x: torch.Tensor, imp) -> dict:
-    """The baseline in this process: the types whose min/scale search numba compiles on a CPU
-    (``mpsearch.quant.ggml_numba``), timed again with the torch port (``MPSEARCH_NUMBA=0``); {} without numba."""
+def _torch_port_seconds(x: torch.Tensor, imp, names: list[str]) -> dict:
+    """The baseline in this process: types whose search numba compiles on a CPU (``mpsearch.quant.ggml_numba``:
+    the min/scale search, the grid i-quants' block search), timed again with the torch port
+    (``MPSEARCH_NUMBA=0``); {} without numba."""
     import os
 
     from mpsearch.core import parse_option
@@ -121,12 +122,12 @@ def _torch_port_seconds(x: torch.Tensor, imp) -> dict:
     if not ggml_numba.available():
         return {}
     os.environ["MPSEARCH_NUMBA"] = "0"
-    ggml_numba._kernel.cache_clear()
+    ggml_numba._njit.cache_clear()
     try:
-        return {name: timed(quantize_rows, x, parse_option(name), imp) for name in QKX_TYPES}
+        return {name: timed(quantize_rows, x, parse_option(name), imp) for name in names}
     finally:
         del os.environ["MPSEARCH_NUMBA"]
-        ggml_numba._kernel.cache_clear()
+        ggml_numba._njit.cache_clear()
 
 
 def phase_speed(results: Results) -> None:
@@ -149,7 +150,7 @@ def phase_speed(results: Results) -> None:
                 emit(phase="speed", device=device, imatrix=weighted, type=name, seconds=seconds[name])
             target = 60 if device == "cpu" else 2
             total = sum(seconds.values())
-            baseline = _torch_port_seconds(x, imp if weighted else None) if device == "cpu" else {}
+            baseline = _torch_port_seconds(x, imp if weighted else None, QKX_TYPES) if device == "cpu" else {}
             results.add(key=key, phase="speed", device=device, imatrix=weighted, shape=[4096, 14336],
                         seconds=seconds, total_s=round(total, 1), target_s=target, ok=total < target,
                         numba=bool(baseline), torch_port_seconds=baseline,
@@ -164,8 +165,10 @@ def phase_speed(results: Results) -> None:
                 seconds[name] = timed(quantize_rows, part, parse_option(name), imp)
                 emit(phase="speed-grid", device=device, type=name, seconds=seconds[name])
             per = {n: round(s / part.numel() * 1e9, 1) for n, s in seconds.items()}
+            baseline = _torch_port_seconds(part, imp, GRID_IQ) if device == "cpu" else {}
             results.add(key=key, phase="speed", device=device, imatrix=True, shape=list(part.shape),
-                        seconds=seconds, ns_per_weight=per, threads=torch.get_num_threads(),
+                        seconds=seconds, ns_per_weight=per, numba=bool(baseline), torch_port_seconds=baseline,
+                        threads=torch.get_num_threads(),
                         peak_rss_mib=round(peak_rss_mib()))  # fmt: skip
 
 

@@ -205,11 +205,11 @@ def test_numba_can_be_switched_off_and_cpus_then_run_the_torch_port(monkeypatch)
     calls = []
     monkeypatch.setattr(ggml_math, "make_qkx_quants_torch", lambda *a: calls.append(a) or "torch")
     monkeypatch.setenv("MPSEARCH_NUMBA", "0")
-    ggml_numba._kernel.cache_clear()
+    ggml_numba._njit.cache_clear()
     try:
         x = _rows(1, length=64).reshape(12, -1, 32)
         assert not ggml_numba.available()
         assert ggml_math.make_qkx_quants(x, x.abs(), 15, -1.0, 0.1, 20) == "torch" and len(calls) == 1
     finally:
         monkeypatch.delenv("MPSEARCH_NUMBA")
-        ggml_numba._kernel.cache_clear()
+        ggml_numba._njit.cache_clear()

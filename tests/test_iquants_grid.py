@@ -105,6 +105,31 @@ def _ffn_down():
     return w, qw
 
 
+@pytest.mark.parametrize("name", TYPES)
+def test_the_compiled_block_search_is_the_torch_port(name):
+    # on a CPU with numba the block search runs compiled (mpsearch.quant.ggml_numba); on other devices, torch
+    from mpsearch.quant import ggml_numba
+
+    if not ggml_numba.available():
+        pytest.skip("numba is not installed: CPUs run the torch port")
+    t, g = iquants_grid.TYPES[name], iquants_grid.grid(name, "cpu")
+    w, qw = _ffn_down()
+    w = w[:24].clone()
+    w[1] = 0  # skipped blocks
+    w[2, :256] = 1e-9  # below the types' eps
+    w[3] = torch.round(w[3] * 300) / 300  # ties between trial scales and between neighbours
+    for importance in (qw, None if not t.needs_imatrix else qw * 0 + 1):
+        x = w.reshape(w.shape[0], -1, t.block)
+        weight = iquants_grid._weights(t, x, importance)
+        xval, _ = iquants_grid._signs(t, x, weight)
+        scale, point, skipped = iquants_grid._block_scales(t, g, xval, weight)
+        waux = iquants_grid.sqrt(weight)
+        nums = [float(np.float32(2 * t.kmax - 1) + np.float32(s) * np.float32(t.step)) for s in t.trials]
+        want_scale, want_point = iquants_grid._block_scales_torch(t, g, xval, weight, waux, nums,
+                                                                  xval.amax(-1), skipped)  # fmt: skip
+        assert bool(skipped[1].all()) and torch.equal(scale, want_scale) and torch.equal(point, want_point)
+
+
 def test_grid_i_quants_carry_more_weighted_signal_per_bit_than_the_k_quants():
     # what they are for: at the size of Q3_K (3.44 bpw) IQ3_S, and below Q2_K's size (2.63 bpw) IQ2_S, keep
     # more of the importance-weighted signal; every type within the ~6 dB per bit band of its size

@@ -29,17 +29,40 @@ MAGIC = np.float32(12582912.0)  # 1.5 * 2^23: (t + MAGIC) - MAGIC is C's nearest
 
 
 @functools.cache
-def _kernel():
-    """The compiled search, or None where numba is missing or switched off (``MPSEARCH_NUMBA=0``)."""
+def _njit():
+    """numba's ``njit`` as the kernels here use it, or None where numba is missing or switched off
+    (``MPSEARCH_NUMBA=0``)."""
     if os.environ.get("MPSEARCH_NUMBA", "1") == "0":
         return None
     try:
         from numba import njit
     except ImportError:
         return None
+    return njit(nogil=True, cache=True, error_model="numpy")
+
+
+def available() -> bool:
+    return _njit() is not None
+
+
+def _in_tasks(blocks: int, task) -> None:
+    """``task(start)`` for each TASK_BLOCKS blocks from 0, on ``torch.get_num_threads()`` threads (the
+    kernels release the GIL)."""
+    starts = range(0, blocks, TASK_BLOCKS)
+    threads = min(torch.get_num_threads(), len(starts))
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(task, starts))
+    else:
+        for start in starts:
+            task(start)
+
+
+@functools.cache
+def _qkx_kernel():
     f32 = np.float32
 
-    @njit(nogil=True, cache=True, error_model="numpy")
+    @_njit()
     def search(x, w, nmax, rmin, rdelta, nstep, use_mad, lanes, scales, mins, levels):  # pragma: no cover
         """make_qkx*_quants of each row of x (blocks, n), ``lanes`` blocks at a time; element i of every lane
         is one contiguous row, so each C statement runs on all lanes at once. Arguments as in C."""
@@ -121,15 +144,11 @@ def _kernel():
     return search
 
 
-def available() -> bool:
-    return _kernel() is not None
-
-
 def make_qkx_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
                     use_mad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """:func:`mpsearch.quant.ggml_math.make_qkx_quants` for CPU tensors: (scale, the_min, L uint8) per block of
     the last axis, on ``torch.get_num_threads()`` threads."""
-    search = _kernel()
+    search = _qkx_kernel()
     shape, n = x.shape[:-1], x.shape[-1]
     xs = x.detach().reshape(-1, n).float().numpy()
     ws = weights.detach().expand_as(x).reshape(-1, n).float().numpy()
@@ -146,14 +165,125 @@ def make_qkx_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: flo
         part = slice(start, start + TASK_BLOCKS)
         search(xs[part], ws[part], *args, scales[part], mins[part], levels[part])
 
-    starts = range(0, padded, TASK_BLOCKS)
-    threads = min(torch.get_num_threads(), len(starts))
-    if threads > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(task, starts))
-    else:
-        for start in starts:
-            task(start)
+    _in_tasks(padded, task)
     scales, mins, levels = scales[:blocks], mins[:blocks], levels[:blocks]
     as_torch = torch.from_numpy
     return as_torch(scales).reshape(shape), as_torch(mins).reshape(shape), as_torch(levels).reshape(*shape, n)
+
+
+@functools.cache
+def _grid_kernel():
+    f32 = np.float32
+
+    @_njit()
+    def nearest(kmap, counts, starts, flat, q, code, scale, x, w, g0, group):  # pragma: no cover
+        """The grid point of rounded levels ``code`` for the group at x[g0:g0+group]: its own, or of ggml's
+        neighbours of an off-grid code the first nearest by sum of w * (scale q - x)^2 in C's order."""
+        point = kmap[code]
+        if point >= 0:
+            return point, True
+        best_d2, start = np.inf, starts[code]
+        point = flat[start]
+        for j in range(counts[code]):
+            p = flat[start + j]
+            d2 = f32(0)
+            for i in range(group):
+                diff = scale * q[p, i] - x[g0 + i]
+                d2 += w[g0 + i] * diff * diff
+            if d2 < best_d2:
+                best_d2, point = d2, p
+        return point, False
+
+    @_njit()
+    def fit(q, points, w, x, group):  # pragma: no cover
+        """(sumqx, sumq2) of a block's points, in C's order: w*x*q and w*q*q."""
+        sumqx, sumq2 = f32(0), f32(0)
+        for i in range(x.shape[0]):
+            v = q[points[i // group], i % group]
+            sumqx += w[i] * x[i] * v
+            sumq2 += w[i] * v * v
+        return sumqx, sumq2
+
+    @_njit()
+    def search(
+        xval,
+        weight,
+        waux,
+        nums,
+        kmax,
+        bits,
+        group,
+        eps,
+        start_on_grid,
+        snap_all,
+        kmap,
+        counts,
+        starts,
+        flat,
+        q,
+        scales,
+        points,
+    ):  # pragma: no cover
+        """Each block's scale and grid points (``iquants_grid._block_scales``, one block at a time)."""
+        bs = xval.shape[1]
+        ngroups = bs // group
+        top = f32(2 * kmax - 1)
+        trial, trial_on, on = np.empty(ngroups, np.int64), np.empty(ngroups, np.bool_), np.empty(ngroups, np.bool_)
+        for b in range(xval.shape[0]):
+            x, w, wa, best_points = xval[b], weight[b], waux[b], points[b]
+            vmax = x.max()
+            if (vmax == 0) if eps == 0 else (vmax < eps):
+                scales[b] = 0
+                best_points[:] = 0
+                continue
+            scale, best, chosen = vmax / top, f32(0), False
+            for c in range(nums.shape[0]):
+                inv = nums[c] / vmax
+                s = f32(1) / inv
+                for k in range(ngroups):
+                    code = 0
+                    for i in range(group):
+                        lv = min(max(np.rint((inv * x[k * group + i] - f32(1)) * f32(0.5)), f32(0)), f32(kmax - 1))
+                        code |= np.int64(lv) << (bits * i)
+                    trial[k], trial_on[k] = nearest(kmap, counts, starts, flat, q, code, s, x, wa, k * group, group)
+                sumqx, sumq2 = fit(q, trial, w, x, group)
+                if sumq2 > 0 and sumqx * sumqx > best * sumq2:
+                    scale = sumqx / sumq2
+                    best, chosen = scale * sumqx, True
+                    best_points[:], on[:] = trial, trial_on
+            if not chosen:  # L = 0 (C's memset)
+                best_points[:], on[:] = kmap[0], start_on_grid
+            if scale > 0 and not on.all():
+                inv = f32(1) / scale
+                for k in range(ngroups):
+                    code = 0
+                    for i in range(group):
+                        lv = min(max(np.rint((inv * x[k * group + i] - f32(1)) * f32(0.5)), f32(0)), f32(kmax - 1))
+                        code |= np.int64(lv) << (bits * i)
+                    if snap_all or not on[k]:
+                        best_points[k] = nearest(kmap, counts, starts, flat, q, code, scale, x, wa, k * group, group)[0]
+                sumqx, sumq2 = fit(q, best_points, w, x, group)
+                if sumq2 > 0:
+                    scale = sumqx / sumq2
+            scales[b] = scale
+
+    return search
+
+
+def grid_block_scales(t, g, xval: torch.Tensor, weight: torch.Tensor, waux: torch.Tensor, nums: list[float]):
+    """:func:`mpsearch.quant.iquants_grid._block_scales` for CPU tensors: (scale (n, nb), points (n, nb,
+    groups)); ``waux`` = sqrt(weight), ``nums`` the trial scales' numerators."""
+    search = _grid_kernel()
+    n, nb, bs = xval.shape
+    xs, ws, was = (a.detach().reshape(-1, bs).contiguous().numpy() for a in (xval, weight, waux))
+    blocks = xs.shape[0]
+    scales, points = np.empty(blocks, np.float32), np.empty((blocks, bs // t.group), np.int64)
+    tables = (g.kmap.numpy(), g.counts.numpy(), g.starts.numpy(), g.flat.numpy(), g.q.numpy())
+    args = (np.array(nums, np.float32), t.kmax, t.bits, t.group, np.float32(t.eps), t.start_on_grid, t.snap_all)
+
+    def task(start: int) -> None:
+        part = slice(start, start + TASK_BLOCKS)
+        search(xs[part], ws[part], was[part], *args, *tables, scales[part], points[part])
+
+    _in_tasks(blocks, task)
+    return torch.from_numpy(scales).reshape(n, nb), torch.from_numpy(points).reshape(n, nb, -1)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from mpsearch.core.errors import MpsearchError
+from mpsearch.quant import ggml_numba
 from mpsearch.quant.ggml_math import F32, div, div0, f16, fp16_bytes, seq_sum, sqrt
 
 QK_K = 256
@@ -231,12 +232,21 @@ def _weights(t: GridType, x, qw):
 def _block_scales(t: GridType, g: Grid, xval, weight):
     """Each block's scale and grid points: the trial scales, then the final snap. Returns (scale (n, nb),
     points (n, nb, groups), skipped (n, nb))."""
-    n, nb, bs = xval.shape
     waux = sqrt(weight)
     vmax = xval.amax(-1)
     skipped = (vmax == 0) if t.eps == 0 else (vmax < t.eps)
-    vmax = torch.where(skipped, torch.ones_like(vmax), vmax)
     nums = [float(np.float32(2 * t.kmax - 1) + np.float32(s) * np.float32(t.step)) for s in t.trials]
+    if xval.device.type == "cpu" and ggml_numba.available():  # the same search compiled (same results)
+        scale, point = ggml_numba.grid_block_scales(t, g, xval, weight, waux, nums)
+    else:
+        scale, point = _block_scales_torch(t, g, xval, weight, waux, nums, vmax, skipped)
+    return scale, point, skipped
+
+
+def _block_scales_torch(t: GridType, g: Grid, xval, weight, waux, nums, vmax, skipped):
+    """``_block_scales`` as torch on any device, all blocks and trial scales at once: (scale, points)."""
+    n, nb, bs = xval.shape
+    vmax = torch.where(skipped, torch.ones_like(vmax), vmax)
     ids = div(torch.tensor(nums, dtype=F32, device=xval.device).view(-1, 1, 1), vmax)  # (trials, n, nb)
     groups = (n, nb, bs // t.group, t.group)
     xg, wg = xval.reshape(groups), waux.reshape(groups)
@@ -266,7 +276,7 @@ def _block_scales(t: GridType, g: Grid, xval, weight):
         sqx, sq2 = _fit(g.q[point].reshape(n, nb, bs), weight, xval)
         scale = torch.where(redo & (sq2 > 0), div0(sqx, sq2), scale)
     point = torch.where(skipped[..., None], 0, point)
-    return torch.where(skipped, 0.0, scale), point, skipped
+    return torch.where(skipped, 0.0, scale), point
 
 
 def quantize(name: str, rows: torch.Tensor, qw: torch.Tensor | None = None):
