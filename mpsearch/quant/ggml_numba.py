@@ -29,16 +29,17 @@ MAGIC = np.float32(12582912.0)  # 1.5 * 2^23: (t + MAGIC) - MAGIC is C's nearest
 
 
 @functools.cache
-def _njit():
-    """numba's ``njit`` as the kernels here use it, or None where numba is missing or switched off
-    (``MPSEARCH_NUMBA=0``)."""
+def _njit(inline: bool = False):
+    """numba's ``njit`` as the kernels here use it (``inline``: a helper compiled into its callers, which
+    saves a call and reference counting of each array per call), or None where numba is missing or switched
+    off (``MPSEARCH_NUMBA=0``)."""
     if os.environ.get("MPSEARCH_NUMBA", "1") == "0":
         return None
     try:
         from numba import njit
     except ImportError:
         return None
-    return njit(nogil=True, cache=True, error_model="numpy")
+    return njit(nogil=True, cache=True, error_model="numpy", inline="always" if inline else "never")
 
 
 def available() -> bool:
@@ -172,18 +173,30 @@ def make_qkx_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: flo
 
 
 @functools.cache
-def _grid_kernel():
+def _grid_kernel(group: int):
+    """The grid i-quants' block search for points of ``group`` coordinates (a constant of the compiled code:
+    its loops unroll)."""
     f32 = np.float32
 
-    @_njit()
-    def nearest(kmap, counts, starts, flat, q, code, scale, x, w, g0, group):  # pragma: no cover
+    @_njit(inline=True)
+    def levels(x, g0, inv, kmax, bits):  # pragma: no cover
+        """The code of a group's rounded levels round((inv x - 1) / 2) in [0, kmax)."""
+        code = 0
+        for i in range(group):
+            lv = min(max(np.rint((inv * x[g0 + i] - f32(1)) * f32(0.5)), f32(0)), f32(kmax - 1))
+            code |= np.int64(lv) << (bits * i)
+        return code
+
+    @_njit(inline=True)
+    def nearest(kmap, counts, starts, flat, q, code, scale, x, w, g0):  # pragma: no cover
         """The grid point of rounded levels ``code`` for the group at x[g0:g0+group]: its own, or of ggml's
-        neighbours of an off-grid code the first nearest by sum of w * (scale q - x)^2 in C's order."""
+        neighbours of an off-grid code the first nearest by sum of w * (scale q - x)^2 (iq*_find_best_neighbour,
+        line by line)."""
         point = kmap[code]
         if point >= 0:
             return point, True
-        best_d2, start = np.inf, starts[code]
-        point = flat[start]
+        start = starts[code]
+        best_d2, point = f32(np.inf), flat[start]
         for j in range(counts[code]):
             p = flat[start + j]
             d2 = f32(0)
@@ -194,39 +207,22 @@ def _grid_kernel():
                 best_d2, point = d2, p
         return point, False
 
-    @_njit()
-    def fit(q, points, w, x, group):  # pragma: no cover
+    @_njit(inline=True)
+    def fit(q, points, w, x):  # pragma: no cover
         """(sumqx, sumq2) of a block's points, in C's order: w*x*q and w*q*q."""
         sumqx, sumq2 = f32(0), f32(0)
-        for i in range(x.shape[0]):
-            v = q[points[i // group], i % group]
-            sumqx += w[i] * x[i] * v
-            sumq2 += w[i] * v * v
+        for k in range(points.shape[0]):
+            for j in range(group):
+                v, i = q[points[k], j], k * group + j
+                sumqx += w[i] * x[i] * v
+                sumq2 += w[i] * v * v
         return sumqx, sumq2
 
     @_njit()
-    def search(
-        xval,
-        weight,
-        waux,
-        nums,
-        kmax,
-        bits,
-        group,
-        eps,
-        start_on_grid,
-        snap_all,
-        kmap,
-        counts,
-        starts,
-        flat,
-        q,
-        scales,
-        points,
-    ):  # pragma: no cover
+    def search(xval, weight, waux, nums, kmax, bits, eps, start_on_grid, snap_all, kmap, counts, starts, flat, q,
+               scales, points):  # pragma: no cover  # fmt: skip
         """Each block's scale and grid points (``iquants_grid._block_scales``, one block at a time)."""
-        bs = xval.shape[1]
-        ngroups = bs // group
+        ngroups = xval.shape[1] // group
         top = f32(2 * kmax - 1)
         trial, trial_on, on = np.empty(ngroups, np.int64), np.empty(ngroups, np.bool_), np.empty(ngroups, np.bool_)
         for b in range(xval.shape[0]):
@@ -241,12 +237,9 @@ def _grid_kernel():
                 inv = nums[c] / vmax
                 s = f32(1) / inv
                 for k in range(ngroups):
-                    code = 0
-                    for i in range(group):
-                        lv = min(max(np.rint((inv * x[k * group + i] - f32(1)) * f32(0.5)), f32(0)), f32(kmax - 1))
-                        code |= np.int64(lv) << (bits * i)
-                    trial[k], trial_on[k] = nearest(kmap, counts, starts, flat, q, code, s, x, wa, k * group, group)
-                sumqx, sumq2 = fit(q, trial, w, x, group)
+                    code = levels(x, k * group, inv, kmax, bits)
+                    trial[k], trial_on[k] = nearest(kmap, counts, starts, flat, q, code, s, x, wa, k * group)
+                sumqx, sumq2 = fit(q, trial, w, x)
                 if sumq2 > 0 and sumqx * sumqx > best * sumq2:
                     scale = sumqx / sumq2
                     best, chosen = scale * sumqx, True
@@ -256,13 +249,10 @@ def _grid_kernel():
             if scale > 0 and not on.all():
                 inv = f32(1) / scale
                 for k in range(ngroups):
-                    code = 0
-                    for i in range(group):
-                        lv = min(max(np.rint((inv * x[k * group + i] - f32(1)) * f32(0.5)), f32(0)), f32(kmax - 1))
-                        code |= np.int64(lv) << (bits * i)
                     if snap_all or not on[k]:
-                        best_points[k] = nearest(kmap, counts, starts, flat, q, code, scale, x, wa, k * group, group)[0]
-                sumqx, sumq2 = fit(q, best_points, w, x, group)
+                        code = levels(x, k * group, inv, kmax, bits)
+                        best_points[k] = nearest(kmap, counts, starts, flat, q, code, scale, x, wa, k * group)[0]
+                sumqx, sumq2 = fit(q, best_points, w, x)
                 if sumq2 > 0:
                     scale = sumqx / sumq2
             scales[b] = scale
@@ -273,13 +263,13 @@ def _grid_kernel():
 def grid_block_scales(t, g, xval: torch.Tensor, weight: torch.Tensor, waux: torch.Tensor, nums: list[float]):
     """:func:`mpsearch.quant.iquants_grid._block_scales` for CPU tensors: (scale (n, nb), points (n, nb,
     groups)); ``waux`` = sqrt(weight), ``nums`` the trial scales' numerators."""
-    search = _grid_kernel()
+    search = _grid_kernel(t.group)
     n, nb, bs = xval.shape
     xs, ws, was = (a.detach().reshape(-1, bs).contiguous().numpy() for a in (xval, weight, waux))
     blocks = xs.shape[0]
     scales, points = np.empty(blocks, np.float32), np.empty((blocks, bs // t.group), np.int64)
     tables = (g.kmap.numpy(), g.counts.numpy(), g.starts.numpy(), g.flat.numpy(), g.q.numpy())
-    args = (np.array(nums, np.float32), t.kmax, t.bits, t.group, np.float32(t.eps), t.start_on_grid, t.snap_all)
+    args = (np.array(nums, np.float32), t.kmax, t.bits, np.float32(t.eps), t.start_on_grid, t.snap_all)
 
     def task(start: int) -> None:
         part = slice(start, start + TASK_BLOCKS)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mpsearch.core.options import Option
-from mpsearch.quant import iquants, iquants_grid, kquants, legacy
+from mpsearch.quant import ggml_numba, iquants, iquants_grid, kquants, legacy
 
 QUANTIZERS = {**legacy.QUANTIZERS, **kquants.QUANTIZERS, **iquants.QUANTIZERS, **iquants_grid.QUANTIZERS}
 # weights per chunk on a CPU, (reference, with an imatrix), measured on 256 x 14336 rows on 2 cores: searches
@@ -27,10 +27,11 @@ CPU_CHUNK = {
     "q5_0": (1 << 19, 1 << 16),
     "iq4_nl": (1 << 16, 1 << 16),
     "iq4_xs": (1 << 16, 1 << 16),
-    # the grid i-quants' neighbour search holds ~10-60 candidate points per group and trial scale
-    **{name: (1 << 14, 1 << 14) for name in iquants_grid.TYPES},
 }
 CPU_CHUNK_DEFAULT = (1 << 19, 1 << 19)
+# the grid i-quants' torch port holds ~10-60 candidate points per group and trial scale at once: small chunks;
+# compiled (numba: mpsearch.quant.ggml_numba) their search takes the default, whose tasks fill every thread
+TORCH_PORT_CPU_CHUNK = {name: (1 << 14, 1 << 14) for name in iquants_grid.TYPES}
 # on an accelerator: large chunks, but the grid i-quants' neighbour search holds every trial scale's padded
 # neighbour lists at once: peak ~1 GiB at 2^18 weights (IQ2_XS; IQ3_S ~0.55 GiB, measured on a CPU)
 ACCELERATOR_CHUNK = {name: 1 << 18 for name in iquants_grid.TYPES}
@@ -44,7 +45,8 @@ def ggml_type(option: Option):
 
 
 def _chunk_rows(name: str, rows: torch.Tensor, weighted: bool) -> int:
-    cpu = CPU_CHUNK.get(name, CPU_CHUNK_DEFAULT)[weighted]
+    chunks = CPU_CHUNK if ggml_numba.available() else {**CPU_CHUNK, **TORCH_PORT_CPU_CHUNK}
+    cpu = chunks.get(name, CPU_CHUNK_DEFAULT)[weighted]
     budget = cpu if rows.device.type == "cpu" else ACCELERATOR_CHUNK.get(name, ACCELERATOR_CHUNK_DEFAULT)
     return max(1, budget // max(rows.shape[1], 1))
 
