@@ -213,3 +213,17 @@ def test_numba_can_be_switched_off_and_cpus_then_run_the_torch_port(monkeypatch)
     finally:
         monkeypatch.delenv("MPSEARCH_NUMBA")
         ggml_numba._njit.cache_clear()
+
+
+def test_the_compiled_iq4_scale_search_is_the_torch_port():
+    from mpsearch.quant import ggml_numba, iquants
+
+    if not ggml_numba.available():
+        pytest.skip("numba is not installed: CPUs run the torch port")
+    x = _rows(11, length=32 * 75).reshape(12, -1, 32)  # 900 blocks: not whole groups of 64 lanes
+    x[6] = torch.round(x[6] * 400) / 400  # levels on a grid: ties at the nearest-level midpoints
+    x[7, :3] = 1e-16  # below the eps: scale 0
+    for weight in (x * x, _importance(12, 32).expand_as(x) * (x.abs() + 0.01)):
+        got = ggml_numba.iq4_block_scales(x, weight, iquants.KVALUES, iquants.NTRY)
+        want = iquants._block_scales_torch(x, weight)
+        assert torch.equal(got, want) and bool((got[7, :3] == 0).all())

@@ -59,6 +59,18 @@ def _in_tasks(blocks: int, task) -> None:
             task(start)
 
 
+def _blocks(x: torch.Tensor, weights: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
+    """(x, weights) as contiguous float32 arrays (blocks, n) padded with zero blocks to whole groups of LANES
+    (a zero block costs nothing and its results are dropped), and the padded count."""
+    n = x.shape[-1]
+    xs = x.detach().reshape(-1, n).float().numpy()
+    ws = weights.detach().expand_as(x).reshape(-1, n).float().numpy()
+    padded = -(-xs.shape[0] // LANES) * LANES
+    if padded != xs.shape[0]:
+        xs, ws = (np.concatenate([a, np.zeros((padded - a.shape[0], n), np.float32)]) for a in (xs, ws))
+    return np.ascontiguousarray(xs), np.ascontiguousarray(ws), padded
+
+
 @functools.cache
 def _qkx_kernel():
     f32 = np.float32
@@ -151,13 +163,8 @@ def make_qkx_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: flo
     the last axis, on ``torch.get_num_threads()`` threads."""
     search = _qkx_kernel()
     shape, n = x.shape[:-1], x.shape[-1]
-    xs = x.detach().reshape(-1, n).float().numpy()
-    ws = weights.detach().expand_as(x).reshape(-1, n).float().numpy()
-    blocks = xs.shape[0]
-    padded = -(-blocks // LANES) * LANES  # zero blocks fill the last lane group (flat: they cost nothing)
-    if padded != blocks:
-        xs, ws = (np.concatenate([a, np.zeros((padded - blocks, n), np.float32)]) for a in (xs, ws))
-    xs, ws = np.ascontiguousarray(xs), np.ascontiguousarray(ws)
+    xs, ws, padded = _blocks(x, weights)
+    blocks = x[..., 0].numel()
     scales, mins = np.empty(padded, np.float32), np.empty(padded, np.float32)
     levels = np.empty((padded, n), np.uint8)
     args = (np.int64(nmax), np.float32(rmin), np.float32(rdelta), np.int64(nstep), bool(use_mad), np.int64(LANES))
@@ -277,3 +284,69 @@ def grid_block_scales(t, g, xval: torch.Tensor, weight: torch.Tensor, waux: torc
 
     _in_tasks(blocks, task)
     return torch.from_numpy(scales).reshape(n, nb), torch.from_numpy(points).reshape(n, nb, -1)
+
+
+@functools.cache
+def _iq4_kernel():
+    f32 = np.float32
+    eps = f32(1e-15)  # a block whose largest |x| is below it gets scale 0
+
+    @_njit()
+    def search(x, w, inv0, trials, values, lo, hi, lanes, scales):  # pragma: no cover
+        """IQ4's block scale (``iquants._block_scales``) of each row of x (blocks, 32), ``lanes`` blocks at a
+        time: the first guess ``inv0 / max`` then ``trials / max``, each weight at its nearest level
+        (``values``: the level's value by floor(2 id x) from ``lo`` to ``hi``), C's running comparison."""
+        n = x.shape[1]
+        q = np.empty((n, lanes), f32)
+        amax, vmax, d, best = np.empty(lanes, f32), np.empty(lanes, f32), np.empty(lanes, f32), np.empty(lanes, f32)
+        inv, sumqx, sumq2 = np.empty(lanes, f32), np.empty(lanes, f32), np.empty(lanes, f32)
+        for b0 in range(0, x.shape[0], lanes):
+            for k in range(lanes):
+                amax[k], vmax[k] = f32(0), f32(1)
+                for i in range(n):  # the first of the largest |x|, with its sign (C's `if (ax > amax)`)
+                    if abs(x[b0 + k, i]) > amax[k]:
+                        amax[k], vmax[k] = abs(x[b0 + k, i]), x[b0 + k, i]
+                vmax[k] = vmax[k] if amax[k] >= eps else f32(1)
+            for c in range(trials.shape[0] + 1):
+                for k in range(lanes):
+                    inv[k] = f32(1) / (-vmax[k] / inv0) if c == 0 else trials[c - 1] / vmax[k]
+                    sumqx[k], sumq2[k] = f32(0), f32(0)
+                for i in range(n):
+                    for k in range(lanes):
+                        t = min(max(np.floor(f32(2) * (inv[k] * x[b0 + k, i])), lo), hi)
+                        q[i, k] = values[np.int64(t - lo)]
+                for i in range(n):
+                    for k in range(lanes):
+                        wq = w[b0 + k, i] * q[i, k]
+                        sumqx[k] += wq * x[b0 + k, i]
+                        sumq2[k] += wq * q[i, k]
+                for k in range(lanes):
+                    if c == 0:
+                        d[k] = sumqx[k] / sumq2[k] if sumq2[k] != 0 else f32(0)
+                        best[k] = d[k] * sumqx[k]
+                    elif sumq2[k] > 0 and sumqx[k] * sumqx[k] > best[k] * sumq2[k]:
+                        d[k] = sumqx[k] / sumq2[k]
+                        best[k] = d[k] * sumqx[k]
+            for k in range(lanes):
+                scales[b0 + k] = d[k] if amax[k] >= eps else f32(0)
+
+    return search
+
+
+def iq4_block_scales(x: torch.Tensor, weight: torch.Tensor, kvalues: tuple[int, ...], ntry: int) -> torch.Tensor:
+    """:func:`mpsearch.quant.iquants._block_scales` for CPU tensors: each 32-block's scale (x.shape[:-1])."""
+    from mpsearch.quant.ggml_math import _nearest_values
+
+    search = _iq4_kernel()
+    table, lo, hi = _nearest_values(tuple(kvalues), torch.device("cpu"))
+    xs, ws, padded = _blocks(x, weight)
+    scales = np.empty(padded, np.float32)
+    trials = np.array([t + kvalues[0] for t in range(-ntry, ntry + 1)], np.float32)
+    args = (np.float32(kvalues[0]), trials, table.numpy(), np.float32(lo), np.float32(hi), np.int64(LANES))
+
+    def task(start: int) -> None:
+        part = slice(start, start + TASK_BLOCKS)
+        search(xs[part], ws[part], *args, scales[part])
+
+    _in_tasks(padded, task)
+    return torch.from_numpy(scales[: x[..., 0].numel()]).reshape(x.shape[:-1])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from mpsearch.quant import ggml_numba
 from mpsearch.quant.ggml_math import (
     F32,
     best_index,
@@ -33,7 +34,15 @@ U8 = torch.uint8
 
 def _block_scales(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Each 32-block's scale: the best of the first guess -max/values[0] and 2 NTRY + 1 trial scales, by
-    C's running comparison (``sumqx^2 > best * sumq2``); the levels are found again from the final scale."""
+    C's running comparison (``sumqx^2 > best * sumq2``); the levels are found again from the final scale. On
+    a CPU with numba the same search runs compiled (:mod:`mpsearch.quant.ggml_numba`, same results)."""
+    if x.device.type == "cpu" and ggml_numba.available():
+        return ggml_numba.iq4_block_scales(x, weight, KVALUES, NTRY)
+    return _block_scales_torch(x, weight)
+
+
+def _block_scales_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``_block_scales`` as torch on any device, every candidate scale at once."""
     amax, vmax = signed_absmax(x)
     zero = amax < 1e-15
     vmax = torch.where(zero, torch.ones_like(vmax), vmax)
