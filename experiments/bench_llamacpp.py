@@ -140,6 +140,13 @@ def phase_speed(results: Results) -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         x, imp = w.to(device), qw.to(device)
+        # compiling (numba, on a CPU) or loading the compiled kernels from numba's cache happens once per process
+        # and installation: timed here on one row, apart from the timings
+        start = time.perf_counter()
+        for name in SPEED_TYPES + GRID_IQ:
+            quantize_rows(x[:1], parse_option(name), imp)
+        warmup = round(time.perf_counter() - start, 2)
+        emit(phase="speed", device=device, warmup_s=warmup)
         for weighted in (False, True):
             key = f"speed/{device}/{'imatrix' if weighted else 'reference'}"
             if results.done(key):
@@ -153,7 +160,7 @@ def phase_speed(results: Results) -> None:
             baseline = _torch_port_seconds(x, imp if weighted else None, QKX_TYPES) if device == "cpu" else {}
             results.add(key=key, phase="speed", device=device, imatrix=weighted, shape=[4096, 14336],
                         seconds=seconds, total_s=round(total, 1), target_s=target, ok=total < target,
-                        numba=bool(baseline), torch_port_seconds=baseline,
+                        numba=bool(baseline), torch_port_seconds=baseline, warmup_s=warmup,
                         threads=torch.get_num_threads(), peak_rss_mib=round(peak_rss_mib()))  # fmt: skip
         # the grid i-quants (no target: their neighbour search is the slowest work here), with an imatrix as
         # llama-quantize makes them; on a CPU on the first 256 rows, where the whole tensor would take ~30 min

@@ -19,7 +19,8 @@ def _loaded_after(statement: str) -> set[str]:
 @pytest.mark.parametrize(
     "statement, forbidden",
     [
-        ("import mpsearch", {"torch", "ortools", "optuna", "matplotlib", "pulp", "sensitivity", "solvers"}),
+        ("import mpsearch", {"torch", "ortools", "optuna", "matplotlib", "pulp", "numba", "sensitivity", "solvers"}),
+        ("import mpsearch.quant.llama_cpp", {"numba", "ortools", "optuna", "matplotlib"}),  # numba: on first use
         ("import mpsearch.core", {"torch", "sensitivity", "solvers"}),
         ("import solvers", {"torch", "sensitivity", "ortools", "optuna", "matplotlib", "pulp"}),
         ("import sensitivity", {"solvers", "ortools", "optuna", "pulp"}),
