@@ -227,3 +227,19 @@ def test_the_compiled_iq4_scale_search_is_the_torch_port():
         got = ggml_numba.iq4_block_scales(x, weight, iquants.KVALUES, iquants.NTRY)
         want = iquants._block_scales_torch(x, weight)
         assert torch.equal(got, want) and bool((got[7, :3] == 0).all())
+
+
+@pytest.mark.parametrize("n, nmax", [(16, 32), (16, 4), (32, 8), (32, 16)])  # Q6_K, Q3_K, Q4_0, Q5_0 (+imatrix)
+def test_the_compiled_qx_scale_search_is_the_torch_port(n, nmax):
+    from mpsearch.quant import ggml_math, ggml_numba
+
+    if not ggml_numba.available():
+        pytest.skip("numba is not installed: CPUs run the torch port")
+    x = _rows(13, length=n * 75).reshape(12, -1, n)  # 900 blocks: not whole groups of 64 lanes
+    x[6] = torch.round(x[6] * 400) / 400  # ties between candidate scales
+    f32 = np.float32
+    numerators = [float(-nmax)] + [-float(f32(nmax) + f32(0.1) * f32(s)) for s in range(-9, 10) if s]
+    for w in (x * x, _importance(14, n).expand_as(x)):
+        got = ggml_numba.make_qx_quants(x, w, nmax, numerators)
+        want = ggml_math.make_qx_quants_torch(x, nmax, w, numerators)
+        assert all(g.dtype == t.dtype and torch.equal(g, t) for g, t in zip(got, want))

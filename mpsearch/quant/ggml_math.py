@@ -93,14 +93,24 @@ def div0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """make_qx_quants(n, nmax, x, L, rmse_type=1, qw): (scale (...,), L (..., n) in [0, 2 nmax)) per block of
     the last axis; weights ``qw`` (broadcast to x) or x^2."""
-    amax, vmax = signed_absmax(x)
-    zero = amax < GROUP_MAX_EPS
-    vmax = torch.where(zero, torch.ones_like(vmax), vmax)
     w = x * x if qw is None else qw.expand_as(x)
     # candidate 0: -nmax / max; then -(nmax + 0.1f*is) / max for is = -9..9, is != 0 (float32 constants)
     numerators = [float(-nmax)] + [
         -float(np.float32(nmax) + np.float32(0.1) * np.float32(s)) for s in range(-9, 10) if s
     ]
+    if x.device.type == "cpu":
+        from mpsearch.quant import ggml_numba
+
+        if ggml_numba.available():  # the same search compiled (same results)
+            return ggml_numba.make_qx_quants(x, w, nmax, numerators)
+    return make_qx_quants_torch(x, nmax, w, numerators)
+
+
+def make_qx_quants_torch(x: torch.Tensor, nmax: int, w: torch.Tensor, numerators: list[float]):
+    """``make_qx_quants`` as torch on any device, every candidate scale at once (``w``: the weights)."""
+    amax, vmax = signed_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    vmax = torch.where(zero, torch.ones_like(vmax), vmax)
     steps = torch.tensor(numerators, dtype=F32, device=x.device)
     iscale = div(steps.view(-1, *([1] * vmax.dim())), vmax)  # (candidates, *blocks)
     xt, wt = x.movedim(-1, 0).contiguous(), w.movedim(-1, 0).contiguous()  # element-major (n, *blocks)

@@ -350,3 +350,67 @@ def iq4_block_scales(x: torch.Tensor, weight: torch.Tensor, kvalues: tuple[int, 
 
     _in_tasks(padded, task)
     return torch.from_numpy(scales[: x[..., 0].numel()]).reshape(x.shape[:-1])
+
+
+@functools.cache
+def _qx_kernel():
+    f32 = np.float32
+    eps = f32(1e-15)  # GROUP_MAX_EPS: a block whose largest |x| is below it gets scale 0, levels 0
+
+    @_njit()
+    def search(x, w, nmax, numerators, lanes, scales, levels):  # pragma: no cover
+        """make_qx_quants(n, nmax, x, L, rmse_type=1, qw) of each row of x (blocks, n), ``lanes`` blocks at a
+        time: the candidate scales ``numerators / max`` in C's order, C's running comparison."""
+        n = x.shape[1]
+        amax, vmax, scale, best = np.empty(lanes, f32), np.empty(lanes, f32), np.empty(lanes, f32), np.empty(lanes, f32)
+        iscale, best_iscale = np.empty(lanes, f32), np.empty(lanes, f32)
+        sumlx, suml2 = np.empty(lanes, f32), np.empty(lanes, f32)
+        for b0 in range(0, x.shape[0], lanes):
+            for k in range(lanes):
+                amax[k], vmax[k] = f32(0), f32(1)
+                for i in range(n):  # the first of the largest |x|, with its sign
+                    if abs(x[b0 + k, i]) > amax[k]:
+                        amax[k], vmax[k] = abs(x[b0 + k, i]), x[b0 + k, i]
+                vmax[k] = vmax[k] if amax[k] >= eps else f32(1)
+            for c in range(numerators.shape[0]):
+                for k in range(lanes):
+                    iscale[k] = numerators[c] / vmax[k]
+                    sumlx[k], suml2[k] = f32(0), f32(0)
+                for i in range(n):
+                    for k in range(lanes):
+                        lv = min(max((iscale[k] * x[b0 + k, i] + MAGIC) - MAGIC, f32(-nmax)), f32(nmax - 1))
+                        wl = w[b0 + k, i] * lv
+                        sumlx[k] += w[b0 + k, i] * x[b0 + k, i] * lv
+                        suml2[k] += wl * lv
+                for k in range(lanes):
+                    if c == 0:
+                        scale[k] = sumlx[k] / suml2[k] if suml2[k] != 0 else f32(0)
+                        best[k], best_iscale[k] = scale[k] * sumlx[k], iscale[k]
+                    elif suml2[k] > 0 and sumlx[k] * sumlx[k] > best[k] * suml2[k]:
+                        scale[k] = sumlx[k] / suml2[k]
+                        best[k], best_iscale[k] = scale[k] * sumlx[k], iscale[k]
+            for k in range(lanes):
+                zero = amax[k] < eps
+                scales[b0 + k] = f32(0) if zero else scale[k]
+                for i in range(n):
+                    lv = min(max((best_iscale[k] * x[b0 + k, i] + MAGIC) - MAGIC, f32(-nmax)), f32(nmax - 1))
+                    levels[b0 + k, i] = 0 if zero else np.uint8(lv + f32(nmax))
+
+    return search
+
+
+def make_qx_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, numerators: list[float]):
+    """:func:`mpsearch.quant.ggml_math.make_qx_quants` for CPU tensors: (scale, L uint8) per block of the last
+    axis; ``weights`` the importance (broadcast to x) or x^2, ``numerators`` the candidates' in C's order."""
+    search = _qx_kernel()
+    xs, ws, padded = _blocks(x, weights)
+    scales, levels = np.empty(padded, np.float32), np.empty((padded, x.shape[-1]), np.uint8)
+    args = (np.int64(nmax), np.array(numerators, np.float32), np.int64(LANES))
+
+    def task(start: int) -> None:
+        part = slice(start, start + TASK_BLOCKS)
+        search(xs[part], ws[part], *args, scales[part], levels[part])
+
+    _in_tasks(padded, task)
+    blocks = x[..., 0].numel()
+    return torch.from_numpy(scales[:blocks]).reshape(x.shape[:-1]), torch.from_numpy(levels[:blocks]).reshape(x.shape)

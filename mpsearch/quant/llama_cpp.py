@@ -18,8 +18,8 @@ from mpsearch.core.options import Option
 from mpsearch.quant import ggml_numba, iquants, iquants_grid, kquants, legacy
 
 QUANTIZERS = {**legacy.QUANTIZERS, **kquants.QUANTIZERS, **iquants.QUANTIZERS, **iquants_grid.QUANTIZERS}
-# weights per chunk on a CPU, (reference, with an imatrix), measured on 256 x 14336 rows on 2 cores: searches
-# that try every candidate scale at once want small chunks, those that loop over candidates larger ones
+# weights per chunk on a CPU for the torch ports, (reference, with an imatrix), measured on 256 x 14336 rows on
+# 2 cores: searches that try every candidate scale at once want small chunks, those that loop over them larger ones
 CPU_CHUNK = {
     "q6_k": (1 << 17, 1 << 17),
     "q3_k": (1 << 20, 1 << 18),
@@ -27,11 +27,12 @@ CPU_CHUNK = {
     "q5_0": (1 << 19, 1 << 16),
     "iq4_nl": (1 << 16, 1 << 16),
     "iq4_xs": (1 << 16, 1 << 16),
+    # the grid i-quants' neighbour search holds ~10-60 candidate points per group and trial scale
+    **{name: (1 << 14, 1 << 14) for name in iquants_grid.TYPES},
 }
 CPU_CHUNK_DEFAULT = (1 << 19, 1 << 19)
-# the grid i-quants' torch port holds ~10-60 candidate points per group and trial scale at once: small chunks;
-# compiled (numba: mpsearch.quant.ggml_numba) their search takes the default, whose tasks fill every thread
-TORCH_PORT_CPU_CHUNK = {name: (1 << 14, 1 << 14) for name in iquants_grid.TYPES}
+# with numba the searches run compiled (mpsearch.quant.ggml_numba), each chunk cut into tasks for every thread:
+# chunks of at least the default keep the threads busy
 # on an accelerator: large chunks, but the grid i-quants' neighbour search holds every trial scale's padded
 # neighbour lists at once: peak ~1 GiB at 2^18 weights (IQ2_XS; IQ3_S ~0.55 GiB, measured on a CPU)
 ACCELERATOR_CHUNK = {name: 1 << 18 for name in iquants_grid.TYPES}
@@ -45,8 +46,9 @@ def ggml_type(option: Option):
 
 
 def _chunk_rows(name: str, rows: torch.Tensor, weighted: bool) -> int:
-    chunks = CPU_CHUNK if ggml_numba.available() else {**CPU_CHUNK, **TORCH_PORT_CPU_CHUNK}
-    cpu = chunks.get(name, CPU_CHUNK_DEFAULT)[weighted]
+    cpu = CPU_CHUNK.get(name, CPU_CHUNK_DEFAULT)[weighted]
+    if ggml_numba.available():
+        cpu = max(cpu, CPU_CHUNK_DEFAULT[weighted])
     budget = cpu if rows.device.type == "cpu" else ACCELERATOR_CHUNK.get(name, ACCELERATOR_CHUNK_DEFAULT)
     return max(1, budget // max(rows.shape[1], 1))
 
