@@ -1,15 +1,21 @@
-"""ggml's min/scale search ``make_qkx2_quants`` / ``make_qkx3_quants`` compiled for CPUs (numba): the C loop,
-statement by statement, on 64 blocks side by side.
+"""Four of ggml's searches compiled for CPUs (numba): the C loops statement by statement. The torch ports in
+``ggml_math``, ``iquants`` and ``iquants_grid`` call these on a CPU and run themselves on other devices.
 
-Why not torch here: the search is sequential by definition (each of its 16-37 candidate scales starts from
-the best min found so far), so torch vectorizes it over blocks only, one candidate at a time: ~16 passes over
-every weight per candidate, bandwidth-bound on a CPU (~0.2 us per 32-block and candidate on 2 cores; Q4_K,
-Q5_K, Q2_K, Q4_1 and Q5_1 with an imatrix try 37). Compiled, a group of blocks stays in cache and the compiler
-vectorizes each statement across the group. numba compiles without fast-math, so every float32 operation
-rounds as ggml's C does (no FMA contraction; each block's sums in C's order); tests/test_ggml_quants.py checks
-the results equal to the torch port's, and CI's ``llama.cpp`` job checks the bytes against llama-quantize. On
-other devices :func:`mpsearch.quant.ggml_math.make_qkx_quants` stays torch; without numba (or with
-``MPSEARCH_NUMBA=0``) CPUs run the torch port too. numba is imported on first use.
+- ``make_qkx_quants`` (make_qkx2/3_quants: Q4_1, Q5_1, Q2_K, Q4_K, Q5_K): sequential by definition (each of
+  its 16-37 candidate scales starts from the best min so far), so torch vectorizes it over blocks only, one
+  candidate at a time: ~16 passes over every weight per candidate, bandwidth-bound on a CPU;
+- ``make_qx_quants`` (Q6_K; Q3_K, Q4_0, Q5_0 with an imatrix) and IQ4_NL/IQ4_XS's block scales
+  (``iq4_block_scales``): torch tries all 16-20 candidates at once, which holds every weight 16-20 times;
+- the grid i-quants' block search (``grid_block_scales``): torch pads and gathers ~40 neighbour distances per
+  weight.
+
+Why numba rather than more torch: written once as ggml's scalar loop, a group of blocks stays in cache. The
+first three run 64 blocks side by side (``LANES``) so the compiler vectorizes each C statement across blocks;
+the grid search is the C loop itself. numba compiles without fast-math, so every float32 operation rounds as
+ggml's C does (no FMA contraction; each block's sums in C's order): tests/test_ggml_quants.py and
+tests/test_iquants_grid.py check the results equal to the torch ports', and CI's ``llama.cpp`` job checks the
+bytes against llama-quantize. Without numba, or with ``MPSEARCH_NUMBA=0``, CPUs run the torch ports. numba is
+imported on first use; each kernel is compiled once and cached on disk (``cache=True``).
 """
 
 from __future__ import annotations
