@@ -122,12 +122,12 @@ def _torch_port_seconds(x: torch.Tensor, imp, names: list[str]) -> dict:
     if not ggml_numba.available():
         return {}
     os.environ["MPSEARCH_NUMBA"] = "0"
-    ggml_numba._njit.cache_clear()
+    ggml_numba.jit.cache_clear()
     try:
         return {name: timed(quantize_rows, x, parse_option(name), imp) for name in names}
     finally:
         del os.environ["MPSEARCH_NUMBA"]
-        ggml_numba._njit.cache_clear()
+        ggml_numba.jit.cache_clear()
 
 
 def phase_speed(results: Results) -> None:

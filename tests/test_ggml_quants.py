@@ -205,18 +205,18 @@ def test_numba_can_be_switched_off_and_cpus_then_run_the_torch_port(monkeypatch)
     calls = []
     monkeypatch.setattr(ggml_math, "make_qkx_quants_torch", lambda *a: calls.append(a) or "torch")
     monkeypatch.setenv("MPSEARCH_NUMBA", "0")
-    ggml_numba._njit.cache_clear()
+    ggml_numba.jit.cache_clear()
     try:
         x = _rows(1, length=64).reshape(12, -1, 32)
         assert not ggml_numba.available()
         assert ggml_math.make_qkx_quants(x, x.abs(), 15, -1.0, 0.1, 20) == "torch" and len(calls) == 1
     finally:
         monkeypatch.delenv("MPSEARCH_NUMBA")
-        ggml_numba._njit.cache_clear()
+        ggml_numba.jit.cache_clear()
 
 
 def test_the_compiled_iq4_scale_search_is_the_torch_port():
-    from mpsearch.quant import ggml_numba, iquants
+    from mpsearch.quant import ggml_numba, iquants, iquants_numba
 
     if not ggml_numba.available():
         pytest.skip("numba is not installed: CPUs run the torch port")
@@ -224,7 +224,7 @@ def test_the_compiled_iq4_scale_search_is_the_torch_port():
     x[6] = torch.round(x[6] * 400) / 400  # levels on a grid: ties at the nearest-level midpoints
     x[7, :3] = 1e-16  # below the eps: scale 0
     for weight in (x * x, _importance(12, 32).expand_as(x) * (x.abs() + 0.01)):
-        got = ggml_numba.iq4_block_scales(x, weight, iquants.KVALUES, iquants.NTRY)
+        got = iquants_numba.iq4_block_scales(x, weight, iquants.KVALUES, iquants.NTRY)
         want = iquants._block_scales_torch(x, weight)
         assert torch.equal(got, want) and bool((got[7, :3] == 0).all())
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from mpsearch.quant import ggml_numba
+from mpsearch.quant import ggml_numba, iquants_numba
 from mpsearch.quant.ggml_math import (
     F32,
     best_index,
@@ -37,7 +37,7 @@ def _block_scales(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     C's running comparison (``sumqx^2 > best * sumq2``); the levels are found again from the final scale. On
     a CPU with numba the same search runs compiled (:mod:`mpsearch.quant.ggml_numba`, same results)."""
     if x.device.type == "cpu" and ggml_numba.available():
-        return ggml_numba.iq4_block_scales(x, weight, KVALUES, NTRY)
+        return iquants_numba.iq4_block_scales(x, weight, KVALUES, NTRY)
     return _block_scales_torch(x, weight)
 
 

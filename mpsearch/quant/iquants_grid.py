@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mpsearch.core.errors import MpsearchError
-from mpsearch.quant import ggml_numba
+from mpsearch.quant import ggml_numba, iquants_numba
 from mpsearch.quant.ggml_math import F32, div, div0, f16, fp16_bytes, seq_sum, sqrt
 
 QK_K = 256
@@ -237,7 +237,7 @@ def _block_scales(t: GridType, g: Grid, xval, weight):
     skipped = (vmax == 0) if t.eps == 0 else (vmax < t.eps)
     nums = [float(np.float32(2 * t.kmax - 1) + np.float32(s) * np.float32(t.step)) for s in t.trials]
     if xval.device.type == "cpu" and ggml_numba.available():  # the same search compiled (same results)
-        scale, point = ggml_numba.grid_block_scales(t, g, xval, weight, waux, nums)
+        scale, point = iquants_numba.grid_block_scales(t, g, xval, weight, waux, nums)
     else:
         scale, point = _block_scales_torch(t, g, xval, weight, waux, nums, vmax, skipped)
     return scale, point, skipped
