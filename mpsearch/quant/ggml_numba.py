@@ -194,8 +194,10 @@ def _qx_kernel():
     @jit()
     def search(x, w, nmax, numerators, lanes, scales, levels):  # pragma: no cover
         """make_qx_quants(n, nmax, x, L, rmse_type=1, qw) of each row of x (blocks, n), ``lanes`` blocks at a
-        time: the candidate scales ``numerators / max`` in C's order, C's running comparison."""
+        time (element i of every lane one contiguous row): the candidate scales ``numerators / max`` in C's
+        order, C's running comparison."""
         n = x.shape[1]
+        xt, wt = np.empty((n, lanes), f32), np.empty((n, lanes), f32)
         amax, vmax, scale, best = np.empty(lanes, f32), np.empty(lanes, f32), np.empty(lanes, f32), np.empty(lanes, f32)
         iscale, best_iscale = np.empty(lanes, f32), np.empty(lanes, f32)
         sumlx, suml2 = np.empty(lanes, f32), np.empty(lanes, f32)
@@ -203,8 +205,9 @@ def _qx_kernel():
             for k in range(lanes):
                 amax[k], vmax[k] = f32(0), f32(1)
                 for i in range(n):  # the first of the largest |x|, with its sign
-                    if abs(x[b0 + k, i]) > amax[k]:
-                        amax[k], vmax[k] = abs(x[b0 + k, i]), x[b0 + k, i]
+                    xt[i, k], wt[i, k] = x[b0 + k, i], w[b0 + k, i]
+                    if abs(xt[i, k]) > amax[k]:
+                        amax[k], vmax[k] = abs(xt[i, k]), xt[i, k]
                 vmax[k] = vmax[k] if amax[k] >= eps else f32(1)
             for c in range(numerators.shape[0]):
                 for k in range(lanes):
@@ -212,9 +215,9 @@ def _qx_kernel():
                     sumlx[k], suml2[k] = f32(0), f32(0)
                 for i in range(n):
                     for k in range(lanes):
-                        lv = min(max((iscale[k] * x[b0 + k, i] + MAGIC) - MAGIC, f32(-nmax)), f32(nmax - 1))
-                        wl = w[b0 + k, i] * lv
-                        sumlx[k] += w[b0 + k, i] * x[b0 + k, i] * lv
+                        lv = min(max((iscale[k] * xt[i, k] + MAGIC) - MAGIC, f32(-nmax)), f32(nmax - 1))
+                        wl = wt[i, k] * lv
+                        sumlx[k] += wt[i, k] * xt[i, k] * lv
                         suml2[k] += wl * lv
                 for k in range(lanes):
                     if c == 0:
@@ -227,7 +230,7 @@ def _qx_kernel():
                 zero = amax[k] < eps
                 scales[b0 + k] = f32(0) if zero else scale[k]
                 for i in range(n):
-                    lv = min(max((best_iscale[k] * x[b0 + k, i] + MAGIC) - MAGIC, f32(-nmax)), f32(nmax - 1))
+                    lv = min(max((best_iscale[k] * xt[i, k] + MAGIC) - MAGIC, f32(-nmax)), f32(nmax - 1))
                     levels[b0 + k, i] = 0 if zero else np.uint8(lv + f32(nmax))
 
     return search

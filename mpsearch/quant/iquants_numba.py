@@ -133,15 +133,16 @@ def _iq4_kernel():
         time: the first guess ``inv0 / max`` then ``trials / max``, each weight at its nearest level
         (``values``: the level's value by floor(2 id x) from ``lo`` to ``hi``), C's running comparison."""
         n = x.shape[1]
-        q = np.empty((n, lanes), f32)
+        q, xt, wt = np.empty((n, lanes), f32), np.empty((n, lanes), f32), np.empty((n, lanes), f32)
         amax, vmax, d, best = np.empty(lanes, f32), np.empty(lanes, f32), np.empty(lanes, f32), np.empty(lanes, f32)
         inv, sumqx, sumq2 = np.empty(lanes, f32), np.empty(lanes, f32), np.empty(lanes, f32)
         for b0 in range(0, x.shape[0], lanes):
             for k in range(lanes):
                 amax[k], vmax[k] = f32(0), f32(1)
                 for i in range(n):  # the first of the largest |x|, with its sign (C's `if (ax > amax)`)
-                    if abs(x[b0 + k, i]) > amax[k]:
-                        amax[k], vmax[k] = abs(x[b0 + k, i]), x[b0 + k, i]
+                    xt[i, k], wt[i, k] = x[b0 + k, i], w[b0 + k, i]
+                    if abs(xt[i, k]) > amax[k]:
+                        amax[k], vmax[k] = abs(xt[i, k]), xt[i, k]
                 vmax[k] = vmax[k] if amax[k] >= eps else f32(1)
             for c in range(trials.shape[0] + 1):
                 for k in range(lanes):
@@ -149,12 +150,12 @@ def _iq4_kernel():
                     sumqx[k], sumq2[k] = f32(0), f32(0)
                 for i in range(n):
                     for k in range(lanes):
-                        t = min(max(np.floor(f32(2) * (inv[k] * x[b0 + k, i])), lo), hi)
+                        t = min(max(np.floor(f32(2) * (inv[k] * xt[i, k])), lo), hi)
                         q[i, k] = values[np.int64(t - lo)]
                 for i in range(n):
                     for k in range(lanes):
-                        wq = w[b0 + k, i] * q[i, k]
-                        sumqx[k] += wq * x[b0 + k, i]
+                        wq = wt[i, k] * q[i, k]
+                        sumqx[k] += wq * xt[i, k]
                         sumq2[k] += wq * q[i, k]
                 for k in range(lanes):
                     if c == 0:
