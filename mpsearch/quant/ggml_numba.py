@@ -53,10 +53,15 @@ def available() -> bool:
     return jit() is not None
 
 
-def run_tasks(blocks: int, task) -> None:
-    """``task(start)`` for each TASK_BLOCKS blocks from 0, on ``torch.get_num_threads()`` threads (the
-    kernels release the GIL)."""
-    starts = range(0, blocks, TASK_BLOCKS)
+def run_kernel(search, inputs: tuple, args: tuple, outputs: tuple) -> None:
+    """``search(*inputs, *args, *outputs)`` with every array of ``inputs`` and ``outputs`` cut into tasks of
+    TASK_BLOCKS rows, on ``torch.get_num_threads()`` threads (the kernels release the GIL)."""
+
+    def task(start: int) -> None:
+        part = slice(start, start + TASK_BLOCKS)
+        search(*(a[part] for a in inputs), *args, *(a[part] for a in outputs))
+
+    starts = range(0, len(inputs[0]), TASK_BLOCKS)
     threads = min(torch.get_num_threads(), len(starts))
     if threads > 1:
         with ThreadPoolExecutor(threads) as pool:
@@ -176,11 +181,7 @@ def make_qkx_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: flo
     levels = np.empty((padded, n), np.uint8)
     args = (np.int64(nmax), np.float32(rmin), np.float32(rdelta), np.int64(nstep), bool(use_mad), np.int64(LANES))
 
-    def task(start: int) -> None:
-        part = slice(start, start + TASK_BLOCKS)
-        search(xs[part], ws[part], *args, scales[part], mins[part], levels[part])
-
-    run_tasks(padded, task)
+    run_kernel(search, (xs, ws), args, (scales, mins, levels))
     scales, mins, levels = scales[:blocks], mins[:blocks], levels[:blocks]
     as_torch = torch.from_numpy
     return as_torch(scales).reshape(shape), as_torch(mins).reshape(shape), as_torch(levels).reshape(*shape, n)
@@ -244,10 +245,6 @@ def make_qx_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, numerators
     scales, levels = np.empty(padded, np.float32), np.empty((padded, x.shape[-1]), np.uint8)
     args = (np.int64(nmax), np.array(numerators, np.float32), np.int64(LANES))
 
-    def task(start: int) -> None:
-        part = slice(start, start + TASK_BLOCKS)
-        search(xs[part], ws[part], *args, scales[part], levels[part])
-
-    run_tasks(padded, task)
+    run_kernel(search, (xs, ws), args, (scales, levels))
     blocks = x[..., 0].numel()
     return torch.from_numpy(scales[:blocks]).reshape(x.shape[:-1]), torch.from_numpy(levels[:blocks]).reshape(x.shape)

@@ -12,7 +12,7 @@ import functools
 import numpy as np
 import torch
 
-from mpsearch.quant.ggml_numba import LANES, TASK_BLOCKS, jit, lane_blocks, run_tasks
+from mpsearch.quant.ggml_numba import LANES, jit, lane_blocks, run_kernel
 
 
 @functools.cache
@@ -112,13 +112,8 @@ def grid_block_scales(t, g, xval: torch.Tensor, weight: torch.Tensor, waux: torc
     blocks = xs.shape[0]
     scales, points = np.empty(blocks, np.float32), np.empty((blocks, bs // t.group), np.int64)
     tables = (g.kmap.numpy(), g.counts.numpy(), g.starts.numpy(), g.flat.numpy(), g.q.numpy())
-    args = (np.array(nums, np.float32), t.kmax, t.bits, np.float32(t.eps), t.start_on_grid, t.snap_all)
-
-    def task(start: int) -> None:
-        part = slice(start, start + TASK_BLOCKS)
-        search(xs[part], ws[part], was[part], *args, *tables, scales[part], points[part])
-
-    run_tasks(blocks, task)
+    args = (np.array(nums, np.float32), t.kmax, t.bits, np.float32(t.eps), t.start_on_grid, t.snap_all, *tables)
+    run_kernel(search, (xs, ws, was), args, (scales, points))
     return torch.from_numpy(scales).reshape(n, nb), torch.from_numpy(points).reshape(n, nb, -1)
 
 
@@ -180,10 +175,5 @@ def iq4_block_scales(x: torch.Tensor, weight: torch.Tensor, kvalues: tuple[int, 
     scales = np.empty(padded, np.float32)
     trials = np.array([t + kvalues[0] for t in range(-ntry, ntry + 1)], np.float32)
     args = (np.float32(kvalues[0]), trials, table.numpy(), np.float32(lo), np.float32(hi), np.int64(LANES))
-
-    def task(start: int) -> None:
-        part = slice(start, start + TASK_BLOCKS)
-        search(xs[part], ws[part], *args, scales[part])
-
-    run_tasks(padded, task)
+    run_kernel(search, (xs, ws), args, (scales,))
     return torch.from_numpy(scales[: x[..., 0].numel()]).reshape(x.shape[:-1])
