@@ -54,11 +54,12 @@ def test_neighbour_lists_are_ggmls(name):
 def test_the_padded_lists_the_search_reads_are_the_neighbour_lists(name):
     # _snap reads each code's list from a bucket padded to a power of two; padding must point at the +inf term
     t, g = iquants_grid.TYPES[name], iquants_grid.grid(name, "cpu")
+    lists, bucket, rows = g.buckets
     listed = torch.nonzero(g.counts).squeeze(1)
-    assert bool((g.bucket[listed] >= 0).all()) and bool((g.bucket[g.counts == 0] < 0).all())
+    assert bool((bucket[listed] >= 0).all()) and bool((bucket[g.counts == 0] < 0).all())
     for code in listed.tolist():
-        offsets, points = g.padded[int(g.bucket[code])]
-        row, n, start = int(g.row[code]), int(g.counts[code]), int(g.starts[code])
+        offsets, points = lists[int(bucket[code])]
+        row, n, start = int(rows[code]), int(g.counts[code]), int(g.starts[code])
         assert points[row, :n].tolist() == g.flat[start : start + n].tolist()
         want = g.levels[g.flat[start : start + n]] + t.kmax * torch.arange(t.group)  # (n, group) term offsets
         assert torch.equal(offsets[row, :, :n].long(), want.T)

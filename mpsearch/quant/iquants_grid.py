@@ -127,26 +127,36 @@ class Grid:
         self.term_stride = t.group * t.kmax  # terms per group in _snap's table: (coordinate, level)
         self.values = tensor(grid_map[levels], F32)  # what llama.cpp decodes
         self.kmap, self.counts, self.starts = tensor(kmap), tensor(counts), tensor(starts)
-        flat = np.concatenate(flat)
-        self.flat = tensor(flat)
+        self.flat = tensor(np.concatenate(flat))
         self.shifts = tensor(t.bits * np.arange(t.group))
-        # the lists again for _snap, padded to a power of two per bucket of lengths, as each neighbour's term
-        # offsets (coordinate, level); padding points at an extra term that is +inf, so it never wins
-        listed = reach_codes[off]
+        self.kmax = t.kmax
+
+    @functools.cached_property
+    def buckets(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
+        """The neighbour lists again for the torch port's ``_snap`` (made on first use: the compiled search
+        reads the flat lists), padded to a power of two per bucket of lengths, as each neighbour's term offsets
+        (coordinate, level); padding points at an extra term that is +inf, so it never wins. Returns (per
+        bucket (term offsets (codes, group, width), neighbour points (codes, width)), each code's bucket (-1:
+        no list), its row in that bucket)."""
+        device = self.levels.device
+        levels, counts, starts, flat = (a.cpu().numpy() for a in (self.levels, self.counts, self.starts, self.flat))
+        group = levels.shape[1]
+        listed = np.nonzero(counts)[0]
         width = np.maximum(4, 1 << np.ceil(np.log2(counts[listed])).astype(np.int64))
-        bucket, row = np.full(len(kmap), -1), np.zeros(len(kmap), dtype=np.int64)
-        self.padded = []  # per bucket: (term offsets (codes, group, width), neighbour points (codes, width))
+        bucket, row = np.full(len(counts), -1), np.zeros(len(counts), dtype=np.int64)
+        lists = []
         for b, w in enumerate(np.unique(width)):
             members = listed[width == w]
             bucket[members], row[members] = b, np.arange(len(members))
-            offs = np.full((len(members), t.group, w), self.term_stride, dtype=np.int64)
+            offs = np.full((len(members), group, w), self.term_stride, dtype=np.int64)
             points = np.zeros((len(members), w), dtype=np.int64)
             for r, code in enumerate(members):
                 idx = flat[starts[code] : starts[code] + counts[code]]
-                offs[r, :, : len(idx)] = (levels[idx] + t.kmax * np.arange(t.group)).T
+                offs[r, :, : len(idx)] = (levels[idx] + self.kmax * np.arange(group)).T
                 points[r, : len(idx)] = idx
-            self.padded.append((tensor(offs, _gather_index_dtype(device)), tensor(points)))
-        self.bucket, self.row = tensor(bucket), tensor(row)
+            offs_t = torch.as_tensor(offs, dtype=_gather_index_dtype(device), device=device)
+            lists.append((offs_t, torch.as_tensor(points, device=device)))
+        return lists, torch.as_tensor(bucket, device=device), torch.as_tensor(row, device=device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -175,9 +185,10 @@ def _snap(g: Grid, levels, xval, waux, scale):
     terms = torch.empty((len(s), g.term_stride + 1), dtype=F32, device=s.device)
     terms[:, -1] = torch.inf
     torch.mul(w[..., None] * diff, diff, out=terms[:, :-1].view(diff.shape))
-    bucket, row = g.bucket[code_off], g.row[code_off]
+    lists, bucket_of, row_of = g.buckets
+    bucket, row = bucket_of[code_off], row_of[code_off]
     chosen = torch.empty_like(code_off)
-    for b, (offsets, points) in enumerate(g.padded):
+    for b, (offsets, points) in enumerate(lists):
         sel = (bucket == b).nonzero().squeeze(1)
         if len(sel) == 0:
             continue
