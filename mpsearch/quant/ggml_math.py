@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from mpsearch.quant import ggml_numba
+
 F32 = torch.float32
 GROUP_MAX_EPS = 1e-15
 
@@ -98,11 +100,8 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -
     numerators = [float(-nmax)] + [
         -float(np.float32(nmax) + np.float32(0.1) * np.float32(s)) for s in range(-9, 10) if s
     ]
-    if x.device.type == "cpu":
-        from mpsearch.quant import ggml_numba
-
-        if ggml_numba.available():  # the same search compiled (same results)
-            return ggml_numba.make_qx_quants(x, w, nmax, numerators)
+    if x.device.type == "cpu" and ggml_numba.available():  # the same search compiled (same results)
+        return ggml_numba.make_qx_quants(x, w, nmax, numerators)
     return make_qx_quants_torch(x, nmax, w, numerators)
 
 
@@ -177,11 +176,8 @@ def make_qkx_quants(
     """make_qkx2_quants / make_qkx3_quants (the same arithmetic given the weights; qkx3's NULL weights are
     x^2, passed here): (scale, the_min >= 0, L in [0, nmax]) per block; x ~ scale * L - the_min. On a CPU
     the compiled loop of :mod:`mpsearch.quant.ggml_numba` where numba is installed (same bytes), else torch."""
-    if x.device.type == "cpu":
-        from mpsearch.quant import ggml_numba
-
-        if ggml_numba.available():
-            return ggml_numba.make_qkx_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad)
+    if x.device.type == "cpu" and ggml_numba.available():
+        return ggml_numba.make_qkx_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad)
     return make_qkx_quants_torch(x, weights, nmax, rmin, rdelta, nstep, use_mad)
 
 
@@ -298,12 +294,13 @@ def best_index(levels: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
 
 def nearest_level(levels: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
     """``levels[best_index(levels, x)]`` as float32, in one lookup (for searches that need only the value)."""
-    table, lo, hi = _nearest_values(tuple(levels), x.device)
+    table, lo, hi = nearest_value_table(tuple(levels), x.device)
     return torch.take(table, _table_index(x, lo, hi))
 
 
 @functools.lru_cache
-def _nearest_values(levels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, int, int]:
+def nearest_value_table(levels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """``_nearest_table`` with each entry the level's value (float32) instead of its index."""
     table, lo, hi = _nearest_table(levels, device)
     return torch.tensor(levels, dtype=F32, device=device)[table], lo, hi
 

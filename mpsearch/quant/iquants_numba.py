@@ -12,6 +12,7 @@ import functools
 import numpy as np
 import torch
 
+from mpsearch.quant.ggml_math import nearest_value_table
 from mpsearch.quant.ggml_numba import LANES, jit, lane_blocks, run_kernel
 
 
@@ -167,10 +168,8 @@ def _iq4_kernel():
 
 def iq4_block_scales(x: torch.Tensor, weight: torch.Tensor, kvalues: tuple[int, ...], ntry: int) -> torch.Tensor:
     """:func:`mpsearch.quant.iquants._block_scales` for CPU tensors: each 32-block's scale (x.shape[:-1])."""
-    from mpsearch.quant.ggml_math import _nearest_values
-
     search = _iq4_kernel()
-    table, lo, hi = _nearest_values(tuple(kvalues), torch.device("cpu"))
+    table, lo, hi = nearest_value_table(tuple(kvalues), torch.device("cpu"))
     xs, ws, padded = lane_blocks(x, weight)
     scales = np.empty(padded, np.float32)
     trials = np.array([t + kvalues[0] for t in range(-ntry, ntry + 1)], np.float32)
