@@ -110,9 +110,9 @@ def timed(fn, rows: torch.Tensor, *args) -> float:
 
 
 def _torch_port_seconds(x: torch.Tensor, imp, names: list[str]) -> dict:
-    """The baseline in this process: types whose search numba compiles on a CPU (``mpsearch.quant.ggml_numba``:
-    the min/scale search, the grid i-quants' block search), timed again with the torch port
-    (``MPSEARCH_NUMBA=0``); {} without numba."""
+    """The baseline in this process: ``names`` (types whose search numba compiles on a CPU:
+    ``mpsearch.quant.ggml_numba``, ``iquants_numba``) timed again with the torch ports (``MPSEARCH_NUMBA=0``);
+    {} without numba."""
     import os
 
     from mpsearch.core import parse_option
@@ -140,6 +140,10 @@ def phase_speed(results: Results) -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         x, imp = w.to(device), qw.to(device)
+        keys = {weighted: f"speed/{device}/{'imatrix' if weighted else 'reference'}" for weighted in (False, True)}
+        grid_key = f"speed-grid/{device}"
+        if all(results.done(k) for k in (*keys.values(), grid_key)):
+            continue
         # compiling (numba, on a CPU) or loading the compiled kernels from numba's cache happens once per process
         # and installation: timed here on one row, apart from the timings
         start = time.perf_counter()
@@ -148,7 +152,7 @@ def phase_speed(results: Results) -> None:
         warmup = round(time.perf_counter() - start, 2)
         emit(phase="speed", device=device, warmup_s=warmup)
         for weighted in (False, True):
-            key = f"speed/{device}/{'imatrix' if weighted else 'reference'}"
+            key = keys[weighted]
             if results.done(key):
                 continue
             seconds = {}
@@ -163,9 +167,9 @@ def phase_speed(results: Results) -> None:
                         numba=bool(baseline), torch_port_seconds=baseline, warmup_s=warmup,
                         threads=torch.get_num_threads(), peak_rss_mib=round(peak_rss_mib()))  # fmt: skip
         # the grid i-quants (no target: their neighbour search is the slowest work here), with an imatrix as
-        # llama-quantize makes them; on a CPU on the first 256 rows, where the whole tensor would take ~30 min
-        key = f"speed-grid/{device}"
-        if not results.done(key):
+        # llama-quantize makes them; on a CPU on the first 256 rows, where the torch ports' baseline takes ~40 s
+        # (~10 min for the whole tensor)
+        if not results.done(grid_key):
             part = x if device == "cuda" else x[:256]
             seconds = {}
             for name in GRID_IQ:
@@ -173,7 +177,7 @@ def phase_speed(results: Results) -> None:
                 emit(phase="speed-grid", device=device, type=name, seconds=seconds[name])
             per = {n: round(s / part.numel() * 1e9, 1) for n, s in seconds.items()}
             baseline = _torch_port_seconds(part, imp, GRID_IQ) if device == "cpu" else {}
-            results.add(key=key, phase="speed", device=device, imatrix=True, shape=list(part.shape),
+            results.add(key=grid_key, phase="speed", device=device, imatrix=True, shape=list(part.shape),
                         seconds=seconds, ns_per_weight=per, numba=bool(baseline), torch_port_seconds=baseline,
                         threads=torch.get_num_threads(),
                         peak_rss_mib=round(peak_rss_mib()))  # fmt: skip
