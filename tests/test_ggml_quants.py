@@ -237,8 +237,7 @@ def test_the_compiled_qx_scale_search_is_the_torch_port(n, nmax):
         pytest.skip("numba is not installed: CPUs run the torch port")
     x = _rows(13, length=n * 75).reshape(12, -1, n)  # 900 blocks: not whole groups of 64 lanes
     x[6] = torch.round(x[6] * 400) / 400  # ties between candidate scales
-    f32 = np.float32
-    numerators = [float(-nmax)] + [-float(f32(nmax) + f32(0.1) * f32(s)) for s in range(-9, 10) if s]
+    numerators = ggml_math.qx_numerators(nmax)
     for w in (x * x, _importance(14, n).expand_as(x)):
         got = ggml_numba.make_qx_quants(x, w, nmax, numerators)
         want = ggml_math.make_qx_quants_torch(x, nmax, w, numerators)

@@ -125,7 +125,7 @@ def test_the_compiled_block_search_is_the_torch_port(name):
         xval, _ = iquants_grid._signs(t, x, weight)
         scale, point, skipped = iquants_grid._block_scales(t, g, xval, weight)
         waux = iquants_grid.sqrt(weight)
-        nums = [float(np.float32(2 * t.kmax - 1) + np.float32(s) * np.float32(t.step)) for s in t.trials]
+        nums = iquants_grid._trial_numerators(t)
         want_scale, want_point = iquants_grid._block_scales_torch(t, g, xval, weight, waux, nums,
                                                                   xval.amax(-1), skipped)  # fmt: skip
         assert bool(skipped[1].all()) and torch.equal(scale, want_scale) and torch.equal(point, want_point)

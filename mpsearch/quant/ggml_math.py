@@ -92,14 +92,18 @@ def div0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, div(a, torch.where(ok, b, torch.ones_like(b))), torch.zeros_like(a))
 
 
+def qx_numerators(nmax: int) -> list[float]:
+    """make_qx_quants' candidate scales times max, in C's order: -nmax, then -(nmax + 0.1f*is) for is = -9..9,
+    is != 0 (float32 constants)."""
+    f32 = np.float32
+    return [float(-nmax)] + [-float(f32(nmax) + f32(0.1) * f32(s)) for s in range(-9, 10) if s]
+
+
 def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """make_qx_quants(n, nmax, x, L, rmse_type=1, qw): (scale (...,), L (..., n) in [0, 2 nmax)) per block of
     the last axis; weights ``qw`` (broadcast to x) or x^2."""
     w = x * x if qw is None else qw.expand_as(x)
-    # candidate 0: -nmax / max; then -(nmax + 0.1f*is) / max for is = -9..9, is != 0 (float32 constants)
-    numerators = [float(-nmax)] + [
-        -float(np.float32(nmax) + np.float32(0.1) * np.float32(s)) for s in range(-9, 10) if s
-    ]
+    numerators = qx_numerators(nmax)
     if x.device.type == "cpu" and ggml_numba.available():  # the same search compiled (same results)
         return ggml_numba.make_qx_quants(x, w, nmax, numerators)
     return make_qx_quants_torch(x, nmax, w, numerators)

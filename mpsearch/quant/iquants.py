@@ -35,7 +35,7 @@ U8 = torch.uint8
 def _block_scales(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Each 32-block's scale: the best of the first guess -max/values[0] and 2 NTRY + 1 trial scales, by
     C's running comparison (``sumqx^2 > best * sumq2``); the levels are found again from the final scale. On
-    a CPU with numba the same search runs compiled (:mod:`mpsearch.quant.ggml_numba`, same results)."""
+    a CPU with numba the same search runs compiled (:mod:`mpsearch.quant.iquants_numba`, same results)."""
     if x.device.type == "cpu" and ggml_numba.available():
         return iquants_numba.iq4_block_scales(x, weight, KVALUES, NTRY)
     return _block_scales_torch(x, weight)

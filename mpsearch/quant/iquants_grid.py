@@ -240,13 +240,18 @@ def _weights(t: GridType, x, qw):
     return x * x
 
 
+def _trial_numerators(t: GridType) -> list[float]:
+    """The trial scales times max: 2 kMaxQ - 1 + is * step for each ``is`` of the type (float32 constants)."""
+    return [float(np.float32(2 * t.kmax - 1) + np.float32(s) * np.float32(t.step)) for s in t.trials]
+
+
 def _block_scales(t: GridType, g: Grid, xval, weight):
     """Each block's scale and grid points: the trial scales, then the final snap. Returns (scale (n, nb),
     points (n, nb, groups), skipped (n, nb))."""
     waux = sqrt(weight)
     vmax = xval.amax(-1)
     skipped = (vmax == 0) if t.eps == 0 else (vmax < t.eps)
-    nums = [float(np.float32(2 * t.kmax - 1) + np.float32(s) * np.float32(t.step)) for s in t.trials]
+    nums = _trial_numerators(t)
     if xval.device.type == "cpu" and ggml_numba.available():  # the same search compiled (same results)
         scale, point = iquants_numba.grid_block_scales(t, g, xval, weight, waux, nums)
     else:
