@@ -108,7 +108,7 @@ def _ffn_down():
 
 @pytest.mark.parametrize("name", TYPES)
 def test_the_compiled_block_search_is_the_torch_port(name):
-    # on a CPU with numba the block search runs compiled (mpsearch.quant.ggml_numba); on other devices, torch
+    # on a CPU with numba the block search runs compiled (mpsearch.quant.iquants_numba); on other devices, torch
     from mpsearch.quant import ggml_numba
 
     if not ggml_numba.available():
