@@ -125,8 +125,8 @@ def main() -> int:
     from mpsearch.quant.gptq import GPTQ
     from mpsearch.quant.imatrix import Imatrix
     from mpsearch.quant.quantizer import RTN
+    from mpsearch.runtimes.inputs import rounded_inputs
     from mpsearch.runtimes.llama_cpp import GGUF_TYPES
-    from mpsearch.runtimes.llama_cpp_inputs import rounded_inputs
 
     binary, source = Path(args.bin), Path(args.model or gguf_path())
     work = Path(tempfile.mkdtemp(prefix="check-llamacpp-"))

@@ -38,7 +38,7 @@ from mpsearch.names import DEFAULT_ESTIMATOR  # (see mpsearch.names)
 from mpsearch.outputs import OutputFn, evaluating, metric_of, nll_sum, raw_call, reduce_output, resolve_objective
 from mpsearch.quant.apply import quantized_weights, resolve_plan, swapped
 from mpsearch.quant.quantizer import for_plan
-from mpsearch.runtimes.llama_cpp_inputs import rounded_inputs
+from mpsearch.runtimes.inputs import rounded_inputs
 
 
 def _no_extra(function: str, extra: dict) -> None:
@@ -223,7 +223,7 @@ def evaluate(
     *,
     uniform: bool | Iterable[str] = True,
     tokenizer=None,
-    runtime_inputs: bool = False,
+    runtime_inputs: bool | None = None,
 ) -> dict:
     """Measure ``plan`` against the full-precision model on ``data``, where the model lives, without copying
     it: per batch, one forward with its own weights and one with the plan's quantized weights swapped in
@@ -242,12 +242,14 @@ def evaluate(
     False: none); a uniform plan is its own baseline. The result then has ``uniform_option``,
     ``uniform_avg_bits`` and ``uniform_metric`` (None each when no option fits the size).
     ``tokenizer``: turns ``data`` given as a list of strings into batches (``mpsearch.data.as_batches``).
-    ``runtime_inputs``: also round each planned layer's input as llama.cpp's CPU backend rounds it before a
-    quantized matmul (``mpsearch.runtimes.llama_cpp_inputs``), so the ratio to full precision is the one
-    llama-perplexity measures; llama.cpp plans only.
+    ``runtime_inputs``: also round each planned layer's input as its runtime rounds it before a quantized
+    matmul (llama.cpp's CPU backend: ``mpsearch.runtimes.llama_cpp_inputs``), so the ratio to full precision is
+    the one llama-perplexity measures; None (default): as the plan was searched (provenance ``runtime_inputs``:
+    whether its table counted that rounding; False for a plan without one).
     """
     batches = as_batches(data, tokenizer)
     plan = plan if isinstance(plan, BitPlan) else BitPlan(plan)
+    runtime_inputs = searched_inputs(plan, runtime_inputs)
     q = for_plan(model, plan, quantizer, calibration, "evaluate")
     result = _measure(model, plan, batches, loss, output_fn, q, progress, runtime_inputs)
     names = plan.provenance.get("options") if uniform is True else uniform
@@ -262,6 +264,11 @@ def evaluate(
             uniform_metric=best["metric"] if best else None,
         )
     return result
+
+
+def searched_inputs(plan: BitPlan, runtime_inputs: bool | None) -> bool:
+    """``runtime_inputs`` as given, or (None) as ``plan`` was searched."""
+    return bool(plan.provenance.get("runtime_inputs", False)) if runtime_inputs is None else runtime_inputs
 
 
 def _measure(model, plan, batches: list, loss, output_fn, q, progress: bool, runtime_inputs: bool = False) -> dict:
@@ -315,7 +322,7 @@ def best_uniform(
     quantizer=None,
     size: float | None = None,
     status=None,
-    runtime_inputs: bool = False,
+    runtime_inputs: bool | None = None,
 ) -> tuple[str | None, dict | None]:
     """(option, its evaluation) of the best uniform plan over ``plan``'s layers among ``options`` whose
     average bits are no larger than the plan's (``size``, when already known), measured with ``quantizer``
@@ -323,6 +330,8 @@ def best_uniform(
     The fair baseline a mixed plan is compared with. ``status(line)``: told before each measurement;
     ``runtime_inputs``: as ``evaluate``'s."""
     batches = as_batches(data)
+    plan = plan if isinstance(plan, BitPlan) else BitPlan(plan)
+    runtime_inputs = searched_inputs(plan, runtime_inputs)
     q = for_plan(model, plan, quantizer, None, "evaluate") if quantizer is None else quantizer
     limit = plan_size(model, plan)["avg_bits"] if size is None else size
     units = resolve_plan(model, plan)

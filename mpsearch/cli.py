@@ -208,7 +208,7 @@ def cmd_evaluate(args) -> int:
     q = for_plan(zoo.model, plan, _imatrix_file(args, zoo.model), zoo.calibration, "evaluate")
     quantizer = q.label()
     _status(f"measuring the planned model ({quantizer}) ...")
-    rounding = args.runtime_inputs
+    rounding = api.searched_inputs(plan, args.runtime_inputs)
     measured = api.evaluate(
         zoo.model, plan, zoo.evaluation, zoo.loss, quantizer=q, uniform=False, runtime_inputs=rounding
     )
@@ -544,9 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source(e)
     e.add_argument("--plan", required=True, help="plan JSON from `mpsearch search --out`")
     e.add_argument("--imatrix", help="llama.cpp: the imatrix file the plan was searched with (if not cached)")
-    e.add_argument("--runtime-inputs", action="store_true",
+    e.add_argument("--runtime-inputs", action=argparse.BooleanOptionalAction, default=None,
                    help="llama.cpp: round each layer's input to 8 bits as its CPU backend does before a quantized "
-                   "matmul, so the ratio to full precision is llama-perplexity's")  # fmt: skip
+                   "matmul, so the ratio to full precision is llama-perplexity's (default: as the plan was "
+                   "searched, i.e. on when its table counted that rounding)")  # fmt: skip
     e.set_defaults(func=cmd_evaluate)
 
     q = sub.add_parser("quantize", help="write the file the plan's runtime loads (a GGUF, a saved model)")

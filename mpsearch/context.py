@@ -135,15 +135,22 @@ class SearchContext:
         """The loss measurements use: the table's resolved one, unless a loss function was given."""
         return table.meta["loss"] if self.loss_fn is None else self.loss_fn
 
+    def fitness(self, data, table: CostTable, q):
+        """A PlanFitness on ``data`` measuring as ``table`` was estimated (its loss, its quantizer's weights, the
+        runtime's input rounding where the table counted it)."""
+        from mpsearch.fitness import PlanFitness
+
+        rounding = bool(table.meta.get("runtime_inputs"))
+        return PlanFitness(self.model, data, self.measure_loss(table), self.output_fn, q, runtime_inputs=rounding)
+
     def solve(self, table: CostTable, budget: Budget | None = None) -> SearchResult:
         """Solve the table under ``budget`` (default: the context's); the plan records the quantizer's spec and
         calibration split."""
         import solvers
-        from mpsearch.fitness import PlanFitness
 
         q = self.quantizer_for()
         if self.needs_fitness:
-            self.solver.fitness = PlanFitness(self.model, self.fit, self.measure_loss(table), self.output_fn, q)
+            self.solver.fitness = self.fitness(self.fit, table, q)
         problem = solvers.Problem(table, budget or self.budget)
         result = self.solver.solve(problem)
         result.plan.provenance["quantizer"] = q.spec()  # before the check: its plans inherit the provenance
@@ -155,7 +162,6 @@ class SearchContext:
     def run(self) -> SearchResult:
         """Estimate, solve and (with ``safe``) refine and check the plan on the held-out split;
         ``result.extra["stages_s"]``: the seconds of each stage (quantizer, estimate, solve, check)."""
-        from mpsearch.fitness import PlanFitness
 
         clock, stages = time.perf_counter(), {}
 
@@ -172,7 +178,7 @@ class SearchContext:
         problem = result.extra.pop("problem")
         lap("solve")
         if self.safe:
-            measure = PlanFitness(self.model, self.check, self.measure_loss(table), self.output_fn, q)
+            measure = self.fitness(self.check, table, q)
             result = safeguard(problem, result, measure, self.refine, held_out=self.check is not self.fit)
             lap("check")
         result.extra["table"] = table

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from mpsearch.quant import swapped
 from mpsearch.quant.apply import resolve_plan
 from mpsearch.quant.quantizer import RTN, Quantizer
 from mpsearch.replay import Replay
+from mpsearch.runtimes.inputs import rounded_inputs
 
 
 class PlanFitness:
@@ -28,7 +30,9 @@ class PlanFitness:
     memory beside the model is the current plan's quantized weights. ``calls`` counts evaluations.
     ``quantizer``: the ``Quantizer`` whose weights are measured (None: round to nearest, ``RTN``).
     ``replay`` (default): where the model is a chain of blocks, a pass recomputes only from the first block
-    whose weights changed since the last call (``mpsearch.replay``; bit-identical losses)."""
+    whose weights changed since the last call (``mpsearch.replay``; bit-identical losses).
+    ``runtime_inputs``: round each planned layer's input as its runtime does (``mpsearch.runtimes.inputs``), as
+    a table that counted it was estimated (the search passes its table's ``runtime_inputs``)."""
 
     def __init__(
         self,
@@ -38,9 +42,11 @@ class PlanFitness:
         output_fn: OutputFn | None = None,
         quantizer: Quantizer | None = None,
         replay: bool = True,
+        runtime_inputs: bool = False,
     ) -> None:
         self.batches = as_batches(data)
         self.model, self.quantizer = model, RTN() if quantizer is None else quantizer
+        self.runtime_inputs = runtime_inputs
         with evaluating(model), torch.no_grad():
             self.objective = resolve_objective(loss, output_fn, model, self.batches[0])
             self.reference = self.objective.references(model, self.batches)
@@ -61,7 +67,9 @@ class PlanFitness:
         n = len(self.batches)
         order = [*range(0, n, 2), *range(1, n, 2)]
         out = np.full(n, np.nan)
-        with evaluating(self.model), swapped(self.model, {u: q for u, (_, q) in self._current.items()}):
+        weights = swapped(self.model, {u: q for u, (_, q) in self._current.items()})
+        rounding = rounded_inputs(self.model, plan) if self.runtime_inputs else nullcontext()
+        with evaluating(self.model), weights, rounding:
             for position, i in enumerate(order):
                 if give_up is not None and position == (n + 1) // 2 and n > 1 and give_up(out[0::2]):
                     break

@@ -118,6 +118,12 @@ class Unit:
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
 
+    def matmuls(self, model: nn.Module) -> list[nn.Module]:
+        """The modules that multiply their input with this weight: the unit and the modules tied to it, but
+        embedding lookups (no input to round)."""
+        modules = [model.get_submodule(name) for name in self.names]
+        return [m for m in modules if not isinstance(m, nn.Embedding)]
+
     def takes(self, option) -> bool:
         """Whether ``option``'s runtime can store this weight (a GGUF row must be whole blocks...): where not,
         the unit has no row for the option in a cost table and is never quantized with it."""

@@ -106,6 +106,7 @@ class Estimator(Configurable, ABC):
             "data_fingerprint": data_fingerprint(batches),
             "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
             "ties": ties,
+            "runtime_inputs": self._models_inputs(opts),
         }
         named = (loss_fn is None or isinstance(loss_fn, str)) and output_fn is None
         path = table_cache_path(meta) if cache and named else None
@@ -124,6 +125,21 @@ class Estimator(Configurable, ABC):
         if path is not None:
             store_in_cache(path, table.to_parquet)
         return table
+
+    def _models_inputs(self, opts: list[Option]) -> bool:
+        """Whether the table counts the runtime's input rounding (``Runtime.input_rounding``) of these options:
+        estimators with a ``runtime_inputs`` switch do when it is on; the log says so of the others."""
+        from mpsearch.runtimes import runtime_of
+
+        rounded = sorted({o.name for o in opts if runtime_of(o).input_rounding(o) is not None})
+        if rounded and not hasattr(self, "runtime_inputs"):
+            LOG.warning(
+                "mpsearch: estimator %r counts the weights' error alone, not how the runtime rounds the inputs of "
+                "%s layers (fisher and measured count both)",
+                self.name,
+                ", ".join(rounded),
+            )
+        return bool(rounded) and bool(getattr(self, "runtime_inputs", False))
 
     @abstractmethod
     def _estimate(
@@ -173,7 +189,7 @@ def _code_hash() -> str:
     h = hashlib.sha256()
     root = Path(__file__).resolve().parents[1]
     files = [root / "mpsearch" / "outputs.py", root / "mpsearch" / "layers.py"]
-    for folder in ("sensitivity", "mpsearch/quant", "mpsearch/core"):
+    for folder in ("sensitivity", "mpsearch/quant", "mpsearch/core", "mpsearch/runtimes"):
         files += sorted((root / folder).rglob("*.py"))
     for path in files:
         h.update(path.read_bytes())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import chain
+
 import pandas as pd
 import torch
 from torch import nn
@@ -13,6 +15,7 @@ from mpsearch.data import n_samples, take
 from mpsearch.outputs import Objective, hooked, model_device
 from mpsearch.quant.quantizer import Quantizer
 from sensitivity.base import NAN, Estimator, trainable_weights, units_for
+from sensitivity.inputs import InputFisher
 from sensitivity.sums import dot64, sum64
 
 
@@ -37,6 +40,11 @@ class Fisher(Estimator):
     the layer's Fisher diagonal), ``perturbation``. Uses up to ``max_samples`` samples, draws with ``seed``.
     With a GPTQ quantizer, ``cross_terms`` (default) counts each linear row's cross-column terms through its
     inputs' Hessian (``correlated_damage``); False: the diagonal alone.
+    ``runtime_inputs`` (default): for options whose runtime rounds a matmul's input (llama.cpp's CPU backend:
+    8 bits per block, ``Runtime.input_rounding``), add that rounding's damage, the Fisher quadratic form of
+    the inputs' rounding error from the same draws (``sensitivity.inputs.InputFisher``; column
+    ``input_damage``), so that a table of llama.cpp types ranks them as llama.cpp computes; False: the
+    weights' error alone.
     """
 
     name = "fisher"
@@ -47,6 +55,7 @@ class Fisher(Estimator):
         "exact_classes": [Interval(int, 0)],
         "seed": [Interval(int, 0)],
         "cross_terms": [bool],
+        "runtime_inputs": [bool],
         "progress": [bool],
     }
 
@@ -57,6 +66,7 @@ class Fisher(Estimator):
         exact_classes: int = 16,
         seed: int = 0,
         cross_terms: bool = True,
+        runtime_inputs: bool = True,
         progress: bool = True,
     ) -> None:
         self.max_samples = max_samples
@@ -64,6 +74,7 @@ class Fisher(Estimator):
         self.exact_classes = exact_classes
         self.seed = seed
         self.cross_terms = cross_terms
+        self.runtime_inputs = runtime_inputs
         self.progress = progress
 
     def _estimate(self, model: nn.Module, batches, layers, options, objective: Objective, quantizer: Quantizer):
@@ -87,7 +98,13 @@ class Fisher(Estimator):
         seen = 0
         total = min(self.max_samples, sum(n_samples(b) for b in batches))
         bar = tqdm(total=total, desc="fisher samples", disable=not self.progress, leave=False)
-        hooks = hooked(p.register_post_accumulate_grad_hook(accumulate(acc)) for p, acc in zip(params, fisher))
+        inputs = InputFisher(units if self.runtime_inputs else [], options, quantizer)
+        hooks = hooked(
+            chain(
+                (p.register_post_accumulate_grad_hook(accumulate(acc)) for p, acc in zip(params, fisher)),
+                inputs.hooks(model, units),
+            )
+        )
         with hooks, bar:
             for batch in batches:
                 for i in range(min(n_samples(batch), self.max_samples - seen)):
@@ -102,8 +119,11 @@ class Fisher(Estimator):
                                 score = -logp.gather(-1, target[:, None]).sum()
                             else:
                                 score = (out.float() * target).sum()
-                            draw_weight[0] = weight
-                            torch.autograd.backward(score, inputs=params, retain_graph=j < len(draws) - 1)
+                            draw_weight[0] = inputs.weight = weight
+                            torch.autograd.backward(
+                                score, inputs=[*params, *inputs.leaves], retain_graph=j < len(draws) - 1
+                            )
+                    inputs.end_sample()
                     seen += 1
                     bar.update()
         rows = []
@@ -121,15 +141,11 @@ class Fisher(Estimator):
                         rows.append({"layer": unit.name, "option": opt.name, "damage": NAN})
                         continue
                     d = quantizer.error(unit, opt)
-                    rows.append(
-                        {
-                            "layer": unit.name,
-                            "option": opt.name,
-                            "damage": 0.5 * (dot64(d, weight=f) if h is None else correlated_damage(d, f, h)),
-                            "fisher": trace,
-                            "perturbation": dot64(d),
-                        }
-                    )
+                    weight_damage = 0.5 * (dot64(d, weight=f) if h is None else correlated_damage(d, f, h))
+                    row = {"layer": unit.name, "option": opt.name, "fisher": trace, "perturbation": dot64(d)}
+                    if inputs.by_option:
+                        row["input_damage"] = inputs.damage(unit, opt, seen)
+                    rows.append({**row, "damage": weight_damage + row.get("input_damage", 0.0)})
         return pd.DataFrame(rows)
 
     def _draws(self, kind: str, out: torch.Tensor, gen: torch.Generator) -> list[tuple[torch.Tensor, float]]:

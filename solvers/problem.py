@@ -200,6 +200,7 @@ class Problem:
             "aliases": self.table.meta.get("aliases") or {},
             "runtime": self.table.meta.get("runtime"),
             "quantizer": self.table.meta.get("quantizer"),  # its spec: apply/evaluate rebuild that math
+            "runtime_inputs": bool(self.table.meta.get("runtime_inputs")),  # evaluate measures as searched
         }
         constraints = {
             c.name: ConstraintValue(c.name, float(c.report(t)), float(c.report(c.limit)))

@@ -9,7 +9,8 @@ from helpers.tiny_llama import tiny_llama
 
 import mpsearch
 from mpsearch.core import BitPlan, MpsearchError
-from mpsearch.runtimes.llama_cpp_inputs import VEC_DOT_BLOCK, round_input, rounded_inputs
+from mpsearch.runtimes.inputs import rounded_inputs
+from mpsearch.runtimes.llama_cpp_inputs import VEC_DOT_TYPE, round_input
 
 
 def _x(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -50,23 +51,27 @@ def _q8_k(x: np.ndarray) -> np.ndarray:
 
 def test_q8_0_and_q8_k_rounding_match_ggml():
     x = _x(4, 512)
-    assert torch.equal(round_input(x, 32), torch.from_numpy(_q8_0_avx2(x.numpy())))
-    assert torch.equal(round_input(x, 256), torch.from_numpy(_q8_k(x.numpy())))
-    assert torch.equal(round_input(x, 32)[0, :32], torch.zeros(32))
+    assert torch.equal(round_input(x, "q8_0"), torch.from_numpy(_q8_0_avx2(x.numpy())))
+    assert torch.equal(round_input(x, "q8_1"), round_input(x, "q8_0"))  # Q8_1 adds a sum, not other levels
+    assert torch.equal(round_input(x, "q8_k"), torch.from_numpy(_q8_k(x.numpy())))
+    assert torch.equal(round_input(x, "q8_0")[0, :32], torch.zeros(32))
+    assert torch.equal(round_input(x, "f16"), torch.from_numpy(x.numpy().astype(np.float16).astype(np.float32)))
     # 8 bits: each value within half a level of its block, plus the fp16 d's relative error (2^-11 of 127
     # levels); bf16 inputs come back as bf16
-    err = (round_input(x, 32) - x).abs().reshape(-1, 32).amax(1)
+    err = (round_input(x, "q8_0") - x).abs().reshape(-1, 32).amax(1)
     assert bool((err <= x.abs().reshape(-1, 32).amax(1) * (1 / 254 + 2**-11)).all())
-    assert round_input(x.bfloat16(), 256).dtype == torch.bfloat16
+    assert round_input(x.bfloat16(), "q8_k").dtype == torch.bfloat16
     with pytest.raises(MpsearchError, match="not whole blocks of 256"):
-        round_input(torch.ones(2, 576), 256)
+        round_input(torch.ones(2, 576), "q8_k")
 
 
-def test_every_gguf_type_has_a_vec_dot_block():
+def test_every_gguf_type_has_ggml_cpus_vec_dot_type():
     from mpsearch.runtimes.llama_cpp import GGUF_TYPES
 
-    assert set(VEC_DOT_BLOCK) == set(GGUF_TYPES)
-    assert {n for n, b in VEC_DOT_BLOCK.items() if b == 32} == {"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"}
+    assert set(VEC_DOT_TYPE) == set(GGUF_TYPES)
+    assert {n for n, t in VEC_DOT_TYPE.items() if t == "q8_0"} == {"q4_0", "q5_0", "q8_0", "iq4_nl"}
+    assert {n for n, t in VEC_DOT_TYPE.items() if t == "q8_1"} == {"q4_1", "q5_1"}
+    assert VEC_DOT_TYPE["f16"] == "f16" and VEC_DOT_TYPE["q6_k"] == VEC_DOT_TYPE["iq4_xs"] == "q8_k"
 
 
 def test_hooks_round_each_planned_input_with_its_types_block_a_tied_head_too_and_leave_no_trace():
@@ -84,14 +89,14 @@ def test_hooks_round_each_planned_input_with_its_types_block_a_tied_head_too_and
         model(ids)
     for t in taps:
         t.remove()
-    assert torch.equal(rounded["lm_head"], round_input(seen["lm_head"], 32))  # the embedding's q8_0: Q8_0
-    assert torch.equal(rounded["model.layers.0.mlp.down_proj"], round_input(seen["model.layers.0.mlp.down_proj"], 256))
+    assert torch.equal(rounded["lm_head"], round_input(seen["lm_head"], "q8_0"))  # the embedding's q8_0: Q8_0
+    down = "model.layers.0.mlp.down_proj"
+    assert torch.equal(rounded[down], round_input(seen[down], "q8_k"))
     assert not torch.equal(rounded["lm_head"], seen["lm_head"])
     assert torch.equal(rounded["model.layers.0.mlp.up_proj"], seen["model.layers.0.mlp.up_proj"])  # not planned
     assert not any(m._forward_pre_hooks for m in model.modules())
-    with pytest.raises(MpsearchError, match="int4_g32, which are not GGUF types"):
-        with rounded_inputs(model, BitPlan({"model.layers.0.mlp.up_proj": "int4_g32"})):
-            pass
+    with rounded_inputs(model, BitPlan({"model.layers.0.mlp.up_proj": "int4_g32"})):  # mpsearch's: none rounded
+        assert not any(m._forward_pre_hooks for m in model.modules())
 
 
 def test_evaluate_with_runtime_inputs_rounds_only_the_quantized_side():

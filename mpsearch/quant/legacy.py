@@ -1,4 +1,4 @@
-"""llama.cpp's legacy types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) as torch, all blocks of a tensor at once.
+"""llama.cpp's legacy types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and F16) as torch, all blocks of a tensor at once.
 
 Ported from ggml/src/ggml-quants.c: ``quantize_row_q*_ref`` (what ``llama-quantize`` runs without an
 importance matrix; the ``gguf`` package's numpy quantizers are the same reference, used by the tests as an
@@ -136,4 +136,10 @@ def q8_0(rows, qw=None, sigma2=None):
     return torch.cat([fp16_bytes(d), q.view(U8)], -1).reshape(n, -1), values.reshape(rows.shape)
 
 
-QUANTIZERS = {"q4_0": q4_0, "q4_1": q4_1, "q5_0": q5_0, "q5_1": q5_1, "q8_0": q8_0}
+def float16(rows, qw=None, sigma2=None):
+    """F16: each weight rounded to fp16, half to even (``ggml_fp32_to_fp16_row``); no importance path."""
+    h = rows.to(torch.float16)
+    return h.contiguous().view(U8).reshape(rows.shape[0], -1), h.to(F32)
+
+
+QUANTIZERS = {"q4_0": q4_0, "q4_1": q4_1, "q5_0": q5_0, "q5_1": q5_1, "q8_0": q8_0, "f16": float16}

@@ -99,6 +99,16 @@ class Runtime(ABC):
         code to compare with; raises ImportError when the runtime's package is not installed."""
         return None
 
+    def input_rounding(self, option) -> str | None:
+        """How the runtime rounds the input of a matmul with an ``option`` weight (a name ``round_input`` takes),
+        or None: inputs used as they are (the default). Estimators that model it add its damage to the
+        option's (``sensitivity.Fisher``, ``sensitivity.Measured``)."""
+        return None
+
+    def round_input(self, x, rounding: str):
+        """``x`` as the runtime rounds it under ``rounding`` (an ``input_rounding`` name), in x's dtype."""
+        raise NotImplementedError(f"runtime {self.name!r} rounds no inputs")
+
     def gptq_grid(self, option):
         """The grid GPTQ's column loop quantizes ``option`` on, or None (GPTQ cannot): an object with
         ``fit(cols)`` (a group's columns in their original order -> its fit) and ``snap(col, fit, k)`` (->

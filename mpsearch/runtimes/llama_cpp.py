@@ -1,6 +1,6 @@
-"""llama.cpp: GGUF types by their llama.cpp names (``q8_0 q6_k q5_k q5_1 q5_0 q4_k q4_1 q4_0 iq4_nl iq4_xs iq3_s
-q3_k iq3_xxs q2_k iq2_s iq2_xs``), blocks of 32 (``q*_0``/``q*_1``/``iq4_nl``) or 256 (``q*_k``/``iq*`` but
-iq4_nl) weights along the row, each
+"""llama.cpp: GGUF types by their llama.cpp names (``f16 q8_0 q6_k q5_k q5_1 q5_0 q4_k q4_1 q4_0 iq4_nl iq4_xs
+iq3_s q3_k iq3_xxs q2_k iq2_s iq2_xs``), blocks of 32 (``q*_0``/``q*_1``/``iq4_nl``) or 256 (``q*_k``/``iq*`` but
+iq4_nl) weights along the row (f16: each weight on its own), each
 stored in a fixed number of bytes (every scale, min and super-block field included): a layer whose rows are not
 whole blocks cannot take the type. Math: llama-quantize's own (``mpsearch.quant.llama_cpp``; values decoded from
 the very bytes a GGUF holds), without an importance matrix by default, with one under the ``imatrix``
@@ -18,6 +18,7 @@ from mpsearch.runtimes.base import Runtime
 
 # GGUF type -> (nominal bits, weights per block, bytes per block): ggml's block structs (gguf.GGML_QUANT_SIZES)
 GGUF_TYPES = {
+    "f16": (16, 1, 2),  # the weights as fp16, and (CPU backend) the inputs too: no 8-bit input rounding
     "q8_0": (8, 32, 34),
     "q6_k": (6, 256, 210),
     "q5_k": (5, 256, 176),
@@ -131,6 +132,18 @@ class LlamaCpp(Runtime):
 
     def storage_unit(self, option) -> int | None:
         return option.block_size
+
+    def input_rounding(self, option) -> str | None:
+        """How the CPU backend rounds a matmul's input for ``option``: its vec_dot type (``llama_cpp_inputs``),
+        Q8_1 named as Q8_0, whose levels it shares (so estimators round each input once for both)."""
+        from mpsearch.runtimes.llama_cpp_inputs import VEC_DOT_TYPE
+
+        return {"q8_1": "q8_0"}.get(VEC_DOT_TYPE[option.name], VEC_DOT_TYPE[option.name])
+
+    def round_input(self, x, rounding: str):
+        from mpsearch.runtimes.llama_cpp_inputs import round_input
+
+        return round_input(x, rounding)
 
     def scales_for(self, option, out_channels, row_length):
         return out_channels * 0  # scales live inside the blocks: storage_bits_for counts them
