@@ -65,18 +65,24 @@ class Results:
 
     def __init__(self, path: Path, build: str | None = None, again: frozenset[str] = frozenset()):
         self.path, self.build, self.again = path, build, again
-        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-        self.rows = [r for r in rows if self._current(r)]
         self.added: list[dict] = []
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the file again (another process may be adding rows); what this process added stays its own."""
+        rows = [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+        self.rows = [r for r in rows if self._current(r)]
 
     def _current(self, row: dict) -> bool:
         return self.build is None or row.get("phase") not in MEASURED or row.get("build") == self.build
 
     def done(self, key: str) -> dict | None:
-        """The newest row of ``key``; for a key of a phase measured ``again`` (``--again``: after a change to
-        mpsearch's code), only a row this process added."""
-        rows = self.added if key.split("/")[0] in self.again else self.rows
-        return next((r for r in reversed(rows) if r.get("key") == key), None)
+        """The newest row of ``key``; for a row of a phase measured ``again`` (``--again``: after a change to
+        mpsearch's code), only one this process added."""
+        newest = next((r for r in reversed(self.rows) if r.get("key") == key), None)
+        if newest is not None and newest.get("phase") in self.again and newest not in self.added:
+            return None
+        return newest
 
     def add(self, **row) -> dict:
         if self.build is not None and row.get("phase") in MEASURED:
@@ -238,7 +244,7 @@ def phase_plans(results: Results, binary: Path, source: Path, model, calib, work
     sets = args.plan_sets.split(",")
 
     def todo() -> list[tuple[str, float]]:  # the recipes phase may still be adding rows (run in another process)
-        results.rows = Results(results.path, results.build).rows
+        results.reload()
         recipe_bpw = {r["bpw"] for r in results.rows if r.get("phase") == "recipes" and r["recipe"] != "F32"}
         budgets = sorted(set(LOW_BUDGETS) | recipe_bpw)
         return [(s, b) for b in budgets for s in sets if not results.done(f"plan/{s}/{b:.4f}")]  # small first
@@ -389,8 +395,8 @@ def main() -> int:
     parser.add_argument(
         "--again",
         default="",
-        help="keys' phases measured anew though rows exist (e.g. speed,"
-        "speed-grid,table after a change to mpsearch's code); the newest row of a key counts",
+        help="phases measured anew though their rows exist (e.g. speed,table,plans after a change to mpsearch's "
+        "code); the newest row of a key counts",
     )
     args = parser.parse_args()
     phases = set(args.phases.split(","))

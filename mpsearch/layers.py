@@ -119,10 +119,10 @@ class Unit:
         return (self.name, *self.aliases)
 
     def matmuls(self, model: nn.Module) -> list[nn.Module]:
-        """The modules that multiply their input with this weight: the unit and the modules tied to it, but
-        embedding lookups (no input to round)."""
+        """The modules that multiply their input (over its last dim) with this weight: the unit and the modules
+        tied to it whose layer type's ``inputs`` is "matmul" (not an embedding's lookup, not a convolution)."""
         modules = [model.get_submodule(name) for name in self.names]
-        return [m for m in modules if not isinstance(m, nn.Embedding)]
+        return [m for m in modules if getattr(layer_type(m), "inputs", None) == "matmul"]
 
     def takes(self, option) -> bool:
         """Whether ``option``'s runtime can store this weight (a GGUF row must be whole blocks...): where not,

@@ -65,6 +65,13 @@ def test_phases_measured_again_count_only_their_new_rows_and_the_newest_row_wins
     assert again.done("table/13types")["ratio"] == 1.4
     assert bench.Results(path).done("table/13types")["ratio"] == 1.4  # the newest row counts in a later run
     assert len(path.read_text().splitlines()) == 3  # the earlier measurement stays in the file
+    # keys are not phases ("plan/..." rows are phase "plans"), and re-reading the file keeps this run's rows
+    first.add(key="plan/all/4.5000", phase="plans", perplexity=21.5)
+    plans = bench.Results(path, again=frozenset({"plans"}))
+    assert plans.done("plan/all/4.5000") is None
+    plans.add(key="plan/all/4.5000", phase="plans", perplexity=21.4)
+    plans.reload()
+    assert plans.done("plan/all/4.5000")["perplexity"] == 21.4
 
 
 def test_the_checks_exit_status_counts_exactly_the_lines_marked_not_ok(capsys):
