@@ -198,9 +198,17 @@ def cmd_evaluate(args) -> int:
     from mpsearch.core import BitPlan
     from mpsearch.layers import discover
     from mpsearch.quant.quantizer import for_plan
+    from mpsearch.runtimes.inputs import unrounded
 
     plan = BitPlan.load(args.plan)
     _check_plan_model(plan, args.plan, args.model)
+    plain = unrounded(plan) if args.runtime_inputs else []
+    if plain:
+        raise MpsearchError(
+            f"--runtime-inputs rounds each layer's input as the plan's runtime does, and this plan holds "
+            f"{', '.join(plain)}, whose runtime rounds none",
+            "use it for plans searched with --target llama.cpp",
+        )
     zoo = _load(args)
     shapes = {info.name: info.shape for info in discover(zoo.model)[0]}
     plan.check_layers(list(shapes), f"model {args.model!r}", require_all=False)  # --exclude: layers left out

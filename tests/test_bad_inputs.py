@@ -57,7 +57,7 @@ CLI_CASES = [
     (["evaluate", "--model", "digits-cnn", "--plan", "other.json"], "made for model 'minilm-l6'"),
     (["evaluate", "--model", "resnet-9000", "--plan", "plan.json"], "resnet-9000"),
     (["evaluate", "--plan", "plan.json"], "the following arguments are required: --model"),
-    (["evaluate", "--model", "digits-cnn", "--plan", "plan.json", "--runtime-inputs"], "int8, which are not GGUF"),
+    (["evaluate", "--model", "digits-cnn", "--plan", "plan.json", "--runtime-inputs"], "int8, whose runtime"),
     (["pareto", "--model", "digits-cnn"], "writes nothing without --out or --plot"),
     (["pareto", "--model", "digits-cnn", "--out", "f.csv", "--axis", "volume"], "volume"),
     (["pareto", "--model", "digits-cnn", "--out", "f.csv", "--measure", "-4"], "--measure -4 is negative"),

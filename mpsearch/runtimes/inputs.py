@@ -11,6 +11,15 @@ from contextlib import contextmanager
 from torch import nn
 
 
+def unrounded(plan) -> list[str]:
+    """The options of ``plan`` (a BitPlan or {layer: option}) whose runtime rounds no matmul input."""
+    from mpsearch.core import parse_option
+    from mpsearch.runtimes import runtime_of
+
+    names = sorted(set(getattr(plan, "assignments", plan).values()))
+    return [n for n in names if runtime_of(parse_option(n)).input_rounding(parse_option(n)) is None]
+
+
 @contextmanager
 def rounded_inputs(model: nn.Module, plan):
     """Pre-hooks on ``model`` rounding each planned layer's input as its option's runtime does (a tied head,
