@@ -141,10 +141,16 @@ def main() -> int:
 
     def cycling_plan(quantizer) -> BitPlan:
         """Each tensor the next of the types it can take with this quantizer (rows of whole blocks; the
-        imatrix-only types only with an importance matrix, as llama-quantize makes them)."""
-        fits = [[t for t in GGUF_TYPES if quantizer.takes(units[info.name], parse_option(t))] for info in infos]
+        imatrix-only types only with an importance matrix, as llama-quantize makes them), counted apart for each
+        set of types: the tensors that take the 256-blocks (one in seven here) cycle through all of them."""
+        seen: dict[tuple[str, ...], int] = {}
+        plan = {}
+        for info in infos:
+            fit = tuple(t for t in GGUF_TYPES if quantizer.takes(units[info.name], parse_option(t)))
+            seen[fit] = seen.get(fit, -1) + 1
+            plan[info.name] = fit[seen[fit] % len(fit)]
         return BitPlan(
-            {info.name: fit[i % len(fit)] for i, (info, fit) in enumerate(zip(infos, fits))},
+            plan,
             provenance={"runtime": "llama.cpp", "aliases": {i.name: list(i.aliases) for i in infos if i.aliases}},
         )
 

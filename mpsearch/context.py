@@ -162,7 +162,6 @@ class SearchContext:
     def run(self) -> SearchResult:
         """Estimate, solve and (with ``safe``) refine and check the plan on the held-out split;
         ``result.extra["stages_s"]``: the seconds of each stage (quantizer, estimate, solve, check)."""
-
         clock, stages = time.perf_counter(), {}
 
         def lap(name: str) -> None:

@@ -141,7 +141,7 @@ def test_a_gptq_gguf_reloads_as_the_searched_gptq_model(tiny, tiny_gguf, tmp_pat
     with torch.no_grad(), swapped(model, searched) as fake:
         expected = fake(x).logits
     with torch.no_grad():
-        assert torch.equal(load_local(str(out), None).model(x).logits, expected)
+        assert torch.equal(load_local(out, None).model(x).logits, expected)
 
 
 @pytest.mark.slow  # ~75 s on 2 cores (three model loads, GPTQ twice): CI's job "slow"

@@ -46,10 +46,12 @@ def is_local(spec: str) -> bool:
     return spec.endswith(".gguf") or Path(spec).exists() or ":" in spec or "/" in spec
 
 
-def load_local(spec: str, text: TextSpec | None, dtype: str = "auto", device: str | None = None):
+def load_local(spec: str | Path, text: TextSpec | None, dtype: str = "auto", device: str | None = None):
     """(ZooModel of ``spec`` with batches from ``text``) on ``device``; ``text`` None: no data (evaluate needs
     some). Every mistake is one line naming the fix."""
     from mpsearch.models import ZooModel, resolve_device
+
+    spec = str(spec)  # a pathlib.Path names a file as its string does
 
     if dtype not in DTYPES:
         raise MpsearchError(f"--dtype {dtype!r} is not one of {DTYPES}", "pass --dtype auto (the checkpoint's)")
