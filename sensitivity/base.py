@@ -129,9 +129,9 @@ class Estimator(Configurable, ABC):
     def _models_inputs(self, opts: list[Option]) -> bool:
         """Whether the table counts the runtime's input rounding (``Runtime.input_rounding``) of these options:
         estimators with a ``runtime_inputs`` switch do when it is on; the log says so of the others."""
-        from mpsearch.runtimes import runtime_of
+        from mpsearch.runtimes.inputs import rounding_of
 
-        rounded = sorted({o.name for o in opts if runtime_of(o).input_rounding(o) is not None})
+        rounded = sorted({o.name for o in opts if rounding_of(o) is not None})
         if rounded and not hasattr(self, "runtime_inputs"):
             LOG.warning(
                 "mpsearch: estimator %r counts the weights' error alone, not how the runtime rounds the inputs of "

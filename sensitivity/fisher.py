@@ -102,7 +102,7 @@ class Fisher(Estimator):
         hooks = hooked(
             chain(
                 (p.register_post_accumulate_grad_hook(accumulate(acc)) for p, acc in zip(params, fisher)),
-                inputs.hooks(model, units),
+                inputs.hooks(model),
             )
         )
         with hooks, bar:

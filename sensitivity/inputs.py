@@ -20,9 +20,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from mpsearch.runtimes import Runtime, runtime_of
-
-Rounding = tuple[Runtime, str]  # a runtime and one of its input_rounding names
+from mpsearch.runtimes.inputs import Rounding, rounding_of
 
 
 def roundings(units, options, quantizer) -> dict[str, dict[str, Rounding]]:
@@ -30,16 +28,16 @@ def roundings(units, options, quantizer) -> dict[str, dict[str, Rounding]]:
     out: dict[str, dict[str, Rounding]] = {}
     for unit in units:
         for opt in options:
-            rounding = runtime_of(opt).input_rounding(opt) if quantizer.takes(unit, opt) else None
+            rounding = rounding_of(opt) if quantizer.takes(unit, opt) else None
             if rounding is not None:
-                out.setdefault(unit.name, {})[opt.name] = (runtime_of(opt), rounding)
+                out.setdefault(unit.name, {})[opt.name] = rounding
     return out
 
 
 class InputFisher:
     """Accumulates 1/2 E[(sum_t g_t . e_t)^2] per (unit, rounding) over Fisher's draws (module docstring).
 
-    ``hooks(model, units)`` taps every unit's matmul inputs (register inside ``hooked``); before each
+    ``hooks(model)`` taps every unit's matmul inputs (register inside ``hooked``); before each
     backward set ``weight`` to the draw's weight and pass ``leaves`` (inputs that needed no gradient until
     tapped, e.g. the first layer's) as extra ``inputs``; ``end_sample()`` after a sample's draws;
     ``damage(unit, option, samples)`` at the end."""
@@ -47,14 +45,14 @@ class InputFisher:
     def __init__(self, units, options, quantizer) -> None:
         self.by_option = roundings(units, options, quantizer)
         self.sums = {name: dict.fromkeys(set(per.values()), 0.0) for name, per in self.by_option.items()}
+        self.units = [u for u in units if u.name in self.sums]
         self.weight = 0.0
         self.leaves: list[torch.Tensor] = []
 
-    def hooks(self, model: nn.Module, units) -> Iterator:
-        for unit in units:
-            if unit.name in self.sums:
-                for module in unit.matmuls(model):
-                    yield module.register_forward_pre_hook(self._tap(self.sums[unit.name]))
+    def hooks(self, model: nn.Module) -> Iterator:
+        for unit in self.units:
+            for module in unit.matmuls(model):
+                yield module.register_forward_pre_hook(self._tap(self.sums[unit.name]))
 
     def _tap(self, sums: dict[Rounding, float]):
         def pre_hook(module, args):
@@ -72,9 +70,9 @@ class InputFisher:
         return pre_hook
 
     def _accumulate(self, sums: dict[Rounding, float], x: torch.Tensor, grad: torch.Tensor) -> None:
-        g = grad.float()
+        g, xf = grad.float(), x.float()
         for runtime, rounding in sums:
-            e = runtime.round_input(x, rounding).float().sub_(x.float())
+            e = runtime.round_input(x, rounding).float().sub_(xf)
             s = float(torch.dot(g.reshape(-1), e.reshape(-1)))
             sums[runtime, rounding] += self.weight * s * s
 

@@ -10,14 +10,25 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from mpsearch.runtimes.base import Runtime
 
-def unrounded(plan) -> list[str]:
-    """The options of ``plan`` (a BitPlan or {layer: option}) whose runtime rounds no matmul input."""
+Rounding = tuple[Runtime, str]  # a runtime and one of its input_rounding names
+
+
+def rounding_of(option) -> Rounding | None:
+    """(the runtime of ``option`` (an Option or its name), how it rounds a matmul's input), or None where it
+    rounds none."""
     from mpsearch.core import parse_option
     from mpsearch.runtimes import runtime_of
 
-    names = sorted(set(getattr(plan, "assignments", plan).values()))
-    return [n for n in names if runtime_of(parse_option(n)).input_rounding(parse_option(n)) is None]
+    option = parse_option(option) if isinstance(option, str) else option
+    rounding = runtime_of(option).input_rounding(option)
+    return None if rounding is None else (runtime_of(option), rounding)
+
+
+def unrounded(plan) -> list[str]:
+    """The options of ``plan`` (a BitPlan or {layer: option}) whose runtime rounds no matmul input."""
+    return [n for n in sorted(set(getattr(plan, "assignments", plan).values())) if rounding_of(n) is None]
 
 
 @contextmanager
@@ -26,10 +37,8 @@ def rounded_inputs(model: nn.Module, plan):
     e.g. ``lm_head`` sharing the embedding, with the embedding's type: the model's own ties, whatever the plan
     records); layers whose runtime rounds nothing are left as they are. ``plan``: a BitPlan or {layer: option}.
     All hooks are removed on exit."""
-    from mpsearch.core import parse_option
     from mpsearch.layers import unit_map
     from mpsearch.outputs import hooked
-    from mpsearch.runtimes import runtime_of
 
     assignments: Mapping[str, str] = getattr(plan, "assignments", plan)
     units = unit_map(model)
@@ -39,11 +48,10 @@ def rounded_inputs(model: nn.Module, plan):
 
     def registrations():
         for layer, name in assignments.items():
-            option = parse_option(name)
-            rounding = runtime_of(option).input_rounding(option)
+            rounding = rounding_of(name)
             if rounding is not None:
                 for module in units[layer].matmuls(model):  # the unit and the modules tied to it
-                    yield module.register_forward_pre_hook(hook(runtime_of(option), rounding))
+                    yield module.register_forward_pre_hook(hook(*rounding))
 
     with hooked(registrations()):
         yield

@@ -138,7 +138,8 @@ class LlamaCpp(Runtime):
         Q8_1 named as Q8_0, whose levels it shares (so estimators round each input once for both)."""
         from mpsearch.runtimes.llama_cpp_inputs import VEC_DOT_TYPE
 
-        return {"q8_1": "q8_0"}.get(VEC_DOT_TYPE[option.name], VEC_DOT_TYPE[option.name])
+        vec_dot = VEC_DOT_TYPE[option.name]
+        return "q8_0" if vec_dot == "q8_1" else vec_dot
 
     def round_input(self, x, rounding: str):
         from mpsearch.runtimes.llama_cpp_inputs import round_input
