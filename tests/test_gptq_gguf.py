@@ -12,7 +12,7 @@ from helpers.tiny_llama import tiny_llama
 import mpsearch
 from mpsearch.core import BitPlan, parse_option
 from mpsearch.quant.gptq import GPTQ, factor, gptq_quantize, reconstruction_error
-from mpsearch.quant.gptq_gguf import SUB, TYPES, BlockGrid, packed_with
+from mpsearch.quant.gptq_gguf import LAYOUTS, SUB, TYPES, BlockGrid, packed_with
 from mpsearch.quant.llama_cpp import ggml_type, quantize_rows
 from mpsearch.runtimes.llama_cpp import tensor_bytes
 
@@ -32,7 +32,7 @@ def _decoded(packed: torch.Tensor, option) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(values)).reshape(packed.shape[0], -1)
 
 
-@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("name", list(LAYOUTS))
 def test_without_feedback_each_weight_takes_the_nearest_level_of_llamacpps_own_scales(name):
     option = parse_option(name)
     w = _weights(0)
@@ -56,6 +56,23 @@ def test_without_feedback_each_weight_takes_the_nearest_level_of_llamacpps_own_s
         x = w[:, b * block : (b + 1) * block]
         nearest = (every - x[..., None]).abs().amin(-1)
         assert torch.equal((values[:, b * block : (b + 1) * block] - x).abs(), nearest), (name, b)
+
+
+def test_f16_without_feedback_is_llamacpps_own_f16_and_with_feedback_other_fp16_values():
+    option = parse_option("f16")
+    w = _weights(0)
+    reference, ref_values = quantize_rows(w, option)  # llama-quantize's F16: each weight's nearest fp16
+    h = torch.diag(torch.linspace(0.5, 2.0, w.shape[1]))
+    packed, values = packed_with(w, factor(h, 0.01, True), option)
+    assert torch.equal(packed, reference) and torch.equal(values, ref_values)
+    assert torch.equal(gptq_quantize(w, h, option), values)
+    x = torch.randn(2048, w.shape[1], generator=torch.Generator().manual_seed(3))
+    x[:, 1::2] = x[:, ::2] + 0.1 * x[:, 1::2]  # correlated neighbours: GPTQ moves weights off their nearest fp16
+    h = x.T @ x / x.shape[0]
+    packed, values = packed_with(w, factor(h, 0.01, True), option)
+    assert not torch.equal(packed, reference)
+    assert torch.equal(_decoded(packed, option), values)  # still plain fp16 bytes, decoded as searched
+    assert torch.equal(values.half().float(), values)
 
 
 @pytest.mark.parametrize("name", TYPES)

@@ -116,3 +116,29 @@ def test_a_plan_searched_with_the_rounding_is_measured_with_it_by_default():
         fitness = PlanFitness(model, data, "kl", runtime_inputs=flag)
         assert fitness(plan) == pytest.approx(want["loss"], rel=1e-9)
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("runtime_inputs", [True, False])
+def test_the_measured_check_measures_as_the_table_was_estimated(runtime_inputs):
+    # search(safe=True): the held-out check (SearchContext.fitness) rounds the inputs when the table counted
+    # the rounding, and not otherwise; its loss of the searched plan is evaluate's on the held-out batches
+    from mpsearch.context import SearchContext
+
+    model, x = _model_and_data()
+    data = [x[:6], x[6:12], x[12:18], x[18:]]
+    ctx = SearchContext.resolve(
+        model, data, mpsearch.Budget(avg_bits=6.0), "fisher", "core", ["q8_0", "q4_1"], "kl",
+        estimator_params={"max_samples": 18, "runtime_inputs": runtime_inputs, "progress": False}, refine=0,
+        cache=False,
+    )  # fmt: skip
+    result = ctx.run()
+    assert result.extra["table"].meta["runtime_inputs"] is runtime_inputs
+    searched = result.extra["searched_plan"]
+    assert searched.provenance["runtime_inputs"] is runtime_inputs
+    rounded, plain = (
+        mpsearch.evaluate(model, searched, ctx.check, "kl", progress=False, uniform=False, runtime_inputs=r)["loss"]
+        for r in (True, False)
+    )
+    assert rounded != plain
+    want = rounded if runtime_inputs else plain
+    assert result.extra["safety"]["searched_loss"] == pytest.approx(want, rel=1e-9)

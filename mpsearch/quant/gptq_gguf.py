@@ -11,12 +11,15 @@ A ``BlockGrid`` is one GGUF type as GPTQ's column loop (:func:`mpsearch.quant.gp
   value exactly as ggml's decoder computes it (``level * scale`` or ``level * scale + min``);
 - ``pack(fit, levels)``: the block's bytes with GPTQ's levels in place of the fit's.
 
+F16 is a ``HalfGrid``: each weight's nearest fp16 (llama-quantize's F16 is a plain round-to-nearest-even
+cast), GPTQ feeding each weight's rounding error forward, the fp16 bits the stored index.
+
 The written GGUF is a plain llama.cpp file: llama.cpp decodes it as any other of its type. It is not what
 ``llama-quantize`` would make (that rounds to nearest), so CI's byte-for-byte check covers the round-to-nearest
 and imatrix paths, and this one is checked through the decoder (``tests/test_gptq_gguf.py``) and by
 llama-perplexity (``experiments/check_llamacpp.py``). Types: the 32-blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
-IQ4_NL) and IQ4_XS (256-blocks of eight 32-sub-blocks with 6-bit scales); the k-quants and the grid i-quants
-have no grid here, so a GPTQ search has no row for them.
+IQ4_NL), IQ4_XS (256-blocks of eight 32-sub-blocks with 6-bit scales) and F16; the k-quants and the grid
+i-quants have no grid here, so a GPTQ search has no row for them.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ LAYOUTS = {
     "iq4_nl": Layout(KVALUES, 2),
     "iq4_xs": Layout(KVALUES, 8),
 }
-TYPES = tuple(LAYOUTS)
+TYPES = (*LAYOUTS, "f16")
 
 
 @dataclass
@@ -115,6 +118,11 @@ class BlockGrid:
         values = levels[idx] * scale
         return (values + offset if self.layout.has_min else values), idx
 
+    def packed(self, fits: dict, idx: torch.Tensor) -> torch.Tensor:
+        """The tensor's bytes (rows, row bytes) from each block's fit and every weight's stored index."""
+        g = self.group_size
+        return torch.cat([self.pack(fits[b], idx[:, b * g : (b + 1) * g]) for b in range(idx.shape[1] // g)], 1)
+
     def pack(self, fit: Fit, idx: torch.Tensor) -> torch.Tensor:
         """The block's bytes (rows, block bytes) with the stored indices ``idx`` (rows, block)."""
         lay, out = self.layout, fit.packed.clone()
@@ -130,13 +138,38 @@ class BlockGrid:
         return out
 
 
+class HalfGrid:
+    """F16 for GPTQ's column loop: no groups and nothing to fit; a weight's value is its nearest fp16, its
+    stored index that fp16's bits (int16), so the bytes are the fp16 values themselves."""
+
+    group_size = None  # the whole row is one group, fitted once (to nothing)
+
+    def __init__(self, option) -> None:
+        self.option = option
+
+    def fit(self, cols: torch.Tensor) -> None:
+        return None
+
+    def snap(self, col: torch.Tensor, fit: None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        half = col.to(torch.float16)
+        return half.float(), half.view(torch.int16)
+
+    def packed(self, fits: dict, idx: torch.Tensor) -> torch.Tensor:
+        return idx.contiguous().view(U8)
+
+
+def grid_for(option) -> BlockGrid | HalfGrid | None:
+    """GPTQ's grid for llama.cpp type ``option`` (None: the k-quants and grid i-quants have none)."""
+    if option.name == "f16":
+        return HalfGrid(option)
+    return BlockGrid(option) if option.name in LAYOUTS else None
+
+
 def packed_with(w: torch.Tensor, factor, option, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ of ``w`` (out, row) with a layer's ``factor`` on GGUF type ``option``: (the bytes a GGUF holds,
     (out, row / block * block bytes) uint8; the values llama.cpp decodes from them, float32 (out, row))."""
     from mpsearch.quant.gptq import gptq_columns
 
-    grid = BlockGrid(option)
+    grid = grid_for(option)
     values, fits, idx = gptq_columns(w, factor, grid, block_size)
-    g = grid.group_size
-    blocks = [grid.pack(fits[b], idx[:, b * g : (b + 1) * g]) for b in range(idx.shape[1] // g)]
-    return torch.cat(blocks, 1), values
+    return grid.packed(fits, idx), values

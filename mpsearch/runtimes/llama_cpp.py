@@ -172,9 +172,9 @@ class LlamaCpp(Runtime):
     def gptq_grid(self, option):
         """GPTQ's grid for the types ``mpsearch.quant.gptq_gguf`` covers: llama.cpp's blocks and decoder, the
         levels chosen with GPTQ's error feedback (None for the k-quants and the grid i-quants)."""
-        from mpsearch.quant.gptq_gguf import TYPES, BlockGrid
+        from mpsearch.quant.gptq_gguf import grid_for
 
-        return BlockGrid(option) if option.name in TYPES else None
+        return grid_for(option)
 
     def reference(self, w, option, imatrix=None):
         """ggml's row size (``gguf.GGML_QUANT_SIZES``) and gguf's own decoder of the bytes mpsearch writes
