@@ -277,13 +277,15 @@ def phase_plans(results: Results, binary: Path, source: Path, model, calib, work
         out = work / f"mpsearch-{plan_set}-{budget:.4f}.gguf"
         t0 = time.perf_counter()
         info = mpsearch.quantize(model, plan, out, source=source, quantizer=quantizer, progress=False)
+        t1 = time.perf_counter()
         ppl = perplexity(binary, out, texts["eval"], args.ctx, args.chunks)
         counts: dict[str, int] = {}
         for option in plan.assignments.values():
             counts[option] = counts.get(option, 0) + 1
         results.add(key=key, phase="plans", plan_set=plan_set, quantizer=quantizer.label(), budget_bpw=budget,
                     bpw=round(weight_bpw(out), 4), perplexity=ppl, types=counts,
-                    quantize_s=round(time.perf_counter() - t0, 1), peak_rss_mib=round(peak_rss_mib()))  # fmt: skip
+                    quantize_s=round(t1 - t0, 1), perplexity_s=round(time.perf_counter() - t1, 1),
+                    peak_rss_mib=round(peak_rss_mib()))  # fmt: skip
         for path in [out, *map(Path, info["side_files"])]:
             path.unlink(missing_ok=True)
 
