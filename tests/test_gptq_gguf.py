@@ -199,3 +199,10 @@ def test_cli_gptq_search_then_quantize_rebuilds_it_from_calib(tiny, tiny_gguf, t
     layer, name = next((k, v) for k, v in tensors_of(plan).items() if k == "model.layers.1.mlp.down_proj")
     decoded = gguf.quants.dequantize(written[name].data, written[name].tensor_type)
     assert torch.equal(torch.from_numpy(np.ascontiguousarray(decoded)), q.quantize(units[layer], plan[layer]))
+
+
+def test_gptq_refuses_f16_for_weights_beyond_fp16s_range():
+    w = _weights(0)
+    w[3, 7] = 1e5
+    with pytest.raises(mpsearch.MpsearchError, match="beyond fp16's range"):
+        gptq_quantize(w, torch.eye(w.shape[1]), parse_option("f16"))

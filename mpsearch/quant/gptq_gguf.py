@@ -28,12 +28,14 @@ from dataclasses import dataclass
 
 import torch
 
+from mpsearch.core import MpsearchError
 from mpsearch.quant.ggml_math import F32, best_index
 from mpsearch.quant.iquants import KVALUES
 from mpsearch.quant.legacy import _high_bits, _nibbles
 
 U8 = torch.uint8
 SUB = 32  # weights sharing one decode scale and offset, in every type here
+F16_MAX = 65504.0  # the largest finite fp16
 
 
 def _f16_at(b: torch.Tensor, i: int) -> torch.Tensor:
@@ -148,6 +150,12 @@ class HalfGrid:
         self.option = option
 
     def fit(self, cols: torch.Tensor) -> None:
+        big = cols.abs().max().item() if cols.numel() else 0.0
+        if not big <= F16_MAX:  # inf there would feed NaN into every later column
+            raise MpsearchError(
+                f"a weight of magnitude {big:g} is beyond fp16's range ({F16_MAX:g}): GPTQ cannot quantize it to f16",
+                "leave this layer out of f16 (options=...) or scale the model's weights",
+            )
         return None
 
     def snap(self, col: torch.Tensor, fit: None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
