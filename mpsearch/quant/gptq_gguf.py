@@ -146,9 +146,6 @@ class HalfGrid:
 
     group_size = None  # the whole row is one group, fitted once (to nothing)
 
-    def __init__(self, option) -> None:
-        self.option = option
-
     def fit(self, cols: torch.Tensor) -> None:
         big = cols.abs().max().item() if cols.numel() else 0.0
         if not big <= F16_MAX:  # inf there would feed NaN into every later column
@@ -169,7 +166,7 @@ class HalfGrid:
 def grid_for(option) -> BlockGrid | HalfGrid | None:
     """GPTQ's grid for llama.cpp type ``option`` (None: the k-quants and grid i-quants have none)."""
     if option.name == "f16":
-        return HalfGrid(option)
+        return HalfGrid()
     return BlockGrid(option) if option.name in LAYOUTS else None
 
 

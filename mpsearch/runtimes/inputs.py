@@ -22,8 +22,9 @@ def rounding_of(option) -> Rounding | None:
     from mpsearch.runtimes import runtime_of
 
     option = parse_option(option) if isinstance(option, str) else option
-    rounding = runtime_of(option).input_rounding(option)
-    return None if rounding is None else (runtime_of(option), rounding)
+    runtime = runtime_of(option)
+    rounding = runtime.input_rounding(option)
+    return None if rounding is None else (runtime, rounding)
 
 
 def unrounded(plan) -> list[str]:
